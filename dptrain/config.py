@@ -1,0 +1,157 @@
+"""TrainConfig: every setting of a training run, checked when it is made."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .optim import OPTIMIZERS, SCHEDULES
+
+
+class ConfigError(ValueError):
+    """A setting is invalid; the message names the setting and the value."""
+
+
+@dataclass
+class TrainConfig:
+    """A training run. The CLI's flags mirror these fields in kebab-case."""
+
+    dataset: str = "mnist1d"
+    """Built-in dataset: regression, moons, spirals, mnist1d or digits (ignored when `data` is set)."""
+    data: Optional[str] = None
+    """A .npz (arrays x, y[, x_test, y_test]) or .csv (header row, label column last) file."""
+    label: Optional[str] = None
+    """The label column's name in a .csv file (default: the last column)."""
+    model: Optional[list] = None
+    """Layer sizes, e.g. [40, 256, 256, 10]; default [features, 256, 256, outputs]."""
+    activation: str = "relu"
+    """Hidden-layer activation: relu, tanh or sigmoid."""
+    workers: int = 1
+    """Data-parallel worker actors (0 runs the single-process loop, no Ray)."""
+    batch_size: int = 256
+    """Global batch size, split over the workers."""
+    epochs: int = 10
+    """Passes over the training set (ignored when `steps` is set)."""
+    steps: Optional[int] = None
+    """Total optimizer steps; overrides `epochs`."""
+    lr: float = 0.1
+    """Peak learning rate."""
+    optimizer: str = "sgd"
+    """sgd, adam or adamw."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """Nesterov momentum (SGD)."""
+    weight_decay: float = 0.0
+    """L2 weight decay (decoupled for adamw)."""
+    schedule: str = "constant"
+    """Learning-rate schedule: constant, step or cosine."""
+    warmup: int = 0
+    """Linear warm-up steps."""
+    step_size: int = 1000
+    """Steps between decays of the `step` schedule."""
+    gamma: float = 0.1
+    """Decay factor of the `step` schedule."""
+    seed: int = 0
+    """Seeds the initialisation, the sampler and any split of user data."""
+    dtype: str = "float32"
+    """float32 or float64."""
+    device: str = "cpu"
+    """cpu, or cuda (cupy on a GPU)."""
+    log_every: int = 10
+    """Steps between log lines."""
+    eval_batch_size: int = 4096
+    """Examples per forward pass during evaluation."""
+    out: Optional[str] = None
+    """Directory for metrics.jsonl, config.json and the final parameters."""
+    # ---- distributed settings (used by dptrain.distributed)
+    address: Optional[str] = None
+    """Ray cluster address: auto or HOST:PORT; none starts an embedded local Ray."""
+    cpus: Optional[int] = None
+    """CPUs of the embedded local Ray (default: this machine's count)."""
+    cpus_per_worker: float = 1.0
+    """CPUs Ray reserves for each worker (fractions allowed)."""
+    gpus_per_worker: float = 0.0
+    """GPUs Ray reserves for each worker (fractions allowed); > 0 implies device cuda."""
+    spread: bool = False
+    """Place workers on different nodes where possible (a SPREAD placement group)."""
+    progress: bool = False
+    """Show a progress bar (the CLI turns it on in a terminal)."""
+    extra: dict = field(default_factory=dict)
+    """Free-form notes saved with the config (not used by training)."""
+
+    def __post_init__(self):
+        def bad(name, value, why):
+            raise ConfigError(f"invalid {name}: {value!r} ({why})")
+
+        if self.data is None and not self.dataset:
+            bad("dataset", self.dataset, "give a dataset name or a data file")
+        if self.model is not None:
+            if isinstance(self.model, str):
+                self.model = parse_model(self.model)
+            self.model = [int(d) for d in self.model]
+            if len(self.model) < 2 or any(d < 1 for d in self.model):
+                bad("model", self.model, "at least two positive layer sizes")
+        if self.workers < 0:
+            bad("workers", self.workers, "must be >= 1, or 0 for the single-process loop")
+        if self.batch_size < 1:
+            bad("batch_size", self.batch_size, "must be >= 1")
+        if self.workers > 0 and self.batch_size < self.workers:
+            bad("batch_size", self.batch_size, f"smaller than the {self.workers} workers: each needs an example")
+        if self.steps is None and self.epochs < 1:
+            bad("epochs", self.epochs, "must be >= 1")
+        if self.steps is not None and self.steps < 1:
+            bad("steps", self.steps, "must be >= 1")
+        if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
+            bad("lr", self.lr, "the learning rate must be > 0")
+        if self.optimizer not in OPTIMIZERS:
+            bad("optimizer", self.optimizer, f"expected one of {sorted(OPTIMIZERS)}")
+        if not 0 <= self.momentum < 1:
+            bad("momentum", self.momentum, "must be in [0, 1)")
+        if self.weight_decay < 0:
+            bad("weight_decay", self.weight_decay, "must be >= 0")
+        if self.schedule not in SCHEDULES:
+            bad("schedule", self.schedule, f"expected one of {SCHEDULES}")
+        if self.warmup < 0:
+            bad("warmup", self.warmup, "must be >= 0")
+        if self.dtype not in ("float32", "float64"):
+            bad("dtype", self.dtype, "float32 or float64")
+        if self.gpus_per_worker > 0 and self.device == "cpu":
+            self.device = "cuda"
+        if self.device not in ("cpu", "cuda"):
+            bad("device", self.device, "cpu or cuda")
+        if self.log_every < 1:
+            bad("log_every", self.log_every, "must be >= 1")
+        if self.eval_batch_size < 1:
+            bad("eval_batch_size", self.eval_batch_size, "must be >= 1")
+        if self.cpus is not None and self.cpus < 1:
+            bad("cpus", self.cpus, "must be >= 1")
+        if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
+            bad("cpus_per_worker/gpus_per_worker", (self.cpus_per_worker, self.gpus_per_worker), "must be >= 0")
+        if self.activation not in ("relu", "tanh", "sigmoid"):
+            bad("activation", self.activation, "relu, tanh or sigmoid")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}")
+        return cls(**d)
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def parse_model(text: str) -> list:
+    """"40,256,256,10" -> [40, 256, 256, 10]."""
+    try:
+        dims = [int(p) for p in str(text).replace(" ", "").split(",") if p]
+    except ValueError:
+        raise ConfigError(f"invalid model: {text!r} (expected layer sizes like 40,256,256,10)") from None
+    return dims

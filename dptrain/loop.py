@@ -1,0 +1,254 @@
+"""Single-process training: one replica, one optimizer. The 1-worker baseline.
+
+`Replica` is the piece a distributed worker runs too: the model and its data,
+computing the gradient of the SUM of per-example losses over a set of example
+indices. Dividing by the example count happens once, where the gradients meet
+(here, or in the parameter server), so N workers reproduce this loop exactly.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import backend
+from .config import ConfigError, TrainConfig
+from .data import BatchSampler, Dataset, load_dataset
+from .nn import MLP, functional as F
+from .optim import OPTIMIZERS, Optimizer, Schedule
+from .tensor import Tensor, as_dtype, no_grad
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- building blocks
+
+def load_data(cfg: TrainConfig) -> Dataset:
+    if cfg.data is not None:
+        kwargs = {"label": cfg.label} if cfg.label and cfg.data.lower().endswith(".csv") else {}
+        return load_dataset(path=cfg.data, seed=cfg.seed, **kwargs)
+    return load_dataset(cfg.dataset)
+
+
+def model_dims(cfg: TrainConfig, dataset: Dataset) -> list:
+    """The configured layer sizes, checked against the data (or the default shape)."""
+    n_in, n_out = dataset.num_features, dataset.num_outputs
+    if cfg.model is None:
+        return [n_in, 256, 256, n_out]
+    dims = list(cfg.model)
+    if dims[0] != n_in:
+        raise ConfigError(f"invalid model: {dims} takes {dims[0]} inputs but {dataset.name} has {n_in} features")
+    if dims[-1] != n_out:
+        what = "classes" if dataset.task == "classification" else "target columns"
+        raise ConfigError(f"invalid model: {dims} has {dims[-1]} outputs but {dataset.name} has {n_out} {what}")
+    return dims
+
+
+def build_model(cfg: TrainConfig, dims: list) -> MLP:
+    """The model every replica and the server build: same seed, same initial parameters."""
+    model = MLP(dims, activation=cfg.activation, dtype=cfg.dtype, seed=cfg.seed)
+    if cfg.device != "cpu":
+        model.to(cfg.device)
+    model.flat()
+    return model
+
+
+def build_optimizer(cfg: TrainConfig, params) -> Optimizer:
+    if cfg.optimizer == "sgd":
+        return OPTIMIZERS["sgd"](params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                 weight_decay=cfg.weight_decay)
+    return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def total_steps(cfg: TrainConfig, num_examples: int) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    return cfg.epochs * BatchSampler(num_examples, cfg.batch_size).steps_per_epoch
+
+
+def build_schedule(cfg: TrainConfig, steps: int) -> Schedule:
+    return Schedule(cfg.schedule, cfg.lr, total_steps=steps, warmup_steps=cfg.warmup,
+                    step_size=cfg.step_size, gamma=cfg.gamma)
+
+
+def loss_sum(output: Tensor, target, task: str) -> Tensor:
+    """The SUM over examples of the per-example loss (cross-entropy, or squared error)."""
+    if task == "classification":
+        return F.cross_entropy(output, target, reduction="sum")
+    return F.mse_loss(output, target, reduction="sum")
+
+
+class Replica:
+    """A model replica with its copy of the data on its device.
+
+    `compute_gradients(indices)` leaves the gradient of the summed loss in
+    `self.flat.grad` and returns (loss_sum, correct, count).
+    """
+
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, dims: list):
+        self.cfg = cfg
+        self.task = dataset.task
+        self.model = build_model(cfg, dims)
+        self.flat = self.model.flat()
+        xp = backend.xp_for(cfg.device)
+        dt = as_dtype(cfg.dtype)
+        self.xp = xp
+        self.x_train = xp.asarray(dataset.x_train, dtype=dt)
+        self.y_train = xp.asarray(dataset.y_train if self.task == "classification" else dataset.y_train.astype(dt))
+        self.x_test = xp.asarray(dataset.x_test, dtype=dt)
+        self.y_test = xp.asarray(dataset.y_test if self.task == "classification" else dataset.y_test.astype(dt))
+
+    def load_parameters(self, flat_params) -> None:
+        """Copy a flat parameter array (numpy) into the model: one copy, no per-tensor work."""
+        if flat_params.shape != self.flat.data.shape:
+            raise ValueError(f"parameters of shape {flat_params.shape} do not fit this model's "
+                             f"{self.flat.data.shape}")
+        self.flat.data[...] = self.xp.asarray(flat_params)
+
+    def compute_gradients(self, indices) -> tuple[float, int, int]:
+        self.flat.grad.fill(0)
+        count = len(indices)
+        if count == 0:  # an empty shard contributes nothing
+            return 0.0, 0, 0
+        idx = self.xp.asarray(indices)
+        x, y = self.x_train[idx], self.y_train[idx]
+        out = self.model(Tensor(x))
+        loss = loss_sum(out, y, self.task)
+        loss.backward()
+        correct = int((out.data.argmax(axis=1) == y).sum()) if self.task == "classification" else 0
+        return float(loss.data), correct, count
+
+    def evaluate(self, split: str = "test") -> dict:
+        """Mean loss (and accuracy for classification) over a whole split, in batches."""
+        x, y = (self.x_test, self.y_test) if split == "test" else (self.x_train, self.y_train)
+        total, correct, n = 0.0, 0, len(x)
+        bs = self.cfg.eval_batch_size
+        with no_grad():
+            for start in range(0, n, bs):
+                xb, yb = x[start:start + bs], y[start:start + bs]
+                out = self.model(Tensor(xb))
+                total += float(loss_sum(out, yb, self.task).data)
+                if self.task == "classification":
+                    correct += int((out.data.argmax(axis=1) == yb).sum())
+        result = {"loss": total / max(n, 1)}
+        if self.task == "classification":
+            result["accuracy"] = correct / max(n, 1)
+        return result
+
+
+# --------------------------------------------------------------------------- results
+
+@dataclass
+class TrainResult:
+    """What `fit()` returns: plain-dict metrics and the final parameters."""
+
+    config: TrainConfig
+    metrics: dict = field(default_factory=dict)
+    params: OrderedDict = field(default_factory=OrderedDict)
+
+    def state_dict(self) -> OrderedDict:
+        return OrderedDict((k, v.copy()) for k, v in self.params.items())
+
+    @property
+    def summary(self) -> dict:
+        return self.metrics.get("summary", {})
+
+
+class MetricsLog:
+    """Collects step and epoch records, writes metrics.jsonl as it goes, prints log lines."""
+
+    def __init__(self, cfg: TrainConfig, total: int, workers: int, sink=None):
+        self.cfg, self.total, self.workers = cfg, total, workers
+        self.steps: list = []
+        self.epochs: list = []
+        self.sink = sink  # a callable taking one record dict (the CLI writes metrics.jsonl)
+        self._window: list = []
+
+    def step(self, record: dict) -> None:
+        self.steps.append(record)
+        self._window.append(record)
+        if self.sink:
+            self.sink({"kind": "step", **record})
+        s = record["step"]
+        if (s + 1) % self.cfg.log_every == 0 or s + 1 == self.total:
+            w = self._window
+            ms = 1e3 * sum(r["time_s"] for r in w) / len(w)
+            rate = sum(r["count"] for r in w) / max(sum(r["time_s"] for r in w), 1e-12)
+            loss = sum(r["loss"] * r["count"] for r in w) / max(sum(r["count"] for r in w), 1)
+            log.info("step %6d | loss %.4f | %.1f ms/step | %s samples/s | workers %d",
+                     s + 1, loss, ms, f"{rate:,.0f}", self.workers)
+            self._window = []
+
+    def epoch(self, record: dict) -> None:
+        self.epochs.append(record)
+        if self.sink:
+            self.sink({"kind": "epoch", **record})
+        acc = f" | test acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
+        log.info("epoch %3d | train loss %.4f | test loss %.4f%s", record["epoch"] + 1,
+                 record["train_loss"], record["test_loss"], acc)
+
+
+def epoch_record(epoch: int, step: int, window: list, evaluation: dict) -> dict:
+    """An epoch's summary from its step records and the held-out evaluation."""
+    n = sum(r["count"] for r in window)
+    rec = {"epoch": epoch, "step": step, "train_loss": sum(r["loss"] * r["count"] for r in window) / max(n, 1)}
+    if window and "correct" in window[0]:
+        rec["train_accuracy"] = sum(r["correct"] for r in window) / max(n, 1)
+    rec["test_loss"] = evaluation["loss"]
+    if "accuracy" in evaluation:
+        rec["test_accuracy"] = evaluation["accuracy"]
+    return rec
+
+
+def summary_record(log_: MetricsLog, wall_s: float, final_train: dict, final_test: dict) -> dict:
+    samples = sum(r["count"] for r in log_.steps)
+    step_times = sorted(r["time_s"] for r in log_.steps)
+    out = {"steps": len(log_.steps), "wall_s": wall_s, "samples_per_s": samples / max(wall_s, 1e-12),
+           "median_step_ms": 1e3 * step_times[len(step_times) // 2] if step_times else 0.0,
+           "train_loss": final_train["loss"], "test_loss": final_test["loss"]}
+    if "accuracy" in final_test:
+        out["train_accuracy"] = final_train["accuracy"]
+        out["test_accuracy"] = final_test["accuracy"]
+    return out
+
+
+# --------------------------------------------------------------------------- the loop
+
+def train_local(cfg: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None) -> TrainResult:
+    """Train one replica in this process. Same steps, same numbers as N distributed workers."""
+    dataset = dataset if dataset is not None else load_data(cfg)
+    dims = model_dims(cfg, dataset)
+    replica = Replica(cfg, dataset, dims)
+    opt = build_optimizer(cfg, replica.model.parameters())
+    sampler = BatchSampler(len(dataset), cfg.batch_size, cfg.seed)
+    steps = total_steps(cfg, len(dataset))
+    schedule = build_schedule(cfg, steps)
+    mlog = MetricsLog(cfg, steps, workers=1, sink=sink)
+    window: list = []
+    start = time.perf_counter()
+    for step in range(steps):
+        t0 = time.perf_counter()
+        loss, correct, count = replica.compute_gradients(sampler.indices(step))
+        replica.flat.grad /= count
+        opt.lr = schedule(step)
+        opt.step()
+        rec = {"step": step, "epoch": step // sampler.steps_per_epoch, "loss": loss / count, "count": count,
+               "lr": opt.lr, "time_s": time.perf_counter() - t0}
+        if replica.task == "classification":
+            rec["correct"] = correct
+            rec["accuracy"] = correct / count
+        mlog.step(rec)
+        window.append(rec)
+        if progress:
+            progress(step, rec)
+        if (step + 1) % sampler.steps_per_epoch == 0 or step + 1 == steps:
+            mlog.epoch(epoch_record(step // sampler.steps_per_epoch, step, window, replica.evaluate("test")))
+            window = []
+    wall = time.perf_counter() - start
+    summary = summary_record(mlog, wall, replica.evaluate("train"), replica.evaluate("test"))
+    return TrainResult(cfg, {"steps": mlog.steps, "epochs": mlog.epochs, "summary": summary},
+                       replica.model.state_dict())

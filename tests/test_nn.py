@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+
+import dptrain as dp
+import dptrain.nn.functional as F
+
+
+def test_parameters_have_one_stable_order():
+    m = dp.nn.MLP([4, 8, 3], seed=0)
+    names = [n for n, _ in m.named_parameters()]
+    assert names == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    assert [p.shape for p in m.parameters()] == [(8, 4), (8,), (3, 8), (3,)]
+    assert m.num_parameters() == 8 * 4 + 8 + 3 * 8 + 3
+
+
+def test_same_seed_same_model():
+    a, b = dp.nn.MLP([4, 8, 3], seed=7), dp.nn.MLP([4, 8, 3], seed=7)
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        np.testing.assert_array_equal(pa, pb)
+
+
+def test_linear_init_is_torch_like():
+    lin = dp.nn.Linear(400, 300, rng=np.random.default_rng(0))
+    bound = 1 / np.sqrt(400)
+    assert np.abs(lin.weight.data).max() <= bound and np.abs(lin.bias.data).max() <= bound
+    assert np.abs(lin.weight.data).max() > 0.95 * bound  # uniform over the whole range
+    assert lin.weight.dtype == np.float32
+
+
+def test_flat_buffer_views():
+    m = dp.nn.MLP([3, 5, 2], seed=0)
+    before = [p.data.copy() for p in m.parameters()]
+    buf = m.flat()
+    assert buf.data.ndim == 1 and buf.data.size == m.num_parameters()
+    for p, old in zip(m.parameters(), before):  # values kept, storage shared
+        np.testing.assert_array_equal(p.data, old)
+        assert np.shares_memory(p.data, buf.data) and np.shares_memory(p.grad, buf.grad)
+    assert m.flat() is buf  # made once
+    buf.data[...] = 0.5  # writing the flat array changes the parameters
+    assert all((p.data == 0.5).all() for p in m.parameters())
+    assert buf.data.flags["C_CONTIGUOUS"]
+
+
+def test_backward_fills_the_flat_gradient():
+    m = dp.nn.MLP([3, 5, 2], seed=0, dtype="float64")
+    buf = m.flat()
+    x, y = np.random.default_rng(0).standard_normal((4, 3)), np.array([0, 1, 1, 0])
+    F.cross_entropy(m(dp.Tensor(x)), y).backward()
+    assert np.abs(buf.grad).sum() > 0
+    concat = np.concatenate([p.grad.ravel() for p in m.parameters()])
+    np.testing.assert_array_equal(concat, buf.grad)
+    # the same gradients as a model that never had a flat buffer
+    ref = dp.nn.MLP([3, 5, 2], seed=0, dtype="float64")
+    F.cross_entropy(ref(dp.Tensor(x)), y).backward()
+    np.testing.assert_allclose(np.concatenate([p.grad.ravel() for p in ref.parameters()]), buf.grad)
+    m.zero_grad()
+    assert not buf.grad.any() and np.shares_memory(m.parameters()[0].grad, buf.grad)
+
+
+def test_state_dict_round_trip():
+    a, b = dp.nn.MLP([3, 5, 2], seed=0), dp.nn.MLP([3, 5, 2], seed=1)
+    buf = b.flat()
+    b.load_state_dict(a.state_dict())
+    for (_, pa), (_, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        np.testing.assert_array_equal(pa, pb)
+    assert b.flat() is buf and np.shares_memory(b.parameters()[0].data, buf.data)
+    sd = a.state_dict()
+    sd["0.weight"] += 1  # the state dict is a copy
+    assert not np.array_equal(sd["0.weight"], a.state_dict()["0.weight"])
+
+
+def test_load_state_dict_checks_names_and_shapes():
+    m = dp.nn.MLP([3, 5, 2], seed=0)
+    sd = m.state_dict()
+    with pytest.raises(KeyError, match="missing keys"):
+        m.load_state_dict({k: v for k, v in sd.items() if k != "0.bias"})
+    bad = dict(sd, **{"0.weight": np.zeros((5, 4))})
+    with pytest.raises(ValueError, match=r"'0.weight' has shape \(5, 4\)"):
+        m.load_state_dict(bad)
+
+
+def test_sequential_and_custom_module():
+    class Net(dp.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = dp.nn.Sequential(dp.nn.Linear(2, 4), dp.nn.Tanh())
+            self.head = dp.nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(self.body(x))
+
+    net = Net()
+    assert [n for n, _ in net.named_parameters()] == ["body.0.weight", "body.0.bias", "head.weight", "head.bias"]
+    out = net(dp.Tensor(np.ones((3, 2))))
+    assert out.shape == (3, 1)
+    with pytest.raises(ValueError, match="activation"):
+        dp.nn.MLP([2, 2], activation="gelu")
+    with pytest.raises(ValueError, match="dims"):
+        dp.nn.MLP([2])

@@ -1,0 +1,132 @@
+import math
+
+import numpy as np
+import pytest
+
+import dptrain as dp
+from dptrain.optim import Schedule
+
+
+def _param(values):
+    p = dp.nn.Parameter(np.array(values, dtype=np.float64))
+    return p
+
+
+def _run(opt, p, grads):
+    out = []
+    for g in grads:
+        p.grad[...] = g
+        opt.step()
+        out.append(p.data.copy())
+    return out
+
+
+GRADS = [np.array([1.0, -2.0]), np.array([0.5, 0.5]), np.array([-1.0, 1.0])]
+
+
+def test_sgd_plain():
+    p = _param([1.0, 2.0])
+    got = _run(dp.optim.SGD([p], lr=0.1), p, GRADS)
+    np.testing.assert_allclose(got[0], [0.9, 2.2])
+    np.testing.assert_allclose(got[2], [0.9 - 0.05 + 0.1, 2.2 - 0.05 - 0.1])
+
+
+def test_sgd_momentum_and_weight_decay_by_hand():
+    p = _param([1.0, 2.0])
+    opt = dp.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=0.01)
+    got = _run(opt, p, GRADS)
+    w, buf = np.array([1.0, 2.0]), None
+    for g, w_got in zip(GRADS, got):
+        d = g + 0.01 * w
+        buf = d if buf is None else 0.9 * buf + d
+        w = w - 0.1 * buf
+        np.testing.assert_allclose(w_got, w)
+    np.testing.assert_allclose(opt.momentum_buffer, buf)
+
+
+def test_sgd_nesterov_by_hand():
+    p = _param([1.0, 2.0])
+    got = _run(dp.optim.SGD([p], lr=0.1, momentum=0.5, nesterov=True), p, GRADS)
+    w, buf = np.array([1.0, 2.0]), None
+    for g, w_got in zip(GRADS, got):
+        buf = g if buf is None else 0.5 * buf + g
+        w = w - 0.1 * (g + 0.5 * buf)
+        np.testing.assert_allclose(w_got, w)
+
+
+@pytest.mark.parametrize("cls,wd", [(dp.optim.Adam, 0.0), (dp.optim.Adam, 0.1), (dp.optim.AdamW, 0.1)])
+def test_adam_by_hand(cls, wd):
+    p = _param([1.0, 2.0])
+    opt = cls([p], lr=0.01, betas=(0.9, 0.99), eps=1e-8, weight_decay=wd)
+    got = _run(opt, p, GRADS)
+    w, m, v = np.array([1.0, 2.0]), np.zeros(2), np.zeros(2)
+    for t, (g, w_got) in enumerate(zip(GRADS, got), start=1):
+        if cls is dp.optim.AdamW:
+            w = w * (1 - 0.01 * wd)
+        else:
+            g = g + wd * w
+        m = 0.9 * m + 0.1 * g
+        v = 0.99 * v + 0.01 * g * g
+        w = w - 0.01 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.99 ** t)) + 1e-8)
+        np.testing.assert_allclose(w_got, w, rtol=1e-12)
+    np.testing.assert_allclose(opt.exp_avg, m)
+    np.testing.assert_allclose(opt.exp_avg_sq, v)
+
+
+def test_optimizer_updates_the_whole_flat_buffer_in_place():
+    m = dp.nn.MLP([3, 4, 2], seed=0, dtype="float64")
+    opt = dp.optim.SGD(m.parameters(), lr=0.5)
+    assert opt.flat is m.flat()
+    before = opt.flat.data.copy()
+    data_id = id(opt.flat.data)
+    opt.flat.grad[...] = 1.0
+    opt.step()
+    assert id(opt.flat.data) == data_id
+    np.testing.assert_allclose(opt.flat.data, before - 0.5)
+    np.testing.assert_allclose(m.parameters()[0].data.ravel(), before[:12] - 0.5)
+    opt.zero_grad()
+    assert not m.parameters()[1].grad.any()
+
+
+@pytest.mark.parametrize("cls", [dp.optim.SGD, dp.optim.Adam])
+def test_optimizer_state_dict_round_trip(cls):
+    kwargs = {"momentum": 0.9} if cls is dp.optim.SGD else {}
+    p1, p2 = _param([1.0, 2.0]), _param([1.0, 2.0])
+    o1 = cls([p1], lr=0.1, **kwargs)
+    _run(o1, p1, GRADS[:2])
+    o2 = cls([p2], lr=0.1, **kwargs)
+    p2.data[...] = p1.data
+    o2.load_state_dict(o1.state_dict())
+    np.testing.assert_allclose(_run(o1, p1, GRADS[2:]), _run(o2, p2, GRADS[2:]))
+    with pytest.raises(ValueError, match="optimizer"):
+        (dp.optim.Adam if cls is dp.optim.SGD else dp.optim.SGD)([_param([0.0, 0.0])], lr=0.1).load_state_dict(
+            o1.state_dict())
+
+
+@pytest.mark.parametrize("make,message", [
+    (lambda p: dp.optim.SGD(p, lr=0), "invalid learning rate: 0"),
+    (lambda p: dp.optim.SGD(p, lr=-1), "invalid learning rate: -1"),
+    (lambda p: dp.optim.SGD(p, lr=float("nan")), "invalid learning rate: nan"),
+    (lambda p: dp.optim.SGD(p, lr=0.1, momentum=1.5), "invalid momentum: 1.5"),
+    (lambda p: dp.optim.SGD(p, lr=0.1, weight_decay=-0.1), "invalid weight_decay: -0.1"),
+    (lambda p: dp.optim.SGD(p, lr=0.1, nesterov=True), "invalid nesterov"),
+    (lambda p: dp.optim.Adam(p, betas=(1.0, 0.9)), "invalid beta1: 1.0"),
+    (lambda p: dp.optim.Adam(p, eps=0), "invalid eps: 0"),
+])
+def test_bad_hyperparameters(make, message):
+    with pytest.raises(ValueError, match=message):
+        make([_param([1.0])])
+
+
+def test_schedules():
+    assert Schedule("constant", 0.1)(1000) == 0.1
+    s = Schedule("step", 1.0, step_size=10, gamma=0.5)
+    assert [s(0), s(9), s(10), s(25)] == [1.0, 1.0, 0.5, 0.25]
+    c = Schedule("cosine", 1.0, total_steps=100, min_lr=0.1)
+    assert c(0) == 1.0 and math.isclose(c(50), 0.55) and math.isclose(c(100), 0.1)
+    w = Schedule("cosine", 1.0, total_steps=110, warmup_steps=10)
+    assert [w(0), w(4), w(9)] == [0.1, 0.5, 1.0] and w(10) == 1.0 and math.isclose(w(60), 0.5)
+    with pytest.raises(ValueError, match="unknown schedule"):
+        Schedule("linear", 0.1)
+    with pytest.raises(ValueError, match="invalid warmup"):
+        Schedule("constant", 0.1, warmup_steps=-1)
