@@ -110,7 +110,7 @@ class Replica:
         self.flat.data[...] = self.xp.asarray(flat_params)
 
     def compute_gradients(self, indices) -> tuple[float, int, int]:
-        self.flat.grad.fill(0)
+        self.flat.zero_grad()
         count = len(indices)
         if count == 0:  # an empty shard contributes nothing
             return 0.0, 0, 0

@@ -522,11 +522,33 @@ def _topological_order(root: Tensor) -> list:
     return order
 
 
+def claim_grad(leaf: Tensor):
+    """The gradient array of a flat-buffer parameter whose gradient is known to be zero, or None.
+
+    An op's backward may write its gradient for `leaf` straight into the returned
+    array (matmul's `out=`) and return None for that parent, instead of returning
+    a new array that backward() would then add to zeros. The claim clears the
+    zero mark, so a second use of the same parameter accumulates as usual.
+    """
+    buf = getattr(leaf, "_flat", None)
+    if buf is None or not DIRECT_GRAD_WRITES or not buf.zeroed[leaf._flat_index]:
+        return None
+    buf.zeroed[leaf._flat_index] = False
+    return leaf.grad
+
+
+DIRECT_GRAD_WRITES = True  # False makes every gradient go through `+=` (tests compare the two paths)
+
+
 def _accumulate_leaf(leaf: Tensor, g) -> None:
     if g.shape != leaf.data.shape:  # a broadcast_to view from a reduction, say
         g = backend.array_module(g).broadcast_to(g, leaf.data.shape)
     if leaf.grad is None:
         leaf.grad = g.astype(leaf.data.dtype, copy=True)  # own it: g may be shared with other nodes
+        return
+    dest = claim_grad(leaf)
+    if dest is not None:
+        dest[...] = g
     else:
         leaf.grad += g  # in place: a parameter's grad is a view into the flat gradient buffer
 

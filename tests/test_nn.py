@@ -1,3 +1,4 @@
+import importlib
 import numpy as np
 import pytest
 
@@ -31,7 +32,8 @@ def test_flat_buffer_views():
     m = dp.nn.MLP([3, 5, 2], seed=0)
     before = [p.data.copy() for p in m.parameters()]
     buf = m.flat()
-    assert buf.data.ndim == 1 and buf.data.size == m.num_parameters()
+    assert buf.data.ndim == 1 and buf.num_parameters == m.num_parameters() <= buf.size < m.num_parameters() + 64
+    assert all(p.data.ctypes.data % 64 == 0 for p in m.parameters())  # aligned for BLAS
     for p, old in zip(m.parameters(), before):  # values kept, storage shared
         np.testing.assert_array_equal(p.data, old)
         assert np.shares_memory(p.data, buf.data) and np.shares_memory(p.grad, buf.grad)
@@ -48,11 +50,13 @@ def test_backward_fills_the_flat_gradient():
     F.cross_entropy(m(dp.Tensor(x)), y).backward()
     assert np.abs(buf.grad).sum() > 0
     concat = np.concatenate([p.grad.ravel() for p in m.parameters()])
-    np.testing.assert_array_equal(concat, buf.grad)
+    for p, view in zip(m.parameters(), buf.views(buf.grad)):
+        np.testing.assert_array_equal(p.grad, view)
+    np.testing.assert_array_equal(np.abs(buf.grad).sum(), np.abs(concat).sum())  # the gaps stay zero
     # the same gradients as a model that never had a flat buffer
     ref = dp.nn.MLP([3, 5, 2], seed=0, dtype="float64")
     F.cross_entropy(ref(dp.Tensor(x)), y).backward()
-    np.testing.assert_allclose(np.concatenate([p.grad.ravel() for p in ref.parameters()]), buf.grad)
+    np.testing.assert_allclose(np.concatenate([p.grad.ravel() for p in ref.parameters()]), concat)
     m.zero_grad()
     assert not buf.grad.any() and np.shares_memory(m.parameters()[0].grad, buf.grad)
 
@@ -97,3 +101,23 @@ def test_sequential_and_custom_module():
         dp.nn.MLP([2, 2], activation="gelu")
     with pytest.raises(ValueError, match="dims"):
         dp.nn.MLP([2])
+
+
+def test_direct_gradient_writes_match_accumulation(monkeypatch):
+    """Backward writes a zeroed parameter's gradient in place; the numbers equal plain `+=`."""
+    tensor_module = importlib.import_module("dptrain.tensor")
+    x, y = np.random.default_rng(1).standard_normal((6, 3)), np.array([0, 1, 1, 0, 1, 0])
+
+    def grads(direct, twice):
+        monkeypatch.setattr(tensor_module, "DIRECT_GRAD_WRITES", direct)
+        m = dp.nn.MLP([3, 5, 2], seed=0, dtype="float64")
+        m.flat().grad[...] = 7.0  # stale values that zero_grad must clear
+        m.zero_grad()
+        for _ in range(2 if twice else 1):  # a second backward accumulates
+            F.cross_entropy(m(dp.Tensor(x)), y).backward()
+        h = m[0](dp.Tensor(x))  # the first layer used twice in one graph
+        F.cross_entropy(m[2](m[1](h)) + m[2](m[1](h)), y).backward()
+        return m.flat().grad.copy()
+
+    for twice in (False, True):
+        np.testing.assert_allclose(grads(True, twice), grads(False, twice), rtol=1e-12)

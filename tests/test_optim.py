@@ -41,7 +41,7 @@ def test_sgd_momentum_and_weight_decay_by_hand():
         buf = d if buf is None else 0.9 * buf + d
         w = w - 0.1 * buf
         np.testing.assert_allclose(w_got, w)
-    np.testing.assert_allclose(opt.momentum_buffer, buf)
+    np.testing.assert_allclose(opt.momentum_buffer[:2], buf)
 
 
 def test_sgd_nesterov_by_hand():
@@ -69,8 +69,8 @@ def test_adam_by_hand(cls, wd):
         v = 0.99 * v + 0.01 * g * g
         w = w - 0.01 * (m / (1 - 0.9 ** t)) / (np.sqrt(v / (1 - 0.99 ** t)) + 1e-8)
         np.testing.assert_allclose(w_got, w, rtol=1e-12)
-    np.testing.assert_allclose(opt.exp_avg, m)
-    np.testing.assert_allclose(opt.exp_avg_sq, v)
+    np.testing.assert_allclose(opt.exp_avg[:2], m)
+    np.testing.assert_allclose(opt.exp_avg_sq[:2], v)
 
 
 def test_optimizer_updates_the_whole_flat_buffer_in_place():
@@ -84,6 +84,11 @@ def test_optimizer_updates_the_whole_flat_buffer_in_place():
     assert id(opt.flat.data) == data_id
     np.testing.assert_allclose(opt.flat.data, before - 0.5)
     np.testing.assert_allclose(m.parameters()[0].data.ravel(), before[:12] - 0.5)
+    opt.flat.grad[...] = 0.0
+    opt.flat.grad[:12] = 1.0  # gradients only for the first parameter: the others stay put
+    opt.step()
+    np.testing.assert_allclose(m.parameters()[0].data.ravel(), before[:12] - 1.0)
+    np.testing.assert_allclose(m.parameters()[1].data, before[opt.flat.offsets[1]:opt.flat.offsets[1] + 4] - 0.5)
     opt.zero_grad()
     assert not m.parameters()[1].grad.any()
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import numpy as np
+
 from .. import backend
 
 
@@ -19,21 +21,52 @@ class FlatBuffer:
     (each parameter points at its buffer, so a back reference would be a cycle).
     """
 
-    __slots__ = ("data", "grad", "shapes", "offsets", "__weakref__")
+    __slots__ = ("data", "grad", "shapes", "offsets", "zeroed", "__weakref__")
 
     def __init__(self, data, grad, shapes, offsets):
         self.data = data
         self.grad = grad
         self.shapes = shapes
         self.offsets = offsets
+        # zeroed[i]: parameter i's gradient is known to be zero (set by zero_grad,
+        # cleared by the first backward that writes it). Backward then writes the
+        # gradient straight into place instead of adding it to zeros: a whole pass
+        # over the buffer saved per step. Code that writes .grad by hand after
+        # zero_grad() and then calls backward() must call mark_written().
+        self.zeroed = [False] * len(shapes)
+
+    def zero_grad(self) -> None:
+        self.grad.fill(0)
+        self.zeroed = [True] * len(self.shapes)
+
+    def mark_written(self) -> None:
+        self.zeroed = [False] * len(self.shapes)
 
     @property
     def size(self) -> int:
+        """Elements in the flat arrays (the parameters plus alignment gaps)."""
         return int(self.data.size)
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(_numel(s) for s in self.shapes)
 
     def views(self, flat) -> list:
         """Per-parameter views of a flat array laid out like this buffer (no copies)."""
         return [flat[o:o + _numel(s)].reshape(s) for s, o in zip(self.shapes, self.offsets)]
+
+
+ALIGN_BYTES = 64
+
+
+def _aligned_zeros(xp, n, dtype):
+    """A zeroed 1-D array of n elements whose data starts on an ALIGN_BYTES boundary."""
+    if xp is not np:
+        return xp.zeros(n, dtype=dtype)  # cupy allocations are 256-byte aligned
+    pad = ALIGN_BYTES // dtype.itemsize
+    raw = np.zeros(n + pad, dtype=dtype)
+    shift = (-raw.ctypes.data % ALIGN_BYTES) // dtype.itemsize
+    return raw[shift:shift + n]
 
 
 def _numel(shape) -> int:
@@ -69,11 +102,17 @@ def flatten(params: Sequence) -> FlatBuffer:
                              f"{p.device} next to {dtype} on {device}")
     xp = backend.array_module(params[0].data)
     shapes = [tuple(p.data.shape) for p in params]
+    # Each parameter starts on a 64-byte boundary: BLAS runs up to 20% slower on
+    # misaligned matrices. The gaps (under 64 bytes each) hold zeros and get zero
+    # gradients, so every optimizer leaves them at zero.
+    step = max(1, ALIGN_BYTES // dtype.itemsize)
     offsets, total = [], 0
     for s in shapes:
+        total = -(-total // step) * step
         offsets.append(total)
         total += _numel(s)
-    buf = FlatBuffer(xp.empty(total, dtype=dtype), xp.zeros(total, dtype=dtype), shapes, offsets)
+    total = -(-total // step) * step
+    buf = FlatBuffer(_aligned_zeros(xp, total, dtype), _aligned_zeros(xp, total, dtype), shapes, offsets)
     data_views, grad_views = buf.views(buf.data), buf.views(buf.grad)
     for i, (p, dv, gv) in enumerate(zip(params, data_views, grad_views)):
         dv[...] = p.data

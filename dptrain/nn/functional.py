@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .. import backend
-from ..tensor import Tensor
+from ..tensor import Tensor, claim_grad
 
 REDUCTIONS = ("mean", "sum")
 
@@ -27,8 +27,19 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
 
     def _backward(g):
         gx = g @ w if x_grad else None
-        gw = g.T @ a if w_grad else None
-        gb = g.sum(axis=0) if bias is not None and bias.requires_grad else None
+        gw = gb = None
+        if w_grad:  # straight into the flat gradient buffer when possible (see claim_grad)
+            dest = claim_grad(weight)
+            if dest is None:
+                gw = g.T @ a
+            else:
+                backend.array_module(g).matmul(g.T, a, out=dest)
+        if bias is not None and bias.requires_grad:
+            dest = claim_grad(bias)
+            if dest is None:
+                gb = g.sum(axis=0)
+            else:
+                g.sum(axis=0, out=dest)
         return gx, gw, gb
     parents = (x, weight) if bias is None else (x, weight, bias)
     return Tensor._make(out, parents, _backward, "linear")

@@ -90,13 +90,14 @@ class Module:
         params = self.parameters()
         buf = getattr(params[0], "_flat", None) if params else None
         if buf is not None and all(p._flat is buf for p in params):
-            buf.grad.fill(0)
-        else:
-            for p in params:
-                if p._flat is not None:
-                    p.grad.fill(0)
-                else:
-                    p.grad = None
+            buf.zero_grad()
+            return
+        for p in params:
+            if p._flat is not None:
+                p.grad.fill(0)
+                p._flat.mark_written()  # only part of that buffer is zero
+            else:
+                p.grad = None
 
     def train(self, mode: bool = True) -> "Module":
         for m in self.modules():

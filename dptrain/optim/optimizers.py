@@ -87,7 +87,7 @@ class Optimizer:
         self.steps = 0  # updates applied so far
 
     def zero_grad(self) -> None:
-        self.flat.grad.fill(0)
+        self.flat.zero_grad()
 
     def step(self) -> None:
         """Apply one update with the gradients now in the parameters' `.grad`."""
