@@ -17,7 +17,8 @@ __version__ = "0.1.0"
 def __getattr__(name):
     # The distributed layer imports Ray; load it only when it is asked for.
     if name in ("Trainer", "distributed"):
-        from . import distributed
+        import importlib
+        distributed = importlib.import_module(".distributed", __name__)
         return distributed if name == "distributed" else distributed.Trainer
     raise AttributeError(f"module 'dptrain' has no attribute {name!r}")
 

@@ -10,81 +10,69 @@ from typing import Optional
 from .optim import OPTIMIZERS, SCHEDULES
 
 
+def _f(default, help: str):
+    """A config field with its help text (the CLI's --help shows it)."""
+    return field(default=default, metadata={"help": help})
+
+
 class ConfigError(ValueError):
-    """A setting is invalid; the message names the setting and the value."""
+    """A setting is invalid; the message names the setting and the value.
+
+    `field` is the TrainConfig field at fault (the CLI names its flag instead).
+    """
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
 class TrainConfig:
     """A training run. The CLI's flags mirror these fields in kebab-case."""
 
-    dataset: str = "mnist1d"
-    """Built-in dataset: regression, moons, spirals, mnist1d or digits (ignored when `data` is set)."""
-    data: Optional[str] = None
-    """A .npz (arrays x, y[, x_test, y_test]) or .csv (header row, label column last) file."""
-    label: Optional[str] = None
-    """The label column's name in a .csv file (default: the last column)."""
-    model: Optional[list] = None
-    """Layer sizes, e.g. [40, 256, 256, 10]; default [features, 256, 256, outputs]."""
-    activation: str = "relu"
-    """Hidden-layer activation: relu, tanh or sigmoid."""
-    workers: int = 1
-    """Data-parallel worker actors (0 runs the single-process loop, no Ray)."""
-    batch_size: int = 256
-    """Global batch size, split over the workers."""
-    epochs: int = 10
-    """Passes over the training set (ignored when `steps` is set)."""
-    steps: Optional[int] = None
-    """Total optimizer steps; overrides `epochs`."""
-    lr: float = 0.1
-    """Peak learning rate."""
-    optimizer: str = "sgd"
-    """sgd, adam or adamw."""
-    momentum: float = 0.9
-    """SGD momentum."""
-    nesterov: bool = False
-    """Nesterov momentum (SGD)."""
-    weight_decay: float = 0.0
-    """L2 weight decay (decoupled for adamw)."""
-    schedule: str = "constant"
-    """Learning-rate schedule: constant, step or cosine."""
-    warmup: int = 0
-    """Linear warm-up steps."""
-    step_size: int = 1000
-    """Steps between decays of the `step` schedule."""
-    gamma: float = 0.1
-    """Decay factor of the `step` schedule."""
-    seed: int = 0
-    """Seeds the initialisation, the sampler and any split of user data."""
-    dtype: str = "float32"
-    """float32 or float64."""
-    device: str = "cpu"
-    """cpu, or cuda (cupy on a GPU)."""
-    log_every: int = 10
-    """Steps between log lines."""
-    eval_batch_size: int = 4096
-    """Examples per forward pass during evaluation."""
-    out: Optional[str] = None
-    """Directory for metrics.jsonl, config.json and the final parameters."""
+    dataset: str = _f("mnist1d",
+        "Built-in dataset: regression, moons, spirals, mnist1d or digits (ignored when `data` is "
+        "set).")
+    data: Optional[str] = _f(None,
+        "A .npz (arrays x, y[, x_test, y_test]) or .csv (header row, label column last) file.")
+    label: Optional[str] = _f(None, "The label column's name in a .csv file (default: the last column).")
+    model: Optional[list] = _f(None,
+        "Layer sizes, e.g. [40, 256, 256, 10]; default [features, 256, 256, outputs].")
+    activation: str = _f("relu", "Hidden-layer activation: relu, tanh or sigmoid.")
+    workers: int = _f(1, "Data-parallel worker actors.")
+    batch_size: int = _f(256, "Global batch size, split over the workers.")
+    epochs: int = _f(10, "Passes over the training set (ignored when `steps` is set).")
+    steps: Optional[int] = _f(None, "Total optimizer steps; overrides `epochs`.")
+    lr: float = _f(0.1, "Peak learning rate.")
+    optimizer: str = _f("sgd", "sgd, adam or adamw.")
+    momentum: float = _f(0.9, "SGD momentum.")
+    nesterov: bool = _f(False, "Nesterov momentum (SGD).")
+    weight_decay: float = _f(0.0, "L2 weight decay (decoupled for adamw).")
+    schedule: str = _f("constant", "Learning-rate schedule: constant, step or cosine.")
+    warmup: int = _f(0, "Linear warm-up steps.")
+    step_size: int = _f(1000, "Steps between decays of the `step` schedule.")
+    gamma: float = _f(0.1, "Decay factor of the `step` schedule.")
+    seed: int = _f(0, "Seeds the initialisation, the sampler and any split of user data.")
+    dtype: str = _f("float32", "float32 or float64.")
+    device: str = _f("cpu", "cpu, or cuda (cupy on a GPU).")
+    log_every: int = _f(10, "Steps between log lines.")
+    eval_batch_size: int = _f(4096, "Examples per forward pass during evaluation.")
+    out: Optional[str] = _f(None, "Directory for metrics.jsonl, config.json and the final parameters.")
     # ---- distributed settings (used by dptrain.distributed)
-    address: Optional[str] = None
-    """Ray cluster address: auto or HOST:PORT; none starts an embedded local Ray."""
-    cpus: Optional[int] = None
-    """CPUs of the embedded local Ray (default: this machine's count)."""
-    cpus_per_worker: float = 1.0
-    """CPUs Ray reserves for each worker (fractions allowed)."""
-    gpus_per_worker: float = 0.0
-    """GPUs Ray reserves for each worker (fractions allowed); > 0 implies device cuda."""
-    spread: bool = False
-    """Place workers on different nodes where possible (a SPREAD placement group)."""
-    progress: bool = False
-    """Show a progress bar (the CLI turns it on in a terminal)."""
-    extra: dict = field(default_factory=dict)
-    """Free-form notes saved with the config (not used by training)."""
+    address: Optional[str] = _f(None,
+        "Ray cluster address: auto or HOST:PORT; none starts an embedded local Ray.")
+    cpus: Optional[int] = _f(None,
+        "Logical CPUs of the embedded local Ray (default: enough for the workers, at least "
+        "this machine's count).")
+    cpus_per_worker: float = _f(1.0, "CPUs Ray reserves for each worker (fractions allowed).")
+    gpus_per_worker: float = _f(0.0,
+        "GPUs Ray reserves for each worker (fractions allowed); > 0 implies device cuda.")
+    spread: bool = _f(False, "Place workers on different nodes where possible (a SPREAD placement group).")
+    progress: bool = _f(False, "Show a progress bar (the CLI turns it on in a terminal).")
 
     def __post_init__(self):
         def bad(name, value, why):
-            raise ConfigError(f"invalid {name}: {value!r} ({why})")
+            raise ConfigError(f"invalid {name}: {value!r} ({why})", field=name)
 
         if self.data is None and not self.dataset:
             bad("dataset", self.dataset, "give a dataset name or a data file")
@@ -94,11 +82,11 @@ class TrainConfig:
             self.model = [int(d) for d in self.model]
             if len(self.model) < 2 or any(d < 1 for d in self.model):
                 bad("model", self.model, "at least two positive layer sizes")
-        if self.workers < 0:
-            bad("workers", self.workers, "must be >= 1, or 0 for the single-process loop")
+        if self.workers < 1:
+            bad("workers", self.workers, "must be >= 1")
         if self.batch_size < 1:
             bad("batch_size", self.batch_size, "must be >= 1")
-        if self.workers > 0 and self.batch_size < self.workers:
+        if self.batch_size < self.workers:
             bad("batch_size", self.batch_size, f"smaller than the {self.workers} workers: each needs an example")
         if self.steps is None and self.epochs < 1:
             bad("epochs", self.epochs, "must be >= 1")
@@ -141,7 +129,7 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}")
+            raise ConfigError(f"unknown config field(s) {unknown}", field=unknown[0])
         return cls(**d)
 
     def replace(self, **changes) -> "TrainConfig":
@@ -153,5 +141,6 @@ def parse_model(text: str) -> list:
     try:
         dims = [int(p) for p in str(text).replace(" ", "").split(",") if p]
     except ValueError:
-        raise ConfigError(f"invalid model: {text!r} (expected layer sizes like 40,256,256,10)") from None
+        raise ConfigError(f"invalid model: {text!r} (expected layer sizes like 40,256,256,10)",
+                          field="model") from None
     return dims

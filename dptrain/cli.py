@@ -1,0 +1,213 @@
+"""The command line: `dptrain train`.
+
+    dptrain train --dataset mnist1d --workers 4 --epochs 10
+    dptrain train --address auto ...            # join a running `ray start` cluster
+    dptrain train --help                        # every flag
+
+Bad input (flags, data files, an unreachable cluster) prints one line naming the
+problem and exits with status 2; a failure during training exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .config import ConfigError, TrainConfig, parse_model
+from .data import DataError
+
+log = logging.getLogger("dptrain")
+
+EXIT_BAD_INPUT = 2
+EXIT_FAILED = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _model(text: str) -> list:
+    try:
+        return parse_model(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("invalid model: ")) from None
+
+
+def add_config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
+    """One flag per TrainConfig field (kebab-case), with the field's help and default."""
+    for f in dataclasses.fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        helptext = f.metadata.get("help", "")
+        default = f.default
+        kind = str(f.type)
+        if f.name == "model":
+            parser.add_argument(flag, type=_model, default=None, metavar="SIZES",
+                                help=helptext + " Comma-separated, e.g. 40,256,256,10.")
+        elif kind == "bool":
+            if f.name == "progress":
+                default = None  # decided at run time: on when stderr is a terminal
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=helptext)
+        else:
+            typ = int if "int" in kind else float if "float" in kind else str
+            metavar = {int: "N", float: "X", str: "NAME"}[typ]
+            if f.name in ("data", "out"):
+                metavar = "FILE" if f.name == "data" else "DIR"
+            elif f.name == "address":
+                metavar = "auto|HOST:PORT"
+            suffix = f" (default: {default})" if default is not None else ""
+            parser.add_argument(flag, type=typ, default=default, metavar=metavar, help=helptext + suffix)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="dptrain", description="Data-parallel training on Ray with dptrain's own autograd engine.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    train = sub.add_parser("train", help="train a model (embedded local Ray, or a cluster with --address)",
+                           description="Train an MLP with synchronous data parallelism: N worker actors "
+                                       "compute gradients, a parameter server averages them and steps the "
+                                       "optimizer. Writes config.json, metrics.jsonl, summary.json and "
+                                       "params.npz to --out.")
+    add_config_flags(train)
+    train.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
+    return parser
+
+
+# --------------------------------------------------------------------------- output files
+
+class RunDir:
+    """The run's output folder: config.json first, metrics.jsonl as it goes, results at the end."""
+
+    def __init__(self, path: str | None):
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.path = Path(path) if path else Path("runs") / f"{stamp}-{os.getpid()}"
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"invalid out: cannot create {self.path} ({e.strerror})") from None
+        self._metrics = open(self.path / "metrics.jsonl", "w")
+
+    def write_config(self, cfg: TrainConfig) -> None:
+        _atomic_write(self.path / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+
+    def record(self, rec: dict) -> None:
+        self._metrics.write(json.dumps(rec) + "\n")
+        self._metrics.flush()
+
+    def finish(self, result) -> None:
+        self._metrics.close()
+        _atomic_write(self.path / "summary.json", json.dumps(result.summary, indent=2) + "\n")
+        tmp = self.path / "params.tmp.npz"
+        np.savez(tmp, **result.params)
+        os.replace(tmp, self.path / "params.npz")
+
+    def close(self) -> None:
+        if not self._metrics.closed:
+            self._metrics.close()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------- commands
+
+def _progress_bar(enabled: bool, total: int):
+    if not enabled:
+        return None, None
+    from tqdm import tqdm
+    bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
+
+    def update(step, rec):
+        bar.update(1)
+        rate = rec["count"] / max(rec["time_s"], 1e-9)
+        bar.set_postfix_str(f"loss {rec['loss']:.4f} | {rate:,.0f} samples/s", refresh=False)
+    return bar, update
+
+
+def run_train(args) -> int:
+    cfg = config_from_args(args)
+    from .loop import load_data, total_steps
+
+    dataset = load_data(cfg)  # bad data is reported before anything starts
+    run = RunDir(cfg.out)
+    cfg = cfg.replace(out=str(run.path))
+    run.write_config(cfg)
+    from .distributed import Trainer  # imports Ray: only when needed
+
+    bar, update = _progress_bar(cfg.progress, total_steps(cfg, len(dataset)))
+    try:
+        if bar is not None:
+            from tqdm.contrib.logging import logging_redirect_tqdm
+            with logging_redirect_tqdm():
+                result = Trainer(cfg, dataset=dataset, sink=run.record, progress=update).fit()
+        else:
+            result = Trainer(cfg, dataset=dataset, sink=run.record).fit()
+    finally:
+        if bar is not None:
+            bar.close()
+        run.close()
+    run.finish(result)
+    s = result.summary
+    acc = (f" | train acc {s['train_accuracy']:.4f} | test acc {s['test_accuracy']:.4f}"
+           if "test_accuracy" in s else "")
+    print(f"done: {s['steps']} steps on {s['workers']} worker(s) in {s['wall_s']:.1f} s "
+          f"({s['samples_per_s']:,.0f} samples/s) | train loss {s['train_loss']:.4f} | "
+          f"test loss {s['test_loss']:.4f}{acc}")
+    print(f"results: {run.path}/ (config.json, metrics.jsonl, summary.json, params.npz)")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
+                        format="%(message)s", stream=sys.stderr)
+    if args.command == "train" and args.progress is None:
+        args.progress = sys.stderr.isatty() and not args.quiet
+    from .distributed.cluster import ClusterError
+    from .distributed.trainer import TrainingError
+    try:
+        return run_train(args)
+    except (ConfigError, DataError, ClusterError) as e:
+        message = str(e)
+        if isinstance(e, ConfigError) and e.field:  # name the flag the user typed
+            message = message.replace(f"invalid {e.field}:", f"invalid --{e.field.replace('_', '-')}:", 1)
+        print(f"dptrain {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except TrainingError as e:
+        print(f"dptrain {args.command}: training failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"dptrain {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

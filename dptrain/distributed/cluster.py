@@ -1,0 +1,107 @@
+"""Connecting to Ray: an embedded local instance, or a running cluster, failing fast."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+from pathlib import Path
+
+import ray
+
+log = logging.getLogger(__name__)
+
+TOKEN_FILE = Path.home() / ".ray" / "auth_token"
+
+
+class ClusterError(RuntimeError):
+    """Ray cannot be reached or cannot run this job; the message says why and what to do."""
+
+
+def resolve_address(address: str) -> str:
+    """"auto" or HOST:PORT -> HOST:PORT of the cluster's GCS, or a ClusterError."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address  # how ray.init resolves it
+        resolved = canonicalize_bootstrap_address(address)
+    except ConnectionError as e:
+        raise ClusterError(f"--address {address}: no running Ray cluster found ({e}). Start one with "
+                           "cluster/start.sh (or `ray start --head`), or leave out --address to run on "
+                           "an embedded local Ray") from None
+    except Exception as e:
+        raise ClusterError(f"--address {address!r} is not a valid Ray address ({e}); expected auto or HOST:PORT") from None
+    if resolved is None:
+        raise ClusterError(f"--address {address}: no running Ray cluster found")
+    return resolved
+
+
+def check_reachable(address: str, timeout_s: float = 3.0, given: str | None = None) -> None:
+    """Open a TCP connection to HOST:PORT; Ray itself would retry for minutes."""
+    shown = address if given in (None, address) else f"{given} ({address})"
+    host, _, port = address.rpartition(":")
+    try:
+        port_n = int(port)
+    except ValueError:
+        raise ClusterError(f"--address {shown}: expected HOST:PORT") from None
+    try:
+        with socket.create_connection((host.strip("[]"), port_n), timeout=timeout_s):
+            pass
+    except OSError as e:
+        raise ClusterError(f"--address {shown}: no Ray cluster answers there ({e.strerror or e}). "
+                           "Is it started (cluster/status.sh)? Is the port the head's GCS port (6379 by default)?") from None
+
+
+def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
+    """Make sure this process talks to Ray. Returns True if it started (and so owns) the instance.
+
+    - Ray already initialised: use it.
+    - An address (or RAY_ADDRESS, as inside `ray job submit`): join that cluster,
+      after checking within seconds that something listens there. Clusters started
+      by `ray start` in Ray 2.60 use token authentication: if RAY_AUTH_MODE is unset
+      and a token exists in ~/.ray/auth_token, token mode is turned on for this client.
+    - Otherwise: start a private local instance (no dashboard).
+    """
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    common = {"log_to_driver": True, "logging_level": logging.WARNING, "configure_logging": True}
+    if address:
+        target = resolve_address(address)
+        check_reachable(target, given=address)
+        if "RAY_AUTH_MODE" not in os.environ and TOKEN_FILE.exists():
+            os.environ["RAY_AUTH_MODE"] = "token"
+        try:
+            ray.init(address=target, **common)
+        except Exception as e:
+            raise ClusterError(f"--address {address}: could not join the Ray cluster at {target}: "
+                               f"{type(e).__name__}: {e}") from None
+        return True
+    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **common)
+    return True
+
+
+def embedded_cpus(workers: int, cpus_per_worker: float, requested: int | None) -> int:
+    """Logical CPUs for an embedded Ray: enough to place every worker (they may share cores)."""
+    if requested is not None:
+        return requested
+    return max(os.cpu_count() or 1, math.ceil(workers * cpus_per_worker))
+
+
+def check_resources(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
+    """Refuse, with the numbers, a job the cluster can never place (instead of waiting forever)."""
+    total = ray.cluster_resources()
+    for kind, per in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
+        need = workers * per
+        have = total.get(kind, 0.0)
+        if need > have + 1e-9:
+            flag = "--cpus-per-worker" if kind == "CPU" else "--gpus-per-worker"
+            raise ClusterError(f"{workers} workers x {per:g} {kind} = {need:g} {kind}s, but the Ray cluster has "
+                               f"{have:g}: lower {flag} or --workers, or add nodes"
+                               + (" (or raise --cpus for the embedded Ray)" if kind == "CPU" else ""))
+
+
+def head_node_id() -> str | None:
+    for node in ray.nodes():
+        if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
+            return node["NodeID"]
+    return None

@@ -1,0 +1,114 @@
+"""The distributed trainer against the single-process loop, on the shared local Ray."""
+
+import numpy as np
+import pytest
+
+import dptrain as dp
+from dptrain.distributed import ParameterServer, TrainingError, Worker
+from dptrain.distributed.trainer import prepare_dataset
+from dptrain.loop import model_dims
+
+pytestmark = pytest.mark.ray
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-300)) for k in b)
+
+
+BASE = dict(dataset="moons", batch_size=50, steps=12, dtype="float64", model=[2, 16, 16, 2], seed=1)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+@pytest.mark.parametrize("opt", [{"optimizer": "sgd", "momentum": 0.9, "lr": 0.1},
+                                 {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.001}])
+def test_n_workers_equal_single_process(ray_local, workers, opt):
+    # batch 50 is not divisible by 3 or 4: shards of 17/17/16 and 13/13/12/12
+    cfg = dp.TrainConfig(workers=workers, **BASE, **opt)
+    dist = dp.Trainer(cfg).fit()
+    local = dp.train_local(cfg)
+    assert _max_rel_diff(dist.params, local.params) < 1e-10
+    assert len(dist.metrics["steps"]) == 12
+    np.testing.assert_allclose([r["loss"] for r in dist.metrics["steps"]],
+                               [r["loss"] for r in local.metrics["steps"]], rtol=1e-10)
+
+
+def test_epochs_schedule_and_evaluation(ray_local):
+    cfg = dp.TrainConfig(dataset="spirals", workers=2, epochs=2, batch_size=512, schedule="cosine", warmup=2,
+                         dtype="float64", seed=2)
+    dist, local = dp.Trainer(cfg).fit(), dp.train_local(cfg)
+    assert _max_rel_diff(dist.params, local.params) < 1e-10
+    assert [e["epoch"] for e in dist.metrics["epochs"]] == [0, 1]
+    assert dist.metrics["epochs"][-1]["test_accuracy"] == pytest.approx(local.metrics["epochs"][-1]["test_accuracy"])
+    lrs = [r["lr"] for r in dist.metrics["steps"]]
+    assert lrs[0] < lrs[1] and lrs[-1] < lrs[2]  # warm-up, then cosine decay
+    s = dist.summary
+    assert s["workers"] == 2 and s["steps"] == len(lrs) and s["samples_per_s"] > 0
+
+
+def test_worker_error_names_worker_and_step(ray_local):
+    cfg = dp.TrainConfig(workers=2, **BASE)
+    with pytest.raises(TrainingError, match="worker 1 failed at step 3: RuntimeError: injected fault"):
+        dp.Trainer(cfg, faults=[{"rank": 1, "step": 3, "kind": "raise"}]).fit()
+
+
+def test_mnist1d_four_workers_reach_single_process_accuracy(ray_local):
+    cfg = dp.TrainConfig(dataset="mnist1d", workers=4, epochs=30, batch_size=256, lr=0.1, momentum=0.9, seed=0)
+    dist = dp.Trainer(cfg).fit()
+    local = dp.train_local(cfg)
+    assert dist.summary["test_accuracy"] >= 0.60
+    assert dist.summary["test_accuracy"] == pytest.approx(local.summary["test_accuracy"], abs=0.01)
+
+
+def test_actors_work_without_ray():
+    """The actors are plain classes: one server step by hand equals one local step."""
+    cfg = dp.TrainConfig(workers=2, **BASE)
+    ds = prepare_dataset(dp.data.load_dataset("moons"), "float64")
+    dims = model_dims(cfg, ds)
+    ps = ParameterServer(cfg.to_dict(), dims, total_steps=12)
+    workers = [Worker(cfg.to_dict(), dims, ds, rank, 2) for rank in range(2)]
+    params = ps.get_weights().copy()
+    results = [w.compute_gradients(params, 0) for w in workers]
+    new_params, metrics = ps.apply_gradients(0, *results)
+    assert metrics["count"] == 50 and ps.step == 1
+    local = dp.train_local(cfg.replace(steps=1))
+    np.testing.assert_allclose(np.concatenate([v.ravel() for v in local.params.values()]),
+                               np.concatenate([v.ravel() for v in ps.state_dict().values()]), rtol=1e-12)
+    with pytest.raises(RuntimeError, match="at step 1 was sent gradients for step 0"):
+        ps.apply_gradients(0, *results)
+
+
+def test_dataset_is_shared_not_copied(ray_local):
+    """Workers read the training arrays from Ray's object store: read-only views, not copies."""
+    import ray
+    from dptrain.distributed.actors import Worker as W
+    cfg = dp.TrainConfig(workers=1, **BASE)
+    ds = prepare_dataset(dp.data.load_dataset("moons"), "float64")
+    ref = ray.put(ds)
+
+    @ray.remote
+    class Probe(W):
+        def flags(self):
+            x = self.replica.x_train
+            return {"writeable": x.flags.writeable, "owndata": x.flags.owndata}
+
+    probe = Probe.remote(cfg.to_dict(), model_dims(cfg, ds), ref, 0, 1)
+    flags = ray.get(probe.flags.remote())
+    ray.kill(probe)
+    assert flags == {"writeable": False, "owndata": False}
+
+
+@pytest.mark.slow
+def test_workers_do_not_copy_the_dataset(ray_local):
+    """USS (pages a process alone holds) of workers with a 32 MiB dataset vs an almost empty one."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_data_memory.py"
+    spec = importlib.util.spec_from_file_location("bench_data_memory", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    empty = bench.measure(bench.synthetic(0.1), 1)[0]["uss"]
+    big = bench.synthetic(32)
+    mems = bench.measure(big, 3)
+    for m in mems:
+        assert m["dataset_bytes"] == big.x_train.nbytes
+        assert m["uss"] - empty < 0.25 * big.x_train.nbytes, (m, empty)
