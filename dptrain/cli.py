@@ -184,9 +184,23 @@ def run_train(args) -> int:
     return 0
 
 
+def use_token_auth_for(address: str | None) -> None:
+    """Set RAY_AUTH_MODE=token for an explicit cluster address when this user has a Ray token.
+
+    Ray 2.60's `ray start` clusters require token authentication. Ray enables it by
+    itself for --address auto, but not for HOST:PORT, and reads the variable only
+    when it is imported: so this runs before anything imports Ray. A value already
+    set is respected (RAY_AUTH_MODE=disabled opts out).
+    """
+    token = Path.home() / ".ray" / "auth_token"
+    if address and address != "auto" and "RAY_AUTH_MODE" not in os.environ and token.exists():
+        os.environ["RAY_AUTH_MODE"] = "token"
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    use_token_auth_for(getattr(args, "address", None))
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s", stream=sys.stderr)
     if args.command == "train" and args.progress is None:

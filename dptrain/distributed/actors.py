@@ -38,7 +38,7 @@ class Worker:
 
     def ready(self) -> dict:
         """Where this worker runs (the driver waits on it, with a timeout, before step 0)."""
-        return {"rank": self.rank, "pid": os.getpid(), "node_ip": _node_ip(), "device": self.cfg.device}
+        return {"rank": self.rank, "pid": os.getpid(), "node_id": _node_id(), "device": self.cfg.device}
 
     def memory(self) -> dict:
         """This process's memory: rss counts shared pages (the object store's), uss only its own."""
@@ -147,9 +147,9 @@ def inject_fault(fault: dict, grad: np.ndarray, rank: int, step: int) -> np.ndar
     raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
 
 
-def _node_ip() -> str:
+def _node_id() -> str:
     try:
         import ray
-        return ray.util.get_node_ip_address()
-    except Exception:
-        return "?"
+        return ray.get_runtime_context().get_node_id()
+    except Exception:  # outside Ray (the actors are plain classes too)
+        return "local"

@@ -6,14 +6,9 @@ import logging
 import math
 import os
 import socket
-from pathlib import Path
-
 import ray
 
 log = logging.getLogger(__name__)
-
-TOKEN_FILE = Path.home() / ".ray" / "auth_token"
-
 
 class ClusterError(RuntimeError):
     """Ray cannot be reached or cannot run this job; the message says why and what to do."""
@@ -57,8 +52,9 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     - Ray already initialised: use it.
     - An address (or RAY_ADDRESS, as inside `ray job submit`): join that cluster,
       after checking within seconds that something listens there. Clusters started
-      by `ray start` in Ray 2.60 use token authentication: if RAY_AUTH_MODE is unset
-      and a token exists in ~/.ray/auth_token, token mode is turned on for this client.
+      by `ray start` in Ray 2.60 use token authentication. Ray turns it on by itself
+      for "auto"; for HOST:PORT a client needs RAY_AUTH_MODE=token in its environment
+      before Ray is imported (the CLI does that, see cli.use_token_auth_for).
     - Otherwise: start a private local instance (no dashboard).
     """
     if ray.is_initialized():
@@ -68,13 +64,15 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     if address:
         target = resolve_address(address)
         check_reachable(target, given=address)
-        if "RAY_AUTH_MODE" not in os.environ and TOKEN_FILE.exists():
-            os.environ["RAY_AUTH_MODE"] = "token"
         try:
-            ray.init(address=target, **common)
+            ray.init(address=address, **common)  # "auto" as such: Ray turns token auth on only for it
         except Exception as e:
+            hint = ""
+            if os.environ.get("RAY_AUTH_MODE") != "token":
+                hint = (" If the cluster uses token authentication (Ray 2.60's default), set "
+                        "RAY_AUTH_MODE=token before starting Python (the dptrain CLI does this itself).")
             raise ClusterError(f"--address {address}: could not join the Ray cluster at {target}: "
-                               f"{type(e).__name__}: {e}") from None
+                               f"{type(e).__name__}: {e}.{hint}") from None
         return True
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **common)
     return True

@@ -138,7 +138,7 @@ class Trainer:
             ps, workers, pg = self._spawn(dims, data_ref, steps)
             self.placement = self._wait_ready(ps, workers)
             log.info("training %s on %d worker(s) across %d node(s): model %s, %d steps, global batch %d",
-                     dataset.name, cfg.workers, len({p["node_ip"] for p in self.placement}),
+                     dataset.name, cfg.workers, len({p["node_id"] for p in self.placement}),
                      "-".join(map(str, dims)), steps, cfg.batch_size)
             return self._run(ps, workers, dataset, steps, steps_per_epoch)
         finally:
@@ -191,7 +191,7 @@ class Trainer:
         final_test = self._get(workers[0].evaluate.remote(params, "test"), steps - 1)
         summary = summary_record(mlog, wall, final_train, final_test)
         summary["workers"] = len(workers)
-        summary["nodes"] = len({p["node_ip"] for p in self.placement})
+        summary["nodes"] = len({p["node_id"] for p in self.placement})
         state_dict = self._get(ps.state_dict.remote(), steps - 1)
         return TrainResult(cfg, {"steps": mlog.steps, "epochs": mlog.epochs, "summary": summary,
                                  "placement": self.placement}, state_dict)

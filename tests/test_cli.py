@@ -1,0 +1,77 @@
+"""`dptrain train` as a user runs it: flags, output files, and one-line errors with exit status 2."""
+
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+
+def dptrain(*args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "dptrain.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--workers", "0"], "invalid --workers: 0"),
+    (["--workers", "4", "--batch-size", "3"], "invalid --batch-size: 3 (smaller than the 4 workers"),
+    (["--lr", "0"], "invalid --lr: 0.0"),
+    (["--lr", "-0.5"], "invalid --lr: -0.5"),
+    (["--dataset", "mnist2d"], "unknown dataset 'mnist2d'"),
+    (["--data", "/nonexistent/d.npz"], "data file not found: /nonexistent/d.npz"),
+    (["--optimizer", "lbfgs"], "invalid --optimizer: 'lbfgs'"),
+    (["--model", "40,x,10"], "argument --model"),
+    (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
+    (["--dataset", "moons", "--model", "3,8,2"], "takes 3 inputs but moons has 2 features"),
+])
+def test_bad_input_is_one_line_and_exit_2(args, message):
+    r = dptrain("train", *args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr
+
+
+def test_address_without_cluster_fails_within_seconds():
+    start = time.monotonic()
+    r = dptrain("train", "--address", "127.0.0.1:1", "--dataset", "moons")
+    assert r.returncode == 2 and "no Ray cluster answers there" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert time.monotonic() - start < 20
+
+
+def test_help_documents_every_flag():
+    import dataclasses
+    from dptrain.config import TrainConfig
+    r = dptrain("train", "--help")
+    assert r.returncode == 0
+    for f in dataclasses.fields(TrainConfig):
+        assert "--" + f.name.replace("_", "-") in r.stdout, f.name
+
+
+@pytest.mark.ray
+def test_train_writes_its_outputs(tmp_path):
+    out = tmp_path / "run"
+    r = dptrain("train", "--dataset", "moons", "--workers", "2", "--epochs", "2", "--batch-size", "100",
+                "--log-every", "5", "--cpus", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "done: 20 steps on 2 worker(s)" in r.stdout and "test acc" in r.stdout
+    assert "step     10 | loss" in r.stderr and "samples/s | workers 2" in r.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["workers"] == 2 and config["dataset"] == "moons"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(20))
+    assert [r["epoch"] for r in records if r["kind"] == "epoch"] == [0, 1]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 20 and 0.5 < summary["test_accuracy"] <= 1
+    with np.load(out / "params.npz", allow_pickle=False) as params:
+        assert params["0.weight"].shape == (256, 2)
+
+
+def test_model_that_does_not_fit_the_data_file(tmp_path):
+    npz = tmp_path / "d.npz"
+    np.savez(npz, x=np.random.default_rng(0).standard_normal((64, 3)), y=np.arange(64) % 2)
+    r = dptrain("train", "--data", str(npz), "--model", "3,4,1", "--out", str(tmp_path / "o"))
+    assert r.returncode == 2 and "has 1 outputs but" in r.stderr and "2 classes" in r.stderr

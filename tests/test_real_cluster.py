@@ -1,0 +1,81 @@
+"""A real `ray start` cluster (cluster/start.sh): job submission with scripts/submit.sh, and --address."""
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env():
+    env = dict(os.environ)
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # the venv's ray
+    for var in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS"):
+        env.pop(var, None)
+    return env
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    import ray
+    ray.shutdown()  # only the cluster under test runs while this module does
+    state = tempfile.mkdtemp(prefix="dpt-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port, dash = _free_port(), _free_port()
+    start = subprocess.run([str(ROOT / "cluster/start.sh"), "--nodes", "1", "--cpus", "2", "--port", str(port),
+                            "--dashboard-port", str(dash), "--state", state],
+                           capture_output=True, text=True, env=_env(), timeout=180)
+    try:
+        assert start.returncode == 0, start.stderr + start.stdout
+        status = subprocess.run([str(ROOT / "cluster/status.sh"), "--state", state], capture_output=True,
+                                text=True, env=_env(), timeout=60)
+        assert status.returncode == 0 and "node-1" in status.stdout
+        yield {"state": state, "port": port, "dashboard": f"http://127.0.0.1:{dash}"}
+    finally:
+        stop = subprocess.run([str(ROOT / "cluster/stop.sh"), "--state", state], capture_output=True, text=True,
+                              timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
+        assert stop.returncode == 0, stop.stderr
+
+
+def test_submit_job_and_read_its_results(cluster, tmp_path):
+    results = tmp_path / "results"
+    r = subprocess.run([str(ROOT / "scripts/submit.sh"), "--address", cluster["dashboard"], "--results",
+                        str(results), "--id", "dptrain-test-job", "--", "--dataset", "moons", "--workers", "2",
+                        "--epochs", "2", "--batch-size", "100"],
+                       capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "job dptrain-test-job: SUCCEEDED" in r.stdout
+    run = results / "dptrain-test-job"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["workers"] == 2
+    assert {"config.json", "metrics.jsonl", "params.npz"} <= {p.name for p in run.iterdir()}
+    # the upload left out what must not be copied to every node
+    uploaded = list(Path(cluster["state"], "ray").glob("session_*/runtime_resources/working_dir_files/*/"))
+    assert uploaded and all(not (u / ".git").exists() and not (u / ".venv").exists() for u in uploaded)
+    assert all((u / "dptrain" / "__init__.py").exists() for u in uploaded)
+
+
+@pytest.mark.parametrize("address", ["auto", "port"])
+def test_train_joins_the_cluster(cluster, tmp_path, address):
+    import socket as s
+    target = "auto" if address == "auto" else f"{s.gethostbyname(s.gethostname())}:{cluster['port']}"
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--address", target, "--dataset", "moons",
+                        "--workers", "2", "--spread", "--epochs", "1", "--out", str(tmp_path / "run")],
+                       capture_output=True, text=True, env=_env(), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "across 2 node(s)" in r.stderr  # spread over the head and the worker node
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["nodes"] == 2
