@@ -405,11 +405,11 @@ class Tensor:
             out = x[index]
         except IndexError as e:
             raise IndexError(f"indexing a tensor of shape {x.shape}: {e}") from None
-        advanced = _has_array_index(index)
+        repeats = _has_array_index(index)
 
         def _backward(g):
             grad = xp.zeros_like(x)
-            if advanced:  # integer arrays may repeat an index: add, don't assign
+            if repeats:  # integer arrays may repeat an index: add, don't assign
                 backend.scatter_add(grad, index, g)
             else:
                 grad[index] = g
@@ -491,11 +491,16 @@ class Tensor:
 
 
 def _has_array_index(index) -> bool:
+    """True when `index` holds integer arrays (or lists), which may select an element twice."""
     items = index if isinstance(index, tuple) else (index,)
     for item in items:
-        if item is None or item is Ellipsis or isinstance(item, (slice, int, np.integer)):
+        if item is None or item is Ellipsis or isinstance(item, (slice, int, np.integer, bool)):
             continue
-        return True  # lists, integer or boolean arrays: advanced indexing
+        dtype = getattr(item, "dtype", None)
+        if dtype is None:
+            dtype = np.asarray(item).dtype
+        if dtype != np.bool_:  # a boolean mask selects each element at most once
+            return True
     return False
 
 

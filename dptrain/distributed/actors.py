@@ -81,7 +81,8 @@ class ParameterServer:
 
     def __init__(self, config: dict, dims: list, total_steps: int):
         cfg = TrainConfig.from_dict(config)
-        self.cfg = cfg.replace(device="cpu")  # the server's arithmetic is a few vector ops: CPU
+        # the server's arithmetic is a few vector ops over arrays that arrive in host memory: CPU
+        self.cfg = cfg.replace(device="cpu", gpus_per_worker=0.0)
         self.model = build_model(self.cfg, dims)
         self.optimizer = build_optimizer(self.cfg, self.model.parameters())
         self.schedule = build_schedule(self.cfg, total_steps)
