@@ -1,4 +1,4 @@
-"""The command line: `dptrain train`.
+"""The command line: `dptrain train` and `dptrain scale` (see dptrain/scale.py).
 
     dptrain train --dataset mnist1d --workers 4 --epochs 10
     dptrain train --address auto ...            # join a running `ray start` cluster
@@ -94,6 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "params.npz to --out.")
     add_config_flags(train)
     train.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
+    from . import scale  # the scaling experiment's flags live with it
+    scale.add_parser(sub)
     return parser
 
 
@@ -208,7 +210,11 @@ def main(argv=None) -> int:
     from .distributed.cluster import ClusterError
     from .distributed.trainer import TrainingError
     try:
-        return run_train(args)
+        if args.command == "train":
+            return run_train(args)
+        from . import scale
+        args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
+        return scale.run(args)
     except (ConfigError, DataError, ClusterError) as e:
         message = str(e)
         if isinstance(e, ConfigError) and e.field:  # name the flag the user typed

@@ -31,8 +31,8 @@ class TrainConfig:
     """A training run. The CLI's flags mirror these fields in kebab-case."""
 
     dataset: str = _f("mnist1d",
-        "Built-in dataset: regression, moons, spirals, mnist1d or digits (ignored when `data` is "
-        "set).")
+        "Built-in dataset: regression, moons, spirals, mnist1d, digits or synthetic (784 "
+        "features, 10 classes); ignored when `data` is set.")
     data: Optional[str] = _f(None,
         "A .npz (arrays x, y[, x_test, y_test]) or .csv (header row, label column last) file.")
     label: Optional[str] = _f(None, "The label column's name in a .csv file (default: the last column).")
@@ -43,6 +43,8 @@ class TrainConfig:
     batch_size: int = _f(256, "Global batch size, split over the workers.")
     epochs: int = _f(10, "Passes over the training set (ignored when `steps` is set).")
     steps: Optional[int] = _f(None, "Total optimizer steps; overrides `epochs`.")
+    target_accuracy: Optional[float] = _f(None,
+        "Stop at the first epoch end whose test accuracy reaches this (time-to-accuracy runs).")
     lr: float = _f(0.1, "Peak learning rate.")
     optimizer: str = _f("sgd", "sgd, adam or adamw.")
     momentum: float = _f(0.9, "SGD momentum.")
@@ -68,6 +70,9 @@ class TrainConfig:
     gpus_per_worker: float = _f(0.0,
         "GPUs Ray reserves for each worker (fractions allowed); > 0 implies device cuda.")
     spread: bool = _f(False, "Place workers on different nodes where possible (a SPREAD placement group).")
+    transport: str = _f("auto",
+        "How parameters and gradients travel: auto (shared memory for CPU workers on the "
+        "server's node, Ray's object store for the others) or object_store (always Ray objects).")
     progress: bool = _f(False, "Show a progress bar (the CLI turns it on in a terminal).")
 
     def __post_init__(self):
@@ -92,6 +97,8 @@ class TrainConfig:
             bad("epochs", self.epochs, "must be >= 1")
         if self.steps is not None and self.steps < 1:
             bad("steps", self.steps, "must be >= 1")
+        if self.target_accuracy is not None and not 0 < self.target_accuracy <= 1:
+            bad("target_accuracy", self.target_accuracy, "must be in (0, 1]")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             bad("lr", self.lr, "the learning rate must be > 0")
         if self.optimizer not in OPTIMIZERS:
@@ -118,6 +125,8 @@ class TrainConfig:
             bad("cpus", self.cpus, "must be >= 1")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
             bad("cpus_per_worker/gpus_per_worker", (self.cpus_per_worker, self.gpus_per_worker), "must be >= 0")
+        if self.transport not in ("auto", "object_store"):
+            bad("transport", self.transport, "auto or object_store")
         if self.activation not in ("relu", "tanh", "sigmoid"):
             bad("activation", self.activation, "relu, tanh or sigmoid")
 

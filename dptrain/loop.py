@@ -166,6 +166,7 @@ class MetricsLog:
         self.steps: list = []
         self.epochs: list = []
         self.sink = sink  # a callable taking one record dict (the CLI writes metrics.jsonl)
+        self.target: dict | None = None  # when and where cfg.target_accuracy was reached
         self._window: list = []
 
     def step(self, record: dict) -> None:
@@ -204,6 +205,16 @@ def epoch_record(epoch: int, step: int, window: list, evaluation: dict) -> dict:
     return rec
 
 
+def reached_target(cfg: TrainConfig, record: dict, log_: MetricsLog, elapsed_s: float) -> bool:
+    """True (and noted in the log) when an epoch's test accuracy reaches cfg.target_accuracy."""
+    if cfg.target_accuracy is None or record.get("test_accuracy", 0.0) < cfg.target_accuracy:
+        return False
+    log_.target = {"time_to_target_s": elapsed_s, "target_step": record["step"], "target_epoch": record["epoch"]}
+    log.info("reached test accuracy %.4f >= %.4f at step %d after %.1f s", record["test_accuracy"],
+             cfg.target_accuracy, record["step"] + 1, elapsed_s)
+    return True
+
+
 def summary_record(log_: MetricsLog, wall_s: float, final_train: dict, final_test: dict) -> dict:
     samples = sum(r["count"] for r in log_.steps)
     step_times = sorted(r["time_s"] for r in log_.steps)
@@ -213,6 +224,9 @@ def summary_record(log_: MetricsLog, wall_s: float, final_train: dict, final_tes
     if "accuracy" in final_test:
         out["train_accuracy"] = final_train["accuracy"]
         out["test_accuracy"] = final_test["accuracy"]
+    if log_.cfg.target_accuracy is not None:
+        out["target_accuracy"] = log_.cfg.target_accuracy
+        out.update(log_.target or {"time_to_target_s": None, "target_step": None, "target_epoch": None})
     return out
 
 
@@ -246,8 +260,11 @@ def train_local(cfg: TrainConfig, dataset: Dataset | None = None, sink=None, pro
         if progress:
             progress(step, rec)
         if (step + 1) % sampler.steps_per_epoch == 0 or step + 1 == steps:
-            mlog.epoch(epoch_record(step // sampler.steps_per_epoch, step, window, replica.evaluate("test")))
+            record = epoch_record(step // sampler.steps_per_epoch, step, window, replica.evaluate("test"))
+            mlog.epoch(record)
             window = []
+            if reached_target(cfg, record, mlog, time.perf_counter() - start):
+                break
     wall = time.perf_counter() - start
     summary = summary_record(mlog, wall, replica.evaluate("train"), replica.evaluate("test"))
     return TrainResult(cfg, {"steps": mlog.steps, "epochs": mlog.epochs, "summary": summary},

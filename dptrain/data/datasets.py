@@ -146,6 +146,21 @@ def spirals(n_train: int = 1500, n_test: int = 600, classes: int = 3, noise: flo
     return _finish("spirals", x[:n_train], label[:n_train], x[n_train:], label[n_train:], "classification")
 
 
+def synthetic(n_train: int = 8192, n_test: int = 2048, features: int = 784, classes: int = 10,
+              seed: int = 0) -> Dataset:
+    """Gaussian features labelled by a random linear teacher (argmax of x @ W).
+
+    MNIST-sized by default (784 features, 10 classes): for throughput and scaling
+    runs with large models, where the data's content does not matter, and still a
+    learnable task.
+    """
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n_train + n_test, features))
+    teacher = rng.standard_normal((features, classes))
+    y = (x @ teacher).argmax(axis=1)
+    return _finish("synthetic", x[:n_train], y[:n_train], x[n_train:], y[n_train:], "classification")
+
+
 def _cache_dir() -> Path:
     root = os.environ.get("DPTRAIN_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "dptrain")
@@ -191,7 +206,8 @@ def digits(seed: int = 0) -> Dataset:
     return _finish("digits", *holdout_split(d.data / 16.0, d.target, 0.2, seed), "classification")
 
 
-BUILTIN = {"regression": regression, "moons": moons, "spirals": spirals, "mnist1d": mnist1d, "digits": digits}
+BUILTIN = {"regression": regression, "moons": moons, "spirals": spirals, "mnist1d": mnist1d, "digits": digits,
+           "synthetic": synthetic}
 
 
 # --------------------------------------------------------------------------- user files

@@ -76,13 +76,37 @@ def _numel(shape) -> int:
     return n
 
 
-def flatten(params: Sequence) -> FlatBuffer:
+def flat_size(params: Sequence, dtype) -> int:
+    """Elements of the flat arrays for `params`, alignment gaps included."""
+    return _layout([tuple(p.shape) for p in params], np.dtype(dtype))[1]
+
+
+def _layout(shapes, dtype):
+    """Offsets and total size: each parameter starts on a 64-byte boundary.
+
+    BLAS runs up to 20% slower on misaligned matrices. The gaps (under 64 bytes
+    each) hold zeros and get zero gradients, so every optimizer leaves them at zero.
+    """
+    step = max(1, ALIGN_BYTES // dtype.itemsize)
+    offsets, total = [], 0
+    for s in shapes:
+        total = -(-total // step) * step
+        offsets.append(total)
+        total += _numel(s)
+    return offsets, -(-total // step) * step
+
+
+def flatten(params: Sequence, data=None, grad=None, data_is_current: bool = False) -> FlatBuffer:
     """Bind `params` (nn.Parameter) to one flat data array and one flat grad array.
 
-    If they already are, in this order, the existing buffer is returned and
-    nothing moves. Otherwise their current values are copied into a new buffer
-    and each parameter's `.data` and `.grad` become views into it (gradients
-    already accumulated are kept).
+    If they already are, in this order, and no storage is given, the existing
+    buffer is returned and nothing moves. Otherwise their current values are
+    copied into a new buffer and each parameter's `.data` and `.grad` become
+    views into it (gradients already accumulated are kept). `data` and `grad`,
+    1-D arrays of `flat_size(params, dtype)` elements, are used as the storage
+    when given (shared memory, say) instead of new arrays. With `data_is_current`
+    the given `data` already holds the values (another process's parameters,
+    possibly read-only): it is bound as is and nothing is written to it.
     """
     params = list(params)
     if not params:
@@ -90,7 +114,7 @@ def flatten(params: Sequence) -> FlatBuffer:
     if len({id(p) for p in params}) != len(params):
         raise ValueError("flatten: the same parameter appears twice in the list")
     buf = getattr(params[0], "_flat", None)
-    if buf is not None and len(buf.shapes) == len(params) and all(
+    if data is None and grad is None and buf is not None and len(buf.shapes) == len(params) and all(
             getattr(p, "_flat", None) is buf and p._flat_index == i and p.data.shape == buf.shapes[i]
             for i, p in enumerate(params)):
         return buf
@@ -102,20 +126,24 @@ def flatten(params: Sequence) -> FlatBuffer:
                              f"{p.device} next to {dtype} on {device}")
     xp = backend.array_module(params[0].data)
     shapes = [tuple(p.data.shape) for p in params]
-    # Each parameter starts on a 64-byte boundary: BLAS runs up to 20% slower on
-    # misaligned matrices. The gaps (under 64 bytes each) hold zeros and get zero
-    # gradients, so every optimizer leaves them at zero.
-    step = max(1, ALIGN_BYTES // dtype.itemsize)
-    offsets, total = [], 0
-    for s in shapes:
-        total = -(-total // step) * step
-        offsets.append(total)
-        total += _numel(s)
-    total = -(-total // step) * step
-    buf = FlatBuffer(_aligned_zeros(xp, total, dtype), _aligned_zeros(xp, total, dtype), shapes, offsets)
+    offsets, total = _layout(shapes, dtype)
+    for name, storage in (("data", data), ("grad", grad)):
+        if storage is not None and (storage.shape != (total,) or storage.dtype != dtype):
+            raise ValueError(f"flatten: {name} storage of shape {storage.shape} and dtype {storage.dtype} does "
+                             f"not fit ({total},) {dtype}")
+    if data is None:
+        data = _aligned_zeros(xp, total, dtype)
+    elif not data_is_current:
+        data[...] = 0
+    if grad is None:
+        grad = _aligned_zeros(xp, total, dtype)
+    else:
+        grad[...] = 0
+    buf = FlatBuffer(data, grad, shapes, offsets)
     data_views, grad_views = buf.views(buf.data), buf.views(buf.grad)
     for i, (p, dv, gv) in enumerate(zip(params, data_views, grad_views)):
-        dv[...] = p.data
+        if not data_is_current:
+            dv[...] = p.data
         if p.grad is not None:
             gv[...] = p.grad
         p.data, p.grad = dv, gv

@@ -1,0 +1,83 @@
+"""A cost model of one synchronous parameter-server step, to reason beyond the machines we have.
+
+For N workers, a global batch B, a model of G gradient bytes, K server shards:
+
+    T(N) = t_fixed                                  driver and actor-call latency per step
+         + c * B / min(N, cores)                    forward and backward (workers share `cores`)
+         + 2 * G / bw_object                        a worker's put of its gradient, get of parameters
+         + N * G / (K * bw_server)                  the server (shard) receives N gradients and
+         + N * G / (K * bw_server)                  sends N parameter copies through its link
+         + N * G / (K * bw_memory)                  and adds N gradients
+         + t_opt * G / K                            optimizer update, per byte of its shard
+
+with t_fixed, c (seconds per example), bw_object (bytes/s of a put or get), bw_memory (bytes/s
+of one pass over an array) and t_opt measured on this machine. bw_server is the server's
+network bandwidth; on one machine the "network" is shared memory and the transfer terms are
+the object-store copies already counted, so `bw_server=inf` there.
+
+Speedup S(N) = T(1) / T(N) with the same global batch (strong scaling), efficiency S(N) / N.
+The server saturates where its per-step traffic 2 * N * G / (K * bw_server) equals the
+compute time c * B / N: N* = sqrt(c * B * K * bw_server / (2 * G)).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class CostInputs:
+    """Measured (or assumed) constants of the model; units in the field names."""
+
+    compute_s_per_example: float
+    grad_bytes: float
+    object_bytes_per_s: float
+    memory_bytes_per_s: float
+    fixed_s: float
+    optimizer_s_per_byte: float
+    cores: int = 10**9  # workers that can compute at once (a cluster: one core set per worker)
+    server_bytes_per_s: float = math.inf
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def step_time(inp: CostInputs, workers: int, batch: int, shards: int = 1) -> dict:
+    """Predicted seconds per step, split into compute, transfer, server and fixed parts."""
+    if workers < 1 or batch < 1 or shards < 1:
+        raise ValueError(f"workers, batch and shards must be >= 1, got {workers}, {batch}, {shards}")
+    g = inp.grad_bytes
+    compute = inp.compute_s_per_example * batch / min(workers, inp.cores)
+    transfer = 2 * g / inp.object_bytes_per_s
+    network = 2 * workers * g / (shards * inp.server_bytes_per_s)
+    server = workers * g / (shards * inp.memory_bytes_per_s) + inp.optimizer_s_per_byte * g / shards
+    total = inp.fixed_s + compute + transfer + network + server
+    return {"workers": workers, "shards": shards, "step_s": total, "compute_s": compute, "transfer_s": transfer,
+            "network_s": network, "server_s": server, "fixed_s": inp.fixed_s}
+
+
+def scaling(inp: CostInputs, worker_counts, batch: int, shards: int = 1) -> list:
+    """Strong scaling predictions: step time, speedup and efficiency against 1 worker."""
+    base = step_time(inp, 1, batch, shards)["step_s"]
+    rows = []
+    for n in worker_counts:
+        row = step_time(inp, n, batch, shards)
+        row["speedup"] = base / row["step_s"]
+        row["efficiency"] = row["speedup"] / n
+        row["samples_per_s"] = batch / row["step_s"]
+        rows.append(row)
+    return rows
+
+
+def server_bound_workers(inp: CostInputs, batch: int, shards: int = 1) -> float:
+    """N* where the server's network time equals the compute time: beyond it, adding workers
+    makes steps slower (infinite when the server has no network limit)."""
+    if math.isinf(inp.server_bytes_per_s):
+        return math.inf
+    return math.sqrt(inp.compute_s_per_example * batch * shards * inp.server_bytes_per_s / (2 * inp.grad_bytes))
+
+
+def relative_errors(inp: CostInputs, measured: dict, batch: int) -> dict:
+    """|predicted - measured| / measured step time for each measured worker count {N: seconds}."""
+    return {n: abs(step_time(inp, n, batch)["step_s"] - t) / t for n, t in measured.items()}

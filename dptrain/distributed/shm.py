@@ -1,0 +1,71 @@
+"""Shared-memory arrays: the fast path between a parameter server and workers on its node.
+
+Ray's object store copies an array in and out on every put; for a 7.5 MB model that is
+several milliseconds per step, more than the gradient sum itself. A worker on the
+server's node instead computes its gradient straight into a segment the server reads,
+and reads its parameters straight from the segment the server updates: no copies.
+The order of the steps (a worker's next step waits for the server's update, which
+waits for every gradient) is what makes the sharing safe.
+"""
+
+from __future__ import annotations
+
+import uuid
+from multiprocessing import shared_memory
+
+import numpy as np
+
+
+class SharedArray:
+    """A 1-D numpy array in a named POSIX shared-memory segment (/dev/shm)."""
+
+    def __init__(self, shm: shared_memory.SharedMemory, size: int, dtype, owner: bool):
+        self.shm, self.owner = shm, owner
+        self.array = np.ndarray((size,), dtype=np.dtype(dtype), buffer=shm.buf)
+
+    @property
+    def name(self) -> str:
+        return self.shm.name
+
+    @classmethod
+    def create(cls, size: int, dtype, tag: str) -> "SharedArray":
+        name = f"dptrain-{tag}-{uuid.uuid4().hex[:12]}"
+        nbytes = max(1, size * np.dtype(dtype).itemsize)
+        return cls(shared_memory.SharedMemory(name=name, create=True, size=nbytes), size, dtype, owner=True)
+
+    @classmethod
+    def attach(cls, name: str, size: int, dtype) -> "SharedArray":
+        shm = shared_memory.SharedMemory(name=name)
+        _untrack(shm)
+        return cls(shm, size, dtype, owner=False)
+
+    def close(self) -> None:
+        """Drop this process's mapping; the owner also removes the segment."""
+        self.array = None
+        try:
+            self.shm.close()
+        except BufferError:  # views still alive somewhere: the mapping goes with the process
+            pass
+        if self.owner:
+            unlink(self.shm.name)
+
+
+def unlink(name: str) -> bool:
+    """Remove a segment by name (True if it existed): a last resort after a crashed actor."""
+    try:
+        shm = shared_memory.SharedMemory(name=name)
+    except FileNotFoundError:
+        return False
+    shm.close()
+    shm.unlink()  # balances the registration that attaching made (before Python 3.13)
+    return True
+
+
+def _untrack(shm) -> None:
+    """Before Python 3.13 attaching registers the segment with this process's resource
+    tracker, which would unlink it when this process exits: the owner decides instead."""
+    try:
+        from multiprocessing import resource_tracker
+        resource_tracker.unregister(shm._name, "shared_memory")
+    except Exception:
+        pass
