@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                                        "params.npz to --out.")
     add_config_flags(train)
     train.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
+    train.add_argument("--resume", metavar="DIR", default=None,
+                       help="continue the run in DIR (its config.json and newest intact checkpoint); "
+                            "the other config flags are ignored")
     from . import scale  # the scaling experiment's flags live with it
     scale.add_parser(sub)
     return parser
@@ -104,14 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
 class RunDir:
     """The run's output folder: config.json first, metrics.jsonl as it goes, results at the end."""
 
-    def __init__(self, path: str | None):
+    def __init__(self, path: str | None, append: bool = False):
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.path = Path(path) if path else Path("runs") / f"{stamp}-{os.getpid()}"
         try:
             self.path.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise ConfigError(f"invalid out: cannot create {self.path} ({e.strerror})") from None
-        self._metrics = open(self.path / "metrics.jsonl", "w")
+        # a resumed run appends: records of steps replayed after the checkpoint appear again
+        self._metrics = open(self.path / "metrics.jsonl", "a" if append else "w")
 
     def write_config(self, cfg: TrainConfig) -> None:
         _atomic_write(self.path / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
@@ -153,14 +157,28 @@ def _progress_bar(enabled: bool, total: int):
     return bar, update
 
 
+def _resumed_config(folder: str) -> TrainConfig:
+    path = Path(folder) / "config.json"
+    try:
+        saved = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"invalid resume: {path} not found (is {folder} a dptrain run folder?)",
+                          field="resume") from None
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"invalid resume: {path} is unreadable ({e})", field="resume") from None
+    saved["out"] = str(Path(folder))
+    return TrainConfig.from_dict(saved)
+
+
 def run_train(args) -> int:
-    cfg = config_from_args(args)
+    cfg = _resumed_config(args.resume) if args.resume else config_from_args(args)
     from .loop import load_data, total_steps
 
     dataset = load_data(cfg)  # bad data is reported before anything starts
-    run = RunDir(cfg.out)
+    run = RunDir(cfg.out, append=bool(args.resume))
     cfg = cfg.replace(out=str(run.path))
-    run.write_config(cfg)
+    if not args.resume:
+        run.write_config(cfg)
     from .distributed import Trainer  # imports Ray: only when needed
 
     bar, update = _progress_bar(cfg.progress, total_steps(cfg, len(dataset)))
@@ -168,9 +186,10 @@ def run_train(args) -> int:
         if bar is not None:
             from tqdm.contrib.logging import logging_redirect_tqdm
             with logging_redirect_tqdm():
-                result = Trainer(cfg, dataset=dataset, sink=run.record, progress=update).fit()
+                result = Trainer(cfg, dataset=dataset, sink=run.record, progress=update,
+                                 resume=bool(args.resume)).fit()
         else:
-            result = Trainer(cfg, dataset=dataset, sink=run.record).fit()
+            result = Trainer(cfg, dataset=dataset, sink=run.record, resume=bool(args.resume)).fit()
     finally:
         if bar is not None:
             bar.close()

@@ -74,6 +74,20 @@ class TrainConfig:
         "How parameters and gradients travel: auto (shared memory for CPU workers on the "
         "server's node, Ray's object store for the others) or object_store (always Ray objects).")
     progress: bool = _f(False, "Show a progress bar (the CLI turns it on in a terminal).")
+    # ---- reliability
+    checkpoint_every: int = _f(0,
+        "Save the server's full state to <out>/checkpoints every N steps (0: only at the end; "
+        "needs --out).")
+    keep_checkpoints: int = _f(3, "Checkpoints kept (the newest).")
+    max_failures: int = _f(3, "Worker or server failures survived before the run stops with an error.")
+    step_timeout: float = _f(300.0,
+        "Seconds a worker may take for one step before it is treated as failed (hung).")
+    on_worker_loss: str = _f("restart",
+        "restart: replace a lost worker (another node if its node is gone); shrink: go on with "
+        "the others, the same global batch split among them.")
+    on_nonfinite: str = _f("stop",
+        "A NaN or Inf loss or gradient: stop (naming the step and worker; checkpoints are kept) "
+        "or skip the step.")
 
     def __post_init__(self):
         def bad(name, value, why):
@@ -125,6 +139,18 @@ class TrainConfig:
             bad("cpus", self.cpus, "must be >= 1")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
             bad("cpus_per_worker/gpus_per_worker", (self.cpus_per_worker, self.gpus_per_worker), "must be >= 0")
+        if self.checkpoint_every < 0:
+            bad("checkpoint_every", self.checkpoint_every, "must be >= 0")
+        if self.keep_checkpoints < 1:
+            bad("keep_checkpoints", self.keep_checkpoints, "must be >= 1")
+        if self.max_failures < 0:
+            bad("max_failures", self.max_failures, "must be >= 0")
+        if not self.step_timeout > 0:
+            bad("step_timeout", self.step_timeout, "must be > 0 seconds")
+        if self.on_worker_loss not in ("restart", "shrink"):
+            bad("on_worker_loss", self.on_worker_loss, "restart or shrink")
+        if self.on_nonfinite not in ("stop", "skip"):
+            bad("on_nonfinite", self.on_nonfinite, "stop or skip")
         if self.transport not in ("auto", "object_store"):
             bad("transport", self.transport, "auto or object_store")
         if self.activation not in ("relu", "tanh", "sigmoid"):

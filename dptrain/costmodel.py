@@ -2,9 +2,11 @@
 
 For N workers, a global batch B, a model of G gradient bytes, K server shards:
 
-    T(N) = t_fixed                                  driver and actor-call latency per step
-         + c * B / min(N, cores)                    forward and backward (workers share `cores`)
-         + 2 * G / bw_object                        a worker's put of its gradient, get of parameters
+    T(N) = t_fixed                                  actor-call latency per step
+         + (c * B / N) * s                          forward and backward on B / N examples
+         + (2 * G / bw_object) * s                  a worker's copy of its gradient out, parameters in
+                                                    (s = max(1, N / cores): workers beyond the
+                                                    cores share them, one after another)
          + N * G / (K * bw_server)                  the server (shard) receives N gradients and
          + N * G / (K * bw_server)                  sends N parameter copies through its link
          + N * G / (K * bw_memory)                  and adds N gradients
@@ -48,8 +50,9 @@ def step_time(inp: CostInputs, workers: int, batch: int, shards: int = 1) -> dic
     if workers < 1 or batch < 1 or shards < 1:
         raise ValueError(f"workers, batch and shards must be >= 1, got {workers}, {batch}, {shards}")
     g = inp.grad_bytes
-    compute = inp.compute_s_per_example * batch / min(workers, inp.cores)
-    transfer = 2 * g / inp.object_bytes_per_s
+    share = max(1.0, workers / inp.cores)
+    compute = inp.compute_s_per_example * batch / workers * share
+    transfer = 2 * g / inp.object_bytes_per_s * share
     network = 2 * workers * g / (shards * inp.server_bytes_per_s)
     server = workers * g / (shards * inp.memory_bytes_per_s) + inp.optimizer_s_per_byte * g / shards
     total = inp.fixed_s + compute + transfer + network + server

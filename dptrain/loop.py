@@ -169,6 +169,12 @@ class MetricsLog:
         self.target: dict | None = None  # when and where cfg.target_accuracy was reached
         self._window: list = []
 
+    def truncate(self, step: int) -> None:
+        """Forget the records of steps >= `step` (they are about to be run again after a failure)."""
+        self.steps = [r for r in self.steps if r["step"] < step]
+        self.epochs = [r for r in self.epochs if r["step"] < step]
+        self._window = [r for r in self._window if r["step"] < step]
+
     def step(self, record: dict) -> None:
         self.steps.append(record)
         self._window.append(record)

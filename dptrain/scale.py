@@ -146,6 +146,66 @@ def _local_step_ms(config: dict, dataset) -> float:
     return 1e3 * statistics.median(r["time_s"] for r in result.metrics["steps"][WARMUP_STEPS:])
 
 
+def _compute_only_ms(config: dict, dims: list, dataset, batch: int, steps: int) -> float:
+    """Median time of forward and backward on `batch` examples in this process (no transport)."""
+    from .loop import Replica
+    replica = Replica(TrainConfig.from_dict(config), dataset, dims)
+    idx = np.arange(batch)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        replica.compute_gradients(idx)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times[WARMUP_STEPS:])
+
+
+def compute_ceiling(base: TrainConfig, dataset, worker_counts: list, steps: int) -> list:
+    """The best strong-scaling speedup this machine allows: N processes (Ray tasks of
+    cpus_per_worker CPUs) each computing forward and backward on B/N examples at once,
+    against one process on B; no parameters or gradients move."""
+    import ray
+    task = ray.remote(num_cpus=base.cpus_per_worker)(_compute_only_ms)
+    data_ref = ray.put(dataset)
+    rows, one = [], None
+    for n in worker_counts:
+        share = max(base.batch_size // n, 1)
+        times = ray.get([task.remote(base.to_dict(), base.model, data_ref, share, steps) for _ in range(n)])
+        slowest = max(times)
+        one = slowest if one is None else one
+        rows.append({"workers": n, "examples_each": share, "compute_ms": slowest, "ceiling_speedup": one / slowest})
+    return rows
+
+
+def fan_in_overhead_ms(workers: int, steps: int = 300) -> float:
+    """Ray's own cost per step of the driver-chained pattern with empty actors:
+    N worker calls, then a server call that takes their results, chained through the driver."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Empty:
+        def compute(self, params=None, step=0):
+            return None, {}
+
+        def apply(self, step, *results):
+            return step, {}
+
+    ws, ps = [Empty.remote() for _ in range(workers)], Empty.remote()
+    ray.get([w.compute.remote() for w in ws] + [ps.compute.remote()])
+    apply = ps.apply.options(num_returns=2)
+    params, pending = 0, []
+    t0 = time.perf_counter()
+    for step in range(steps):
+        params, metrics = apply.remote(step, *[w.compute.remote(params, step) for w in ws])
+        pending.append(metrics)
+        if len(pending) > 2:
+            ray.get(pending.pop(0))
+    ray.get(pending)
+    elapsed = time.perf_counter() - t0
+    for a in ws + [ps]:
+        ray.kill(a)
+    return 1e3 * elapsed / steps
+
+
 def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3) -> dict:
     """The trainer against its floors, measured here and now, alternating to share any drift.
 
@@ -183,7 +243,8 @@ def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3) -> 
     return {"model": "-".join(map(str, base.model)), "batch": base.batch_size, "repeats": repeats,
             "local_step_ms": local_ms, "one_worker_step_ms": dist_ms, "one_worker_overhead": dist_ms / local_ms - 1,
             "actor_round_trip_ms": rtt_ms, "tiny_two_worker_step_ms": tiny["step_ms"],
-            "tiny_added_ms": tiny["step_ms"] - 2 * rtt_ms}
+            "tiny_added_ms": tiny["step_ms"] - 2 * rtt_ms,
+            "driver_chained_empty_step_ms": fan_in_overhead_ms(2)}
 
 
 def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float) -> costmodel.CostInputs:
@@ -314,8 +375,18 @@ def report(command: str, base: TrainConfig, table: dict, floors: dict | None, tt
             {"what": "tiny model (2-8-2), 2 workers, vs two actor round trips",
              "floor": f"2 x {floors['actor_round_trip_ms']:.2f} ms",
              "trainer": f"{floors['tiny_two_worker_step_ms']:.2f} ms",
-             "difference": f"{floors['tiny_added_ms']:+.2f} ms"}],
+             "difference": f"{floors['tiny_added_ms']:+.2f} ms"},
+            {"what": "for comparison: empty actors, 2 worker calls then a server call chained through the driver",
+             "floor": f"2 x {floors['actor_round_trip_ms']:.2f} ms",
+             "trainer": f"{floors['driver_chained_empty_step_ms']:.2f} ms", "difference": "(Ray alone)"}],
             [("", "what", 0), ("floor", "floor", 0), ("trainer", "trainer", 0), ("difference", "difference", 0)]))
+        if floors.get("ceiling"):
+            parts.append("### Compute ceiling (no communication)\n\nN processes at once, each running forward "
+                         "and backward on B/N examples, against one process on B: the best strong-scaling "
+                         "speedup this machine allows before any transfer or update.\n\n"
+                         + markdown_table(floors["ceiling"], [("workers", "workers", 0), ("examples each", "examples_each", 0),
+                                                              ("slowest ms", "compute_ms", 1),
+                                                              ("ceiling speedup", "ceiling_speedup", 2)]))
     if tta:
         parts.append("### Time to accuracy (MNIST-1D, 40-256-256-10, batch 256, SGD 0.1 momentum 0.9)\n\n"
                      + markdown_table(tta, [("workers", "workers", 0), ("target", "target_accuracy", 2),
@@ -461,6 +532,7 @@ def run(args) -> int:
         floors = model = None
         if args.floors:
             floors = measure_floors(base, dataset, args.steps)
+            floors["ceiling"] = compute_ceiling(base, dataset, counts, args.steps)
             progress("floors")
             strong = {r["workers"]: r for r in table.get("strong", [])}
             if 1 in strong:

@@ -10,6 +10,7 @@
 #   --results DIR    where the job writes its run folder, on the head node
 #                    (default: $DPTRAIN_RESULTS, else ~/dptrain-runs)
 #   --id NAME        the job's submission id (default: dptrain-<date>-<time>)
+#   --entry FILE     the script the job runs: scripts/train.py (default) or scripts/scale.py
 #   --no-wait        submit and return; follow with `ray job logs -f <id>`
 #
 # The working directory (this repository) is uploaded to the cluster without
@@ -23,15 +24,17 @@ address=${RAY_API_SERVER_ADDRESS:-http://127.0.0.1:8265}
 results=${DPTRAIN_RESULTS:-$HOME/dptrain-runs}
 id="dptrain-$(date +%Y%m%d-%H%M%S)-$$"
 wait_flag=()
+entry=scripts/train.py
 
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --address) address=$2; shift 2 ;;
     --results) results=$2; shift 2 ;;
     --id) id=$2; shift 2 ;;
+    --entry) entry=$2; shift 2 ;;
     --no-wait) wait_flag=(--no-wait); shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "submit.sh: unknown option $1 (train flags go after --; see --help)" >&2; exit 2 ;;
   esac
 done
@@ -41,6 +44,9 @@ if ! command -v ray >/dev/null 2>&1; then
   exit 2
 fi
 
+[[ -f "$root/$entry" ]] || { echo "submit.sh: --entry $entry: no such script in $root" >&2; exit 2; }
+extra=()
+[[ "$entry" == *train.py ]] && extra=(--no-progress)
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
 out="$results/$id"
 runtime_env=$(cat <<JSON
@@ -53,7 +59,7 @@ echo "submitting $id to $address (results: $out on the head node)"
 status=0
 ray job submit --address "$address" --submission-id "$id" --working-dir "$root" \
   --runtime-env-json "$runtime_env" "${wait_flag[@]}" -- \
-  python scripts/train.py --out "$out" --no-progress "$@" || status=$?
+  python "$entry" --out "$out" "${extra[@]}" "$@" || status=$?
 
 if [[ ${#wait_flag[@]} -gt 0 ]]; then
   echo "submitted: follow with  RAY_AUTH_MODE=token ray job logs --address $address -f $id"
@@ -62,7 +68,7 @@ if [[ ${#wait_flag[@]} -gt 0 ]]; then
 fi
 job_status=$(ray job status --address "$address" "$id" 2>&1 | grep -io "succeeded\|failed\|stopped" | tail -n 1 | tr a-z A-Z || true)
 echo "job $id: ${job_status:-unknown}"
-echo "results: $out (config.json, metrics.jsonl, summary.json, params.npz)"
+echo "results: $out"
 if [[ $status -eq 0 && "$job_status" != "SUCCEEDED" ]]; then
   status=1
 fi

@@ -32,6 +32,34 @@ def test_n_workers_equal_single_process(ray_local, workers, opt):
                                [r["loss"] for r in local.metrics["steps"]], rtol=1e-10)
 
 
+@pytest.mark.parametrize("workers", [2, 3])
+def test_object_store_transport_equals_single_process(ray_local, workers):
+    cfg = dp.TrainConfig(workers=workers, transport="object_store", optimizer="adam", lr=0.01, **BASE)
+    trainer = dp.Trainer(cfg)
+    dist = trainer.fit()
+    assert trainer.shared == [] and dist.summary["shared_memory_workers"] == 0
+    assert _max_rel_diff(dist.params, dp.train_local(cfg).params) < 1e-10
+
+
+def test_shared_memory_is_used_and_released(ray_local):
+    import os
+    before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    trainer = dp.Trainer(dp.TrainConfig(workers=2, **BASE))
+    trainer.fit()
+    assert trainer.shared == [0, 1]
+    after = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()
+    assert not [n for n in after - before if n.startswith("dptrain-")]
+
+
+def test_target_accuracy_stops_early(ray_local):
+    cfg = dp.TrainConfig(dataset="moons", workers=2, epochs=50, batch_size=100, target_accuracy=0.85, seed=0)
+    dist, local = dp.Trainer(cfg).fit(), dp.train_local(cfg)
+    s = dist.summary
+    assert s["time_to_target_s"] is not None and s["target_epoch"] < 49
+    assert s["steps"] == s["target_step"] + 1 == local.summary["target_step"] + 1
+    assert dist.metrics["epochs"][-1]["test_accuracy"] >= 0.85
+
+
 def test_epochs_schedule_and_evaluation(ray_local):
     cfg = dp.TrainConfig(dataset="spirals", workers=2, epochs=2, batch_size=512, schedule="cosine", warmup=2,
                          dtype="float64", seed=2)
@@ -68,7 +96,7 @@ def test_actors_work_without_ray():
     workers = [Worker(cfg.to_dict(), dims, ds, rank, 2) for rank in range(2)]
     params = ps.get_weights().copy()
     results = [w.compute_gradients(params, 0) for w in workers]
-    new_params, metrics = ps.apply_gradients(0, *results)
+    _, metrics = ps.apply_gradients(0, *results)
     assert metrics["count"] == 50 and ps.step == 1
     local = dp.train_local(cfg.replace(steps=1))
     np.testing.assert_allclose(np.concatenate([v.ravel() for v in local.params.values()]),

@@ -43,6 +43,7 @@ def test_cost_model_formula_on_made_up_inputs():
     assert math.isclose(t1["step_s"], 0.002 + 0.0256 + 0.004 + 0.001 + 0.004)
     t4 = costmodel.step_time(INPUTS, 4, 256)
     assert math.isclose(t4["compute_s"], 0.0128)  # 2 cores: 4 workers compute two at a time
+    assert math.isclose(t4["transfer_s"], 2 * 0.004)  # and copy two at a time
     assert math.isclose(t4["server_s"], 4 * 0.001 + 0.004)
     cluster = costmodel.CostInputs(**{**INPUTS.to_dict(), "cores": 10**9, "server_bytes_per_s": 1.25e9})
     t8 = costmodel.step_time(cluster, 8, 256, shards=4)
@@ -85,10 +86,13 @@ def test_tiny_sweep_end_to_end(tmp_path):
         assert math.isclose(float(row["efficiency"]), expected / n, rel_tol=1e-9)
     floors = json.loads((out / "floors.json").read_text())
     assert floors["local_step_ms"] > 0 and floors["actor_round_trip_ms"] > 0
+    assert floors["driver_chained_empty_step_ms"] > 0
+    assert [c["workers"] for c in floors["ceiling"]] == [1, 2] and floors["ceiling"][0]["ceiling_speedup"] == 1.0
     model = json.loads((out / "costmodel.json").read_text())
     assert [c["workers"] for c in model["check"]] == [1, 2]
     report = (out / "report.md").read_text()
     assert "### Strong scaling" in report and "### Cost model" in report and "Time to accuracy" in report
+    assert "### Compute ceiling" in report
     for png in ("throughput.png", "efficiency.png", "loss_vs_time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     tta = list(csv.DictReader(open(out / "time_to_accuracy.csv")))

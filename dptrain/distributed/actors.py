@@ -16,11 +16,26 @@ from ..config import TrainConfig
 from ..data import BatchSampler, Dataset
 from ..loop import Replica, build_model, build_optimizer, build_schedule
 from ..nn import flatten
-from .shm import SharedArray
+from .shm import SharedArray, unlink
 
 
 class WorkerError(RuntimeError):
     """A worker failed; the message names the worker and the step."""
+
+
+class WorkerLost(RuntimeError):
+    """A worker died or hung during a step; the server's state is that of before the step."""
+
+    def __init__(self, rank: int, step: int, reason: str):
+        super().__init__(f"worker {rank} lost at step {step}: {reason}")
+        self.rank, self.step, self.reason = rank, step, reason
+
+    def __reduce__(self):  # crosses process boundaries inside Ray's task errors
+        return (WorkerLost, (self.rank, self.step, self.reason))
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf loss or gradient; the message names the step and the worker(s)."""
 
 
 class Worker:
@@ -36,10 +51,10 @@ class Worker:
         self.rank, self.num_workers = rank, num_workers
         self.replica = Replica(self.cfg, dataset, dims)
         self.sampler = BatchSampler(len(dataset), self.cfg.batch_size, self.cfg.seed)
-        self.faults = [f for f in (faults or []) if f["rank"] == rank]
+        self.faults = [f for f in (faults or []) if f.get("role", "worker") == "worker" and f["rank"] == rank]
         self._params_shm = self._grad_shm = None  # set by use_shared_memory
 
-    def use_shared_memory(self, params_segment: str) -> str:
+    def use_shared_memory(self, params_segment: str, run_key: str = "run") -> str:
         """Switch to the shared-memory transport (a worker on the server's node, on the CPU).
 
         Each step copies the parameters from the server's segment into the model's own
@@ -48,11 +63,18 @@ class Worker:
         costs more: shared-memory pages are 4 KiB, the private buffers get transparent
         huge pages, and the matrix products ran 15% slower on the former.
         """
+        self.close()  # a new server: drop the segments of the old one
         flat = self.replica.flat
         self._params_shm = SharedArray.attach(params_segment, flat.size, flat.data.dtype)
         self._params_shm.array.flags.writeable = False  # workers never write parameters
-        self._grad_shm = SharedArray.create(flat.size, flat.data.dtype, f"grad{self.rank}")
+        self._grad_shm = SharedArray.create(flat.size, flat.data.dtype, f"{run_key}-grad{self.rank}")
         return self._grad_shm.name
+
+    def set_rank(self, rank: int, num_workers: int) -> str | None:
+        """Take shard `rank` of `num_workers` from now on (after another worker was lost).
+        Returns our gradient segment's name, if we use shared memory."""
+        self.rank, self.num_workers = rank, num_workers
+        return self._grad_shm.name if self._grad_shm is not None else None
 
     def close(self) -> None:
         """Release shared-memory segments (the trainer calls this before killing the actor)."""
@@ -90,8 +112,10 @@ class Worker:
                     grad = inject_fault(fault, grad, self.rank, step)
             if shared:
                 np.copyto(self._grad_shm.array, grad)
+            # one reduction: NaN and Inf propagate through a sum (the server refuses such a step)
+            finite = bool(np.isfinite(loss_sum) and np.isfinite(grad.sum()))
             metrics = {"rank": self.rank, "loss_sum": loss_sum, "correct": correct, "count": count,
-                       "compute_s": time.perf_counter() - t0}
+                       "finite": finite, "compute_s": time.perf_counter() - t0}
             return (None if shared else grad), metrics
         except Exception as e:
             raise WorkerError(f"worker {self.rank} failed at step {step}: {type(e).__name__}: {e}") from e
@@ -110,8 +134,11 @@ class ParameterServer:
     returns the new parameters as one array, plus the step's metrics.
     """
 
-    def __init__(self, config: dict, dims: list, total_steps: int):
+    def __init__(self, config: dict, dims: list, total_steps: int, faults: list | None = None):
         cfg = TrainConfig.from_dict(config)
+        self.config, self.dims = config, list(dims)
+        self.faults = [f for f in (faults or []) if f.get("role") == "server"]
+        self.checkpoints = os.path.join(cfg.out, "checkpoints") if cfg.out else None
         # the server's arithmetic is a few vector ops over arrays that arrive in host memory: CPU
         self.cfg = cfg.replace(device="cpu", gpus_per_worker=0.0)
         self.model = build_model(self.cfg, dims)
@@ -120,21 +147,45 @@ class ParameterServer:
         self.flat = self.optimizer.flat
         self.step = 0
         self._last_apply = time.perf_counter()
+        self.workers: list = []
+        self._unreported: list = []
         self._params_shm = None
         self._shared_grads: dict = {}  # rank -> SharedArray of a worker using shared memory
         self._publish = True  # return the parameters as an object (some worker reads them that way)
 
-    def enable_shared_memory(self) -> str:
+    def enable_shared_memory(self, run_key: str = "run") -> str:
         """Move the flat parameters into a shared-memory segment; returns its name."""
         if self._params_shm is None:
-            seg = SharedArray.create(self.flat.size, self.flat.data.dtype, "params")
+            seg = SharedArray.create(self.flat.size, self.flat.data.dtype, f"{run_key}-params")
             self.flat = flatten(self.model.parameters(), data=seg.array, grad=self.flat.grad)
             self.optimizer.flat = self.flat
             self._params_shm = seg
         return self._params_shm.name
 
     def register_shared_worker(self, rank: int, grad_segment: str) -> None:
+        old = self._shared_grads.pop(rank, None)
+        if old is not None and old.name != grad_segment:
+            old.close()
         self._shared_grads[rank] = SharedArray.attach(grad_segment, self.flat.size, self.flat.data.dtype)
+
+    def release_worker(self, rank: int) -> None:
+        """Forget a lost worker's gradient segment and remove it (its owner died with it)."""
+        seg = self._shared_grads.pop(rank, None)
+        if seg is not None:
+            seg.close()
+            unlink(seg.name)
+
+    def reset_shared_workers(self, release: list = ()) -> None:
+        """Drop every worker's gradient segment (the ranks are about to change); remove the
+        segments of the workers in `release` (lost: their owners cannot)."""
+        for rank, seg in list(self._shared_grads.items()):
+            seg.close()
+            if rank in release:
+                unlink(seg.name)
+        self._shared_grads = {}
+
+    def current_step(self) -> int:
+        return self.step
 
     def set_publish(self, publish: bool) -> None:
         """Whether apply_gradients returns the parameters (False: all workers share memory)."""
@@ -164,24 +215,95 @@ class ParameterServer:
     def run_steps(self, first: int, count: int) -> list:
         """Run steps first .. first+count-1: each a fan-out of compute calls and a fan-in
         into apply_gradients. Returns each step's metrics; an epoch's last step also
-        carries the held-out evaluation (run here, so it sees exactly that step's parameters)."""
-        import ray
-        out = []
+        carries the held-out evaluation (run here, so it sees exactly that step's parameters).
+
+        A worker that dies, or does not answer within cfg.step_timeout, raises WorkerLost
+        with the server's state still that of before the step: the step can be run again.
+        """
+        if first != self.step:
+            raise RuntimeError(f"parameter server at step {self.step} was asked to run from step {first}")
+        out = self._unreported = []
         for step in range(first, first + count):
             t0 = time.perf_counter()
-            params = self._params_for_workers()
-            results = ray.get([w.compute_gradients.remote(params, step) for w in self.workers])
-            _, metrics = self.apply_gradients(step, *results)
+            for fault in self.faults:
+                if fault["step"] == step and fault["kind"] == "exit":
+                    os._exit(1)  # fault injection: the server process dies before the step
+            results = self._gather(step)
+            bad = [m["rank"] for _, m in results if not m.get("finite", True)]
+            if bad and self.cfg.on_nonfinite == "stop":
+                raise NonFiniteError(f"step {step}: NaN or Inf in the loss or gradient of worker(s) {bad}; "
+                                     "the parameters are those of the step before (and the last checkpoint is kept)")
+            if bad:  # skip: no update; the step number still advances, so later batches are unchanged
+                metrics = self._metrics(step, results, skipped=True, t0=t0)
+                self.step += 1
+            else:
+                _, metrics = self.apply_gradients(step, *results)
             metrics["step_s"] = time.perf_counter() - t0
             if (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.total_steps:
                 metrics["evaluation"] = self.evaluate("test")
+            if self.checkpoints and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self.save_checkpoint()
             out.append(metrics)
+        self._unreported = []
         return out
+
+    def take_unreported(self) -> list:
+        """Metrics of the steps a failed run_steps call completed before it failed."""
+        out, self._unreported = self._unreported, []
+        return out
+
+    def _gather(self, step: int) -> list:
+        """Every worker's (gradient, metrics) for `step`, or WorkerLost naming the first that failed."""
+        import ray
+        params = self._params_for_workers()
+        refs = [w.compute_gradients.remote(params, step) for w in self.workers]
+        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.step_timeout)
+        if pending:
+            rank = refs.index(pending[0])
+            for r in pending:  # a hung worker is a lost worker: stop it so it cannot come back stale
+                ray.kill(self.workers[refs.index(r)])
+            raise WorkerLost(rank, step, f"no answer within {self.cfg.step_timeout:g} s (hung?)")
+        results = []
+        for rank, ref in enumerate(refs):
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayActorError as e:
+                raise WorkerLost(rank, step, f"its process died ({type(e).__name__})") from None
+        return results
+
+    def save_checkpoint(self) -> str | None:
+        """Write this server's full state (see dptrain.checkpoint); returns the file's path."""
+        if not self.checkpoints:
+            return None
+        from .. import checkpoint
+        return str(checkpoint.save(self.checkpoints, self.step, self.flat.data, self.optimizer.state_dict(),
+                                   self.dims, self.config, keep=self.cfg.keep_checkpoints))
+
+    def restore_checkpoint(self, folder: str | None = None) -> int | None:
+        """Load the newest intact checkpoint (of this model) from `folder` or our own; returns its step."""
+        from .. import checkpoint
+        folder = folder or self.checkpoints
+        if folder is None:  # no checkpoints kept: a new server starts from the initial parameters
+            return None
+        state = checkpoint.load_latest(folder, self.dims, str(self.flat.data.dtype))
+        if state is None:
+            return None
+        self.flat.data[...] = state["params"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        return self.step
 
     def evaluate(self, split: str = "test") -> dict:
         """Loss (and accuracy) of the current parameters on a split, computed by worker 0."""
         import ray
-        return ray.get(self.workers[0].evaluate.remote(self._params_for_workers(), split))
+        try:
+            return ray.get(self.workers[0].evaluate.remote(self._params_for_workers(), split),
+                           timeout=self.cfg.step_timeout)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self.workers[0])
+            raise WorkerLost(0, self.step, f"no evaluation within {self.cfg.step_timeout:g} s (hung?)") from None
+        except ray.exceptions.RayActorError as e:
+            raise WorkerLost(0, self.step, f"its process died ({type(e).__name__})") from None
 
     def get_weights(self) -> np.ndarray:
         """The current flat parameters. Also starts the step clock: step 0's time counts from here."""
@@ -209,14 +331,19 @@ class ParameterServer:
         self.optimizer.lr = self.schedule(step)
         self.optimizer.update(self.flat.data, grad, prepare)
         self.step += 1
-        loss_sum = sum(r[1]["loss_sum"] for r in results)
-        correct = sum(r[1]["correct"] for r in results)
+        return (self.flat.data if self._publish else step), self._metrics(step, results, skipped=False, t0=t0)
+
+    def _metrics(self, step: int, results, skipped: bool, t0: float) -> dict:
+        count = sum(r[1]["count"] for r in results)
         now = time.perf_counter()
-        metrics = {"step": step, "loss": loss_sum / max(count, 1), "count": count, "correct": correct,
-                   "lr": self.optimizer.lr, "compute_s": max(r[1]["compute_s"] for r in results),
-                   "apply_s": now - t0, "step_s": now - self._last_apply}
+        metrics = {"step": step, "loss": sum(r[1]["loss_sum"] for r in results) / max(count, 1), "count": count,
+                   "correct": sum(r[1]["correct"] for r in results), "lr": self.schedule(step),
+                   "compute_s": max(r[1]["compute_s"] for r in results), "apply_s": now - t0,
+                   "step_s": now - self._last_apply}
+        if skipped:
+            metrics["skipped"] = True
         self._last_apply = now
-        return (self.flat.data if self._publish else step), metrics
+        return metrics
 
     def get_state(self) -> dict:
         """Everything needed to resume: parameters, optimizer state, step."""

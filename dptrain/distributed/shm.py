@@ -10,6 +10,7 @@ waits for every gradient) is what makes the sharing safe.
 
 from __future__ import annotations
 
+import os
 import uuid
 from multiprocessing import shared_memory
 
@@ -59,6 +60,14 @@ def unlink(name: str) -> bool:
     shm.close()
     shm.unlink()  # balances the registration that attaching made (before Python 3.13)
     return True
+
+
+def names(prefix: str) -> list:
+    """Segments in this node's /dev/shm whose names start with `prefix`."""
+    try:
+        return [n for n in os.listdir("/dev/shm") if n.startswith(prefix)]
+    except OSError:  # no /dev/shm (not Linux): nothing to list
+        return []
 
 
 def _untrack(shm) -> None:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import os
 import time
 
 import numpy as np
@@ -32,7 +33,8 @@ from ..data import BatchSampler, Dataset
 from ..loop import (MetricsLog, TrainResult, epoch_record, load_data, model_dims, reached_target, summary_record,
                     total_steps)
 from ..tensor import as_dtype
-from .actors import ParameterServer, Worker, WorkerError
+from .actors import NonFiniteError, ParameterServer, Worker, WorkerError, WorkerLost
+from . import shm
 from .cluster import ClusterError, check_resources, connect, embedded_cpus, head_node_id
 
 log = logging.getLogger(__name__)
@@ -44,6 +46,13 @@ class TrainingError(RuntimeError):
     """Training stopped: a worker or the server failed. The message names which and at what step."""
 
 
+class ServerLost(RuntimeError):
+    """The parameter-server actor died; a new one restarts from the newest checkpoint."""
+
+    def __init__(self, step: int, reason: str):
+        super().__init__(f"parameter server lost around step {step}: {reason}")
+
+
 def prepare_dataset(dataset: Dataset, dtype: str) -> Dataset:
     """The dataset in the training dtype, so workers can use the shared arrays without a copy."""
     dt = as_dtype(dtype)
@@ -52,6 +61,16 @@ def prepare_dataset(dataset: Dataset, dtype: str) -> Dataset:
         return a if a.dtype.kind in "iu" else np.ascontiguousarray(a, dtype=dt)
     return dataclasses.replace(dataset, x_train=cast(dataset.x_train), y_train=cast(dataset.y_train),
                                x_test=cast(dataset.x_test), y_test=cast(dataset.y_test))
+
+
+def run_key(out: str | None) -> str:
+    """A short name for a run's shared-memory segments: fixed by its output folder, so a
+    resumed run can remove what a killed one left; random without one."""
+    import hashlib
+    import uuid
+    if out:
+        return hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:8]
+    return uuid.uuid4().hex[:8]
 
 
 def _unwrap(error: BaseException) -> BaseException:
@@ -67,25 +86,43 @@ class Trainer:
 
     `sink` receives every metrics record (the CLI writes them to metrics.jsonl);
     `progress(step, record)` is called after each step's metrics arrive;
-    `faults` injects failures into workers (tests and scripts/soak.py).
+    `faults` injects failures into workers and the server (tests and scripts/soak.py);
+    `resume` continues from the newest checkpoint in <config.out>/checkpoints.
     """
 
     def __init__(self, config: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None,
-                 faults: list | None = None):
+                 faults: list | None = None, resume: bool = False):
         self.cfg = config
+        self.resume = resume  # continue from the newest checkpoint in <out>/checkpoints
         self.faults = faults  # fault injection (tests, scripts/soak.py): see actors.inject_fault
         self.dataset = dataset
         self.sink = sink
         self.progress = progress
         self.placement: list = []  # where each worker ran (filled by fit)
         self.shared: list = []  # ranks of the workers that used shared memory
+        self._segments: set = set()  # names of every shared-memory segment of this run
 
     # ------------------------------------------------------------------ actors
 
+    def _spawn_worker(self, rank: int, num_workers: int, pg=None, faults=None):
+        cfg = self.cfg
+        opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
+        if pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
+        return ray.remote(Worker).options(**opts).remote(cfg.to_dict(), self._dims, self._data_ref, rank,
+                                                         num_workers, faults)
+
+    def _spawn_server(self, faults=None):
+        opts = {"num_cpus": 0}
+        head = head_node_id()
+        if head is not None:  # next to the driver on the head node, unless it cannot fit there
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
+        return ray.remote(ParameterServer).options(**opts).remote(self.cfg.to_dict(), self._dims, self._steps,
+                                                                  faults)
+
     def _spawn(self, dims: list, data_ref, steps: int):
         cfg = self.cfg
-        config = cfg.to_dict()
-        worker_res = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
+        self._dims, self._data_ref, self._steps = dims, data_ref, steps
         pg = None
         if cfg.spread:
             bundle = {"CPU": max(cfg.cpus_per_worker, 0.01)}
@@ -98,40 +135,34 @@ class Trainer:
                 remove_placement_group(pg)
                 raise ClusterError(f"could not reserve {cfg.workers} x {bundle} across the cluster's nodes "
                                    f"within {READY_TIMEOUT_S:.0f} s") from None
-        workers = []
-        for rank in range(cfg.workers):
-            opts = dict(worker_res)
-            if pg is not None:
-                opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
-            workers.append(ray.remote(Worker).options(**opts).remote(config, dims, data_ref, rank, cfg.workers,
-                                                                      self.faults))
-        ps_opts = {"num_cpus": 0}
-        head = head_node_id()
-        if head is not None:  # next to the driver on the head node, unless it cannot fit there
-            ps_opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
-        ps = ray.remote(ParameterServer).options(**ps_opts).remote(config, dims, steps)
+        workers = [self._spawn_worker(rank, cfg.workers, pg, self.faults) for rank in range(cfg.workers)]
+        ps = self._spawn_server(self.faults)
         return ps, workers, pg
 
-    def _connect_transport(self, ps, workers) -> list:
+    def _connect_transport(self, ps, workers, ranks=None) -> list:
         """Shared memory for CPU workers on the server's node (transport "auto"); returns their ranks.
 
         Everything else reads parameters and returns gradients through Ray's object store.
+        `ranks` limits the work to some workers (a replacement); the others keep their setup.
         """
         ps_node = ray.get(ps.node_id.remote())
-        local = [p["rank"] for p in self.placement if p["node_id"] == ps_node and p["device"] == "cpu"]
-        shared = []
+        todo = range(len(workers)) if ranks is None else ranks
+        local = [r for r in todo if self.placement[r]["node_id"] == ps_node and self.placement[r]["device"] == "cpu"]
+        shared = [r for r in self.shared if ranks is not None and r not in ranks and r < len(workers)]
         if self.cfg.transport == "auto" and local:
             try:
-                segment = ray.get(ps.enable_shared_memory.remote())
+                segment = ray.get(ps.enable_shared_memory.remote(self._run_key))
+                self._segments.add(segment)
                 for rank in local:
-                    grad_segment = ray.get(workers[rank].use_shared_memory.remote(segment))
+                    grad_segment = ray.get(workers[rank].use_shared_memory.remote(segment, self._run_key))
+                    self._segments.add(grad_segment)
                     ray.get(ps.register_shared_worker.remote(rank, grad_segment))
                     shared.append(rank)
             except ray.exceptions.RayTaskError as e:  # no space in /dev/shm, say
                 raise TrainingError(f"could not set up shared memory: {_unwrap(e)} "
                                     "(rerun with --transport object_store)") from None
         ray.get(ps.set_publish.remote(len(shared) < len(workers)))
-        return shared
+        return sorted(shared)
 
     @staticmethod
     def _close(actors) -> None:
@@ -164,35 +195,133 @@ class Trainer:
         dataset = self.dataset if self.dataset is not None else load_data(cfg)  # bad data fails before Ray starts
         dims = model_dims(cfg, dataset)
         steps = total_steps(cfg, len(dataset))
-        steps_per_epoch = BatchSampler(len(dataset), cfg.batch_size).steps_per_epoch
+        self._steps_per_epoch = BatchSampler(len(dataset), cfg.batch_size).steps_per_epoch
         started = connect(cfg.address,
                           num_cpus=embedded_cpus(cfg.workers, cfg.cpus_per_worker, cfg.cpus),
                           num_gpus=None)
-        ps = workers = pg = None
+        self._ps, self._workers, pg = None, [], None
+        self._pg = None
+        self._run_key = run_key(cfg.out)
+        if cfg.out:  # segments left in this node's /dev/shm by an earlier, killed run of this folder
+            for name in shm.names(f"dptrain-{self._run_key}-"):
+                shm.unlink(name)
         try:
             check_resources(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker)
             data_ref = ray.put(prepare_dataset(dataset, cfg.dtype))
-            ps, workers, pg = self._spawn(dims, data_ref, steps)
-            self.placement = self._wait_ready(ps, workers)
-            self.shared = self._connect_transport(ps, workers)
+            self._ps, self._workers, pg = self._spawn(dims, data_ref, steps)
+            self._pg = pg
+            self.placement = self._wait_ready(self._ps, self._workers)
+            if self.resume:
+                self._restore(self._ps, required=True)
+            self.shared = self._connect_transport(self._ps, self._workers)
             log.info("training %s on %d worker(s) across %d node(s) (%d through shared memory): model %s, "
                      "%d steps, global batch %d", dataset.name, cfg.workers,
                      len({p["node_id"] for p in self.placement}), len(self.shared), "-".join(map(str, dims)),
                      steps, cfg.batch_size)
-            return self._run(ps, workers, dataset, steps, steps_per_epoch)
+            return self._run(dataset, steps)
         finally:
-            self._close((workers or []) + ([ps] if ps is not None else []))
+            self._close(self._workers + ([self._ps] if self._ps is not None else []))
+            for name in self._segments:  # what a killed actor could not remove (same node only)
+                shm.unlink(name)
             if pg is not None:
                 remove_placement_group(pg)
             if started:
                 ray.shutdown()
 
-    def _run(self, ps, workers, dataset: Dataset, steps: int, steps_per_epoch: int) -> TrainResult:
+    def _restore(self, ps, required: bool) -> int:
+        """Load the newest intact checkpoint into `ps`; returns its step (0: none, start over)."""
+        try:
+            step = self._get(ps.restore_checkpoint.remote(), -1)
+        except TrainingError as e:
+            raise TrainingError(f"cannot resume: {e}") from None
+        if step is None:
+            if required:
+                folder = f"{self.cfg.out}/checkpoints" if self.cfg.out else "(no --out)"
+                raise TrainingError(f"cannot resume: no intact checkpoint in {folder}")
+            return 0
+        log.info("restored the checkpoint of step %d", step)
+        return step
+
+    # ------------------------------------------------------------------ recovery
+
+    def _recover(self, error: "WorkerLost | ServerLost", failures: int) -> int:
+        """Replace what was lost; returns the failure count. Raises once the budget is spent."""
+        failures += 1
+        if failures > self.cfg.max_failures:
+            where = f"{self.cfg.out}/checkpoints" if self.cfg.out and self.cfg.checkpoint_every else "none kept"
+            raise TrainingError(f"{error}; the failure budget (--max-failures {self.cfg.max_failures}) is spent. "
+                                f"Last checkpoint: {where}")
+        log.warning("%s; recovering (failure %d of at most %d)", error, failures, self.cfg.max_failures)
+        if isinstance(error, ServerLost):
+            self._replace_server()
+        elif self.cfg.on_worker_loss == "shrink" and len(self._workers) > 1:
+            self._shrink(error.rank)
+        else:
+            self._replace_worker(error.rank)
+        return failures
+
+    def _remaining_faults(self) -> list | None:
+        """Injected faults not yet reached: a replacement must not fire the one that killed its predecessor."""
+        if not self.faults:
+            return None
+        return [f for f in self.faults if f["step"] > self._submitted]
+
+    def _replace_worker(self, rank: int) -> None:
+        old = self._workers[rank]
+        ray.kill(old)
+        if rank in self.shared:
+            ray.get(self._ps.release_worker.remote(rank))
+            self.shared.remove(rank)
+        # in its placement-group bundle, which Ray moves to a live node when its node is lost
+        new = self._spawn_worker(rank, len(self._workers), self._pg, faults=self._remaining_faults())
+        try:
+            self.placement[rank] = ray.get(new.ready.remote(), timeout=READY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(new)
+            raise TrainingError(f"no replacement for worker {rank} could start within {READY_TIMEOUT_S:.0f} s "
+                                "(no free resources left? --on-worker-loss shrink goes on without it)") from None
+        self._workers[rank] = new
+        self.shared = self._connect_transport(self._ps, self._workers, ranks=[rank])
+        ray.get(self._ps.set_workers.remote(self._workers, self._steps_per_epoch, self._steps))
+
+    def _shrink(self, rank: int) -> None:
+        """Go on without worker `rank`: the others take its share of every global batch."""
+        ray.kill(self._workers.pop(rank))
+        self.placement.pop(rank)
+        ray.get(self._ps.reset_shared_workers.remote(release=[rank] if rank in self.shared else []))
+        n = len(self._workers)
+        shared = []
+        for new_rank, w in enumerate(self._workers):
+            segment = ray.get(w.set_rank.remote(new_rank, n))
+            self.placement[new_rank]["rank"] = new_rank
+            if segment is not None:
+                ray.get(self._ps.register_shared_worker.remote(new_rank, segment))
+                shared.append(new_rank)
+        self.shared = shared
+        ray.get(self._ps.set_publish.remote(len(shared) < n))
+        ray.get(self._ps.set_workers.remote(self._workers, self._steps_per_epoch, self._steps))
+
+    def _replace_server(self) -> None:
+        """A new server from the newest checkpoint (or the initial parameters): lost steps are replayed."""
+        ray.kill(self._ps)
+        self._ps = self._spawn_server(self._remaining_faults())
+        try:
+            ray.get(self._ps.node_id.remote(), timeout=READY_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise TrainingError(f"no replacement server could start within {READY_TIMEOUT_S:.0f} s") from None
+        self._restore(self._ps, required=False)
+        self.shared = self._connect_transport(self._ps, self._workers)
+        ray.get(self._ps.set_workers.remote(self._workers, self._steps_per_epoch, self._steps))
+
+    # ------------------------------------------------------------------ the loop
+
+    def _run(self, dataset: Dataset, steps: int) -> TrainResult:
         cfg = self.cfg
-        mlog = MetricsLog(cfg, steps, workers=len(workers), sink=self.sink)
+        steps_per_epoch = self._steps_per_epoch
+        mlog = MetricsLog(cfg, steps, workers=len(self._workers), sink=self.sink)
         classification = dataset.task == "classification"
         window: list = []
-        ray.get(ps.set_workers.remote(workers, steps_per_epoch, steps))
+        ray.get(self._ps.set_workers.remote(self._workers, steps_per_epoch, steps))
 
         def record(chunk: list) -> bool:
             """Log a chunk's step and epoch records; True when the target accuracy is reached."""
@@ -201,6 +330,8 @@ class Trainer:
                 rec = {"step": step, "epoch": step // steps_per_epoch, "loss": value["loss"], "count": value["count"],
                        "lr": value["lr"], "time_s": value["step_s"], "compute_s": value["compute_s"],
                        "apply_s": value["apply_s"]}
+                if value.get("skipped"):
+                    rec["skipped"] = True
                 if classification:
                     rec["correct"] = value["correct"]
                     rec["accuracy"] = value["correct"] / max(value["count"], 1)
@@ -216,49 +347,77 @@ class Trainer:
                         return True
             return False
 
-        # Chunks end at log lines and epoch ends. One chunk is queued ahead of the one the
-        # driver waits for, so the server never idles -- unless a target accuracy is set:
-        # then each epoch's verdict arrives before the next epoch starts.
-        chunks, step = [], 0
-        while step < steps:
-            to_epoch_end = steps_per_epoch - step % steps_per_epoch
-            n = min(steps - step, to_epoch_end, cfg.log_every - step % cfg.log_every)
-            chunks.append((step, n))
-            step += n
+        def chunks_from(step):
+            """Chunks end at log lines and epoch ends."""
+            while step < steps:
+                n = min(steps - step, steps_per_epoch - step % steps_per_epoch, cfg.log_every - step % cfg.log_every)
+                yield step, n
+                step += n
+
         start = time.perf_counter()
+        failures, stop = 0, False
+        self._submitted = -1  # the last step handed to the server (fault injection bookkeeping)
+        # One chunk is queued ahead of the one the driver waits for, so the server never
+        # idles -- unless a target accuracy is set: then each epoch's verdict comes first.
         lookahead = 0 if cfg.target_accuracy is not None else 1
-        pending: collections.deque = collections.deque()
-        stop = False
-        for first, n in chunks:
-            pending.append((first, ps.run_steps.remote(first, n)))
-            while len(pending) > lookahead and not stop:
-                first_done, ref = pending.popleft()
-                stop = record(self._get(ref, first_done))
-            if stop:
+        first = self._get(self._ps.current_step.remote(), -1)
+        while not stop:
+            mlog.truncate(first)
+            window[:] = [r for r in window if r["step"] < first]
+            pending: collections.deque = collections.deque()
+            try:
+                for begin, n in chunks_from(first):
+                    pending.append((begin, self._ps.run_steps.remote(begin, n)))
+                    self._submitted = max(self._submitted, begin + n - 1)
+                    while len(pending) > lookahead and not stop:
+                        begin_done, ref = pending.popleft()
+                        stop = record(self._get(ref, begin_done))
+                    if stop:
+                        break
+                while pending and not stop:
+                    begin_done, ref = pending.popleft()
+                    stop = record(self._get(ref, begin_done))
                 break
-        while pending and not stop:
-            first_done, ref = pending.popleft()
-            stop = record(self._get(ref, first_done))
+            except (WorkerLost, ServerLost) as e:
+                for _, ref in pending:  # chunks queued behind the failure fail fast; wait them out
+                    try:
+                        ray.get(ref)
+                    except Exception:
+                        pass
+                if isinstance(e, WorkerLost):  # the steps the failed chunk did complete
+                    stop = record(self._get(self._ps.take_unreported.remote(), e.step))
+                failures = self._recover(e, failures)
+                first = self._get(self._ps.current_step.remote(), -1)
+                if self.sink:
+                    self.sink({"kind": "recovery", "error": str(e), "resume_step": first, "failures": failures})
         last = mlog.steps[-1]["step"] if mlog.steps else -1
         wall = time.perf_counter() - start
-        final_train = self._get(ps.evaluate.remote("train"), last)
-        final_test = self._get(ps.evaluate.remote("test"), last)
+        if cfg.out:
+            self._get(self._ps.save_checkpoint.remote(), last)
+        final_train = self._get(self._ps.evaluate.remote("train"), last)
+        final_test = self._get(self._ps.evaluate.remote("test"), last)
         summary = summary_record(mlog, wall, final_train, final_test)
-        summary["workers"] = len(workers)
+        summary["workers"] = len(self._workers)
         summary["nodes"] = len({p["node_id"] for p in self.placement})
         summary["shared_memory_workers"] = len(self.shared)
-        state_dict = self._get(ps.state_dict.remote(), last)
+        summary["failures_survived"] = failures
+        state_dict = self._get(self._ps.state_dict.remote(), last)
         return TrainResult(cfg, {"steps": mlog.steps, "epochs": mlog.epochs, "summary": summary,
                                  "placement": self.placement}, state_dict)
 
     @staticmethod
     def _get(ref, step: int):
+        """ray.get, with failures turned into WorkerLost / ServerLost (recoverable) or TrainingError."""
         try:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as e:
             cause = _unwrap(e)
-            if isinstance(cause, WorkerError):
+            if isinstance(cause, WorkerLost):
+                raise cause from None
+            if isinstance(cause, ray.exceptions.RayActorError):
+                raise ServerLost(step, str(cause).splitlines()[0]) from None
+            if isinstance(cause, (WorkerError, NonFiniteError)):
                 raise TrainingError(str(cause)) from None
             raise TrainingError(f"step {step}: {type(cause).__name__}: {cause}") from None
         except ray.exceptions.RayActorError as e:
-            raise TrainingError(f"an actor died around step {step}: {e}") from None
+            raise ServerLost(step, type(e).__name__) from None

@@ -1,0 +1,146 @@
+"""Checkpoints: the server's full state, saved atomically, verified on load, never unpickled.
+
+A checkpoint of step s (s updates applied) is two files in one folder:
+
+    ckpt-00000120.npz   the flat parameters and the optimizer's state arrays
+    ckpt-00000120.json  step, model shape, dtype, optimizer scalars, the run's config,
+                        and the SHA-256 and size of the .npz
+
+Each is written to a temporary file, flushed, fsynced and renamed; the JSON goes last,
+so a checkpoint exists only once both files are whole. Loading checks the JSON, the
+size and checksum of the .npz (np.load with allow_pickle=False) and the model shape;
+a damaged checkpoint is skipped in favour of the one before it, a checkpoint of
+another model is refused. The sampler needs no state of its own: the batch of step s
+is a function of (seed, s).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+FORMAT = 1
+_NAME = re.compile(r"^ckpt-(\d{8})\.json$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used; the message names the file and the reason."""
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save(folder, step: int, params: np.ndarray, optimizer_state: dict, dims: list, config: dict,
+         keep: int = 3) -> Path:
+    """Write the checkpoint of `step` and delete all but the newest `keep`. Returns the JSON path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"ckpt-{step:08d}"
+    arrays = {"params": np.asarray(params)}
+    for name, arr in optimizer_state["state"].items():
+        arrays[f"opt.{name}"] = np.asarray(arr)
+    npz = folder / f"{stem}.npz"
+    _write_atomic(npz, lambda f: np.savez(f, **arrays))
+    meta = {"format": FORMAT, "step": step, "dims": list(dims), "dtype": str(params.dtype),
+            "size": int(params.size), "optimizer": {k: v for k, v in optimizer_state.items() if k != "state"},
+            "config": config, "npz": npz.name, "npz_bytes": npz.stat().st_size, "npz_sha256": _sha256(npz)}
+    meta_path = folder / f"{stem}.json"
+    _write_atomic(meta_path, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+    _fsync_dir(folder)
+    for old in list_checkpoints(folder)[keep:]:
+        for p in (old, old.with_suffix(".npz")):
+            p.unlink(missing_ok=True)
+    return meta_path
+
+
+def list_checkpoints(folder) -> list:
+    """JSON files of the checkpoints in `folder`, newest step first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name))]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def read(meta_path, dims: list | None = None, dtype: str | None = None) -> dict:
+    """A verified checkpoint: {"step", "params", "optimizer" (state_dict form), "config", ...}."""
+    meta_path = Path(meta_path)
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{meta_path}: not a dptrain checkpoint of format {FORMAT}")
+    if dims is not None and list(meta["dims"]) != list(dims):
+        raise CheckpointError(f"{meta_path}: a checkpoint of model {meta['dims']}, this run's model is {list(dims)}")
+    if dtype is not None and meta["dtype"] != dtype:
+        raise CheckpointError(f"{meta_path}: a {meta['dtype']} checkpoint, this run is {dtype}")
+    npz = meta_path.with_name(meta["npz"])
+    if not npz.is_file():
+        raise CheckpointError(f"{npz}: missing (the checkpoint is incomplete)")
+    if npz.stat().st_size != meta["npz_bytes"]:
+        raise CheckpointError(f"{npz}: {npz.stat().st_size} bytes, {meta['npz_bytes']} expected (truncated?)")
+    if _sha256(npz) != meta["npz_sha256"]:
+        raise CheckpointError(f"{npz}: checksum mismatch (the file is corrupted)")
+    try:
+        with np.load(npz, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:
+        raise CheckpointError(f"{npz}: unreadable ({type(e).__name__}: {e})") from None
+    params = arrays.pop("params", None)
+    if params is None or params.shape != (meta["size"],):
+        raise CheckpointError(f"{npz}: no parameters of size {meta['size']}")
+    optimizer = dict(meta["optimizer"], state={k[4:]: v for k, v in arrays.items() if k.startswith("opt.")})
+    return {"step": int(meta["step"]), "params": params, "optimizer": optimizer, "config": meta["config"],
+            "dims": meta["dims"], "path": str(meta_path)}
+
+
+def load_latest(folder, dims: list | None = None, dtype: str | None = None) -> dict | None:
+    """The newest intact checkpoint in `folder` (None if there is none).
+
+    Damaged ones (truncated, corrupted, incomplete) are reported and skipped; one of
+    another model shape or dtype raises CheckpointError: resuming it would be wrong.
+    """
+    for meta_path in list_checkpoints(folder):
+        try:
+            return read(meta_path, dims, dtype)
+        except CheckpointError as e:
+            if "this run's model" in str(e) or "this run is" in str(e):
+                raise
+            log.warning("skipping checkpoint: %s", e)
+    return None

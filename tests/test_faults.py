@@ -1,0 +1,201 @@
+"""Fault injection: every recovery ends with the parameters of the run without the fault."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import dptrain as dp
+from dptrain import checkpoint
+from dptrain.distributed import TrainingError
+
+pytestmark = [pytest.mark.ray, pytest.mark.fault]
+
+BASE = dict(dataset="moons", batch_size=60, steps=24, dtype="float64", model=[2, 16, 16, 2], seed=5,
+            log_every=4, optimizer="sgd", momentum=0.9, lr=0.1)
+
+
+def _same(a, b):
+    for k in b:
+        np.testing.assert_allclose(a[k], b[k], rtol=1e-10, atol=1e-13)
+
+
+@pytest.fixture(scope="module")
+def clean():
+    return dp.train_local(dp.TrainConfig(workers=3, **BASE)).params
+
+
+def test_worker_killed_mid_run_is_replaced(ray_local, clean, tmp_path):
+    cfg = dp.TrainConfig(workers=3, out=str(tmp_path), **BASE)
+    result = dp.Trainer(cfg, faults=[{"rank": 1, "step": 9, "kind": "exit"}]).fit()
+    assert result.summary["failures_survived"] == 1
+    assert [r["step"] for r in result.metrics["steps"]] == list(range(24))
+    _same(result.params, clean)
+
+
+def test_server_killed_restarts_from_checkpoint(ray_local, clean, tmp_path):
+    cfg = dp.TrainConfig(workers=3, out=str(tmp_path), checkpoint_every=4, **BASE)
+    result = dp.Trainer(cfg, faults=[{"role": "server", "step": 14, "kind": "exit"}]).fit()
+    assert result.summary["failures_survived"] == 1
+    _same(result.params, clean)
+    assert checkpoint.list_checkpoints(tmp_path / "checkpoints")[0].name == "ckpt-00000024.json"
+
+
+def test_server_killed_without_checkpoints_replays_from_the_start(ray_local, clean):
+    cfg = dp.TrainConfig(workers=3, **BASE)
+    result = dp.Trainer(cfg, faults=[{"role": "server", "step": 6, "kind": "exit"}]).fit()
+    assert result.summary["failures_survived"] == 1
+    _same(result.params, clean)
+
+
+def test_hung_worker_times_out_and_is_replaced(ray_local, clean):
+    cfg = dp.TrainConfig(workers=3, step_timeout=3, **BASE)
+    start = time.monotonic()
+    result = dp.Trainer(cfg, faults=[{"rank": 2, "step": 5, "kind": "hang"}]).fit()
+    assert time.monotonic() - start < 60
+    assert result.summary["failures_survived"] == 1
+    _same(result.params, clean)
+
+
+def test_failure_budget(ray_local, tmp_path):
+    cfg = dp.TrainConfig(workers=2, max_failures=0, out=str(tmp_path), checkpoint_every=4, **BASE)
+    with pytest.raises(TrainingError, match=r"worker 0 lost at step 6.*budget \(--max-failures 0\) is spent"):
+        dp.Trainer(cfg, faults=[{"rank": 0, "step": 6, "kind": "exit"}]).fit()
+    assert checkpoint.load_latest(tmp_path / "checkpoints")["step"] == 4  # the last checkpoint is kept
+
+
+def test_nan_gradient_stops_naming_step_and_worker(ray_local):
+    cfg = dp.TrainConfig(workers=3, **BASE)
+    with pytest.raises(TrainingError, match=r"step 7: NaN or Inf in the loss or gradient of worker\(s\) \[2\]"):
+        dp.Trainer(cfg, faults=[{"rank": 2, "step": 7, "kind": "nan"}]).fit()
+
+
+def test_nan_gradient_skipped_by_setting(ray_local):
+    cfg = dp.TrainConfig(workers=3, on_nonfinite="skip", **BASE)
+    result = dp.Trainer(cfg, faults=[{"rank": 2, "step": 7, "kind": "nan"}]).fit()
+    skipped = [r["step"] for r in result.metrics["steps"] if r.get("skipped")]
+    assert skipped == [7] and all(np.isfinite(v).all() for v in result.params.values())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["shrink", "restart"])
+def test_node_loss(mode, clean):
+    import ray
+    from ray.cluster_utils import Cluster
+    ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    doomed = cluster.add_node(num_cpus=1, resources={"doomed": 1})
+    try:
+        ray.init(address=cluster.address, logging_level="warning", log_to_driver=False)
+        cluster.wait_for_nodes()
+        cfg = dp.TrainConfig(workers=3, spread=True, on_worker_loss=mode, **BASE)
+        removed = []
+
+        def progress(step, rec):
+            if step == 8 and not removed:
+                cluster.remove_node(doomed)
+                removed.append(step)
+                if mode == "restart":  # a replacement node joins, as an autoscaler would add one
+                    cluster.add_node(num_cpus=1)
+
+        trainer = dp.Trainer(cfg, progress=progress)
+        result = trainer.fit()
+        assert removed and result.summary["failures_survived"] >= 1
+        assert result.summary["workers"] == (2 if mode == "shrink" else 3)
+        _same(result.params, clean)  # the same global batch: the same mean gradient, whatever N
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith("dptrain-")]
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+
+
+def test_driver_killed_and_resumed(tmp_path):
+    out = tmp_path / "run"
+    settings = dict(BASE, steps=600, log_every=20)
+    args = ["--dataset", "moons", "--batch-size", "60", "--steps", "600", "--dtype", "float64", "--model",
+            "2,16,16,2", "--seed", "5", "--log-every", "20", "--momentum", "0.9", "--lr", "0.1", "--workers", "3",
+            "--checkpoint-every", "20", "--cpus", "4", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        found = checkpoint.list_checkpoints(out / "checkpoints")
+        if found and int(found[0].name[5:13]) >= 40:
+            break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
+    proc.wait()
+    assert not (out / "params.npz").exists(), "the run ended before it could be killed"
+    killed_at = int(checkpoint.list_checkpoints(out / "checkpoints")[0].name[5:13])
+    assert killed_at < 600
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--resume", str(out)], capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "restored the checkpoint of step" in r.stderr
+    clean = dp.train_local(dp.TrainConfig(workers=3, **settings)).params
+    with np.load(out / "params.npz", allow_pickle=False) as params:
+        _same(dict(params), clean)
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith("dptrain-")]  # the killed run's too
+
+
+# --------------------------------------------------------------------------- checkpoint files
+
+def _write(tmp_path, steps=(4, 8)):
+    model = dp.nn.MLP([2, 3, 2], seed=0, dtype="float64")
+    opt = dp.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for s in steps:
+        opt.flat.data[...] += s
+        checkpoint.save(tmp_path, s, opt.flat.data, opt.state_dict(), [2, 3, 2], {"seed": 0}, keep=3)
+    return opt
+
+
+def test_checkpoint_round_trip_and_retention(tmp_path):
+    opt = _write(tmp_path, steps=(2, 4, 6, 8))
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt-00000008.json", "ckpt-00000006.json",
+                                                                       "ckpt-00000004.json"]
+    state = checkpoint.load_latest(tmp_path, [2, 3, 2], "float64")
+    assert state["step"] == 8
+    np.testing.assert_array_equal(state["params"], opt.flat.data)
+    assert set(state["optimizer"]["state"]) == {"momentum_buffer"}
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "delete_npz", "bad_json"])
+def test_damaged_checkpoint_falls_back_to_the_previous(tmp_path, damage, caplog):
+    _write(tmp_path)
+    npz, meta = tmp_path / "ckpt-00000008.npz", tmp_path / "ckpt-00000008.json"
+    if damage == "truncate":
+        npz.write_bytes(npz.read_bytes()[:100])
+    elif damage == "flip":
+        data = bytearray(npz.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        npz.write_bytes(bytes(data))
+    elif damage == "delete_npz":
+        npz.unlink()
+    else:
+        meta.write_text("{not json")
+    state = checkpoint.load_latest(tmp_path, [2, 3, 2])
+    assert state["step"] == 4
+    assert "skipping checkpoint" in caplog.text
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path):
+    _write(tmp_path)
+    with pytest.raises(checkpoint.CheckpointError, match=r"a checkpoint of model \[2, 3, 2\], this run's model is"):
+        checkpoint.load_latest(tmp_path, [2, 4, 2])
+
+
+def test_checkpoints_never_unpickle(tmp_path):
+    _write(tmp_path)
+    npz = tmp_path / "ckpt-00000008.npz"
+    np.savez(npz, params=np.array([object()], dtype=object))  # a pickled payload in place of the arrays
+    meta = json.loads((tmp_path / "ckpt-00000008.json").read_text())
+    meta.update(npz_bytes=npz.stat().st_size, npz_sha256=checkpoint._sha256(npz))
+    (tmp_path / "ckpt-00000008.json").write_text(json.dumps(meta))
+    with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
+        checkpoint.read(tmp_path / "ckpt-00000008.json")
