@@ -130,13 +130,15 @@ def read(meta_path, dims: list | None = None, dtype: str | None = None) -> dict:
             "dims": meta["dims"], "path": str(meta_path)}
 
 
-def load_latest(folder, dims: list | None = None, dtype: str | None = None) -> dict | None:
-    """The newest intact checkpoint in `folder` (None if there is none).
+def load_latest(folder, dims: list | None = None, dtype: str | None = None, max_step: int | None = None) -> dict | None:
+    """The newest intact checkpoint in `folder`, of at most `max_step` steps (None if there is none).
 
     Damaged ones (truncated, corrupted, incomplete) are reported and skipped; one of
     another model shape or dtype raises CheckpointError: resuming it would be wrong.
     """
     for meta_path in list_checkpoints(folder):
+        if max_step is not None and int(meta_path.name[5:13]) > max_step:
+            continue
         try:
             return read(meta_path, dims, dtype)
         except CheckpointError as e:

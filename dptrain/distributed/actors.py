@@ -279,13 +279,14 @@ class ParameterServer:
         return str(checkpoint.save(self.checkpoints, self.step, self.flat.data, self.optimizer.state_dict(),
                                    self.dims, self.config, keep=self.cfg.keep_checkpoints))
 
-    def restore_checkpoint(self, folder: str | None = None) -> int | None:
-        """Load the newest intact checkpoint (of this model) from `folder` or our own; returns its step."""
+    def restore_checkpoint(self, folder: str | None = None, max_step: int | None = None) -> int | None:
+        """Load the newest intact checkpoint (of this model, of at most `max_step` steps) from
+        `folder` or our own; returns its step."""
         from .. import checkpoint
         folder = folder or self.checkpoints
         if folder is None:  # no checkpoints kept: a new server starts from the initial parameters
             return None
-        state = checkpoint.load_latest(folder, self.dims, str(self.flat.data.dtype))
+        state = checkpoint.load_latest(folder, self.dims, str(self.flat.data.dtype), max_step)
         if state is None:
             return None
         self.flat.data[...] = state["params"]

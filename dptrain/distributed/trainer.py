@@ -228,10 +228,11 @@ class Trainer:
             if started:
                 ray.shutdown()
 
-    def _restore(self, ps, required: bool) -> int:
-        """Load the newest intact checkpoint into `ps`; returns its step (0: none, start over)."""
+    def _restore(self, ps, required: bool, max_step: int | None = None) -> int:
+        """Load the newest intact checkpoint (of at most `max_step` steps) into `ps`; returns its
+        step (0: none, start over)."""
         try:
-            step = self._get(ps.restore_checkpoint.remote(), -1)
+            step = self._get(ps.restore_checkpoint.remote(None, max_step), -1)
         except TrainingError as e:
             raise TrainingError(f"cannot resume: {e}") from None
         if step is None:
@@ -244,7 +245,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ recovery
 
-    def _recover(self, error: "WorkerLost | ServerLost", failures: int) -> int:
+    def _recover(self, error: "WorkerLost | ServerLost", failures: int, recorded: int) -> int:
         """Replace what was lost; returns the failure count. Raises once the budget is spent."""
         failures += 1
         if failures > self.cfg.max_failures:
@@ -253,7 +254,7 @@ class Trainer:
                                 f"Last checkpoint: {where}")
         log.warning("%s; recovering (failure %d of at most %d)", error, failures, self.cfg.max_failures)
         if isinstance(error, ServerLost):
-            self._replace_server()
+            self._replace_server(recorded)
         elif self.cfg.on_worker_loss == "shrink" and len(self._workers) > 1:
             self._shrink(error.rank)
         else:
@@ -301,15 +302,19 @@ class Trainer:
         ray.get(self._ps.set_publish.remote(len(shared) < n))
         ray.get(self._ps.set_workers.remote(self._workers, self._steps_per_epoch, self._steps))
 
-    def _replace_server(self) -> None:
-        """A new server from the newest checkpoint (or the initial parameters): lost steps are replayed."""
+    def _replace_server(self, recorded: int) -> None:
+        """A new server from the newest checkpoint (or the initial parameters): lost steps are replayed.
+
+        Only checkpoints of at most `recorded` steps qualify: the steps after them are run
+        again, so their metrics reach the log even if the old server died before sending them.
+        """
         ray.kill(self._ps)
         self._ps = self._spawn_server(self._remaining_faults())
         try:
             ray.get(self._ps.node_id.remote(), timeout=READY_TIMEOUT_S)
         except ray.exceptions.GetTimeoutError:
             raise TrainingError(f"no replacement server could start within {READY_TIMEOUT_S:.0f} s") from None
-        self._restore(self._ps, required=False)
+        self._restore(self._ps, required=False, max_step=recorded)
         self.shared = self._connect_transport(self._ps, self._workers)
         ray.get(self._ps.set_workers.remote(self._workers, self._steps_per_epoch, self._steps))
 
@@ -386,7 +391,7 @@ class Trainer:
                         pass
                 if isinstance(e, WorkerLost):  # the steps the failed chunk did complete
                     stop = record(self._get(self._ps.take_unreported.remote(), e.step))
-                failures = self._recover(e, failures)
+                failures = self._recover(e, failures, recorded=len(mlog.steps) and mlog.steps[-1]["step"] + 1)
                 first = self._get(self._ps.current_step.remote(), -1)
                 if self.sink:
                     self.sink({"kind": "recovery", "error": str(e), "resume_step": first, "failures": failures})
