@@ -25,6 +25,9 @@ def dptrain(*args, timeout=300):
     (["--model", "40,x,10"], "argument --model"),
     (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
     (["--dataset", "moons", "--model", "3,8,2"], "takes 3 inputs but moons has 2 features"),
+    (["--resume", "/nonexistent/run"], "invalid --resume: /nonexistent/run/config.json not found"),
+    (["--on-worker-loss", "pray"], "invalid --on-worker-loss: 'pray' (restart or shrink)"),
+    (["--step-timeout", "0"], "invalid --step-timeout: 0.0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     r = dptrain("train", *args)
