@@ -62,6 +62,15 @@ def test_hung_worker_times_out_and_is_replaced(ray_local, clean):
     _same(result.params, clean)
 
 
+def test_hung_server_is_replaced(ray_local, clean, tmp_path):
+    cfg = dp.TrainConfig(workers=3, step_timeout=2, out=str(tmp_path), checkpoint_every=4, **BASE)
+    start = time.monotonic()
+    result = dp.Trainer(cfg, faults=[{"role": "server", "step": 10, "kind": "hang"}]).fit()
+    assert time.monotonic() - start < 60
+    assert result.summary["failures_survived"] == 1
+    _same(result.params, clean)
+
+
 def test_failure_budget(ray_local, tmp_path):
     cfg = dp.TrainConfig(workers=2, max_failures=0, out=str(tmp_path), checkpoint_every=4, **BASE)
     with pytest.raises(TrainingError, match=r"worker 0 lost at step 6.*budget \(--max-failures 0\) is spent"):

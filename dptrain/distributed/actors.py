@@ -225,9 +225,11 @@ class ParameterServer:
         out = self._unreported = []
         for step in range(first, first + count):
             t0 = time.perf_counter()
-            for fault in self.faults:
+            for fault in self.faults:  # fault injection: the server dies, or hangs, before the step
                 if fault["step"] == step and fault["kind"] == "exit":
-                    os._exit(1)  # fault injection: the server process dies before the step
+                    os._exit(1)
+                if fault["step"] == step and fault["kind"] == "hang":
+                    time.sleep(fault.get("seconds", 3600))
             results = self._gather(step)
             bad = [m["rank"] for _, m in results if not m.get("finite", True)]
             if bad and self.cfg.on_nonfinite == "stop":

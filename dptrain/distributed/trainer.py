@@ -372,21 +372,21 @@ class Trainer:
             pending: collections.deque = collections.deque()
             try:
                 for begin, n in chunks_from(first):
-                    pending.append((begin, self._ps.run_steps.remote(begin, n)))
+                    pending.append((begin, n, self._ps.run_steps.remote(begin, n)))
                     self._submitted = max(self._submitted, begin + n - 1)
                     while len(pending) > lookahead and not stop:
-                        begin_done, ref = pending.popleft()
-                        stop = record(self._get(ref, begin_done))
+                        begin_done, n_done, ref = pending.popleft()
+                        stop = record(self._get(ref, begin_done, 2 * n_done))  # it may queue behind one more
                     if stop:
                         break
                 while pending and not stop:
-                    begin_done, ref = pending.popleft()
-                    stop = record(self._get(ref, begin_done))
+                    begin_done, n_done, ref = pending.popleft()
+                    stop = record(self._get(ref, begin_done, 2 * n_done))
                 break
             except (WorkerLost, ServerLost) as e:
-                for _, ref in pending:  # chunks queued behind the failure fail fast; wait them out
+                for _, _, ref in pending:  # chunks queued behind the failure fail fast; wait them out
                     try:
-                        ray.get(ref)
+                        ray.get(ref, timeout=60)
                     except Exception:
                         pass
                 if isinstance(e, WorkerLost):  # the steps the failed chunk did complete
@@ -410,11 +410,20 @@ class Trainer:
         return TrainResult(cfg, {"steps": mlog.steps, "epochs": mlog.epochs, "summary": summary,
                                  "placement": self.placement}, state_dict)
 
-    @staticmethod
-    def _get(ref, step: int):
-        """ray.get, with failures turned into WorkerLost / ServerLost (recoverable) or TrainingError."""
+    def _get(self, ref, step: int, steps: int = 1):
+        """ray.get, with failures turned into WorkerLost / ServerLost (recoverable) or TrainingError.
+
+        No call waits forever: a server call is given `steps` step timeouts (each step's
+        own waits are bounded by cfg.step_timeout) plus 10 s; past that the server is
+        treated as lost (killed, and replaced from its checkpoint).
+        """
+        timeout = steps * self.cfg.step_timeout + 10
         try:
-            return ray.get(ref)
+            return ray.get(ref, timeout=timeout)
+        except ray.exceptions.GetTimeoutError:
+            if self._ps is not None:
+                ray.kill(self._ps)
+            raise ServerLost(step, f"no answer within {timeout:g} s (hung?)") from None
         except ray.exceptions.RayTaskError as e:
             cause = _unwrap(e)
             if isinstance(cause, WorkerLost):
