@@ -13,7 +13,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-import numpy as np
 
 from . import backend
 from .config import ConfigError, TrainConfig

@@ -18,11 +18,11 @@ single-process loop; two Ray actor round trips) and fits the cost model
 
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime
 import json
 import logging
-import math
 import os
 import statistics
 import time
@@ -459,8 +459,8 @@ def add_parser(sub) -> None:
     p.add_argument("--target-accuracy", type=float, default=0.6, metavar="X",
                    help="MNIST-1D test accuracy for the time-to-accuracy phase (default: 0.6)")
     p.add_argument("--max-epochs", type=int, default=60, metavar="N", help="epoch limit of that phase (default: 60)")
-    p.add_argument("--tta", action=argparse_bool(), default=True, help="run the time-to-accuracy phase")
-    p.add_argument("--floors", action=argparse_bool(), default=True,
+    p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="run the time-to-accuracy phase")
+    p.add_argument("--floors", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the overhead floors and fit the cost model")
     p.add_argument("--network-gbit", type=float, default=10.0, metavar="X",
                    help="server link bandwidth assumed by the cluster predictions (default: 10 Gbit/s)")
@@ -471,11 +471,6 @@ def add_parser(sub) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="N")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/scale-<time>)")
     p.add_argument("--quiet", action="store_true")
-
-
-def argparse_bool():
-    import argparse
-    return argparse.BooleanOptionalAction
 
 
 def _counts(text: str) -> list:

@@ -132,6 +132,8 @@ class ParameterServer:
     worker order, divides once by the total example count (the full-batch mean
     gradient, whatever the worker count), steps the optimizer in place and
     returns the new parameters as one array, plus the step's metrics.
+    `run_steps(first, n)` drives n steps over the workers given to `set_workers`;
+    `save_checkpoint` / `restore_checkpoint` write and read its full state.
     """
 
     def __init__(self, config: dict, dims: list, total_steps: int, faults: list | None = None):
@@ -347,10 +349,6 @@ class ParameterServer:
             metrics["skipped"] = True
         self._last_apply = now
         return metrics
-
-    def get_state(self) -> dict:
-        """Everything needed to resume: parameters, optimizer state, step."""
-        return {"params": self.flat.data.copy(), "optimizer": self.optimizer.state_dict(), "step": self.step}
 
     def state_dict(self) -> dict:
         return dict(self.model.state_dict())
