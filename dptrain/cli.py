@@ -1,4 +1,4 @@
-"""The command line: `dptrain train` and `dptrain scale` (see dptrain/scale.py).
+"""The command line: `dptrain train`, `dptrain scale` (dptrain/scale.py), `dptrain bench` (dptrain/bench.py).
 
     dptrain train --dataset mnist1d --workers 4 --epochs 10
     dptrain train --address auto ...            # join a running `ray start` cluster
@@ -97,8 +97,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", default=None,
                        help="continue the run in DIR (its config.json and newest intact checkpoint); "
                             "the other config flags are ignored")
-    from . import scale  # the scaling experiment's flags live with it
+    from . import bench, scale  # these commands' flags live with them
     scale.add_parser(sub)
+    bench.add_parser(sub)
     return parser
 
 
@@ -231,6 +232,9 @@ def main(argv=None) -> int:
     try:
         if args.command == "train":
             return run_train(args)
+        if args.command == "bench":
+            from . import bench
+            return bench.run(args)
         from . import scale
         args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
         return scale.run(args)
