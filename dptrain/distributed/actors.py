@@ -148,7 +148,6 @@ class ParameterServer:
         self.schedule = build_schedule(self.cfg, total_steps)
         self.flat = self.optimizer.flat
         self.step = 0
-        self._last_apply = time.perf_counter()
         self.workers: list = []
         self._unreported: list = []
         self._params_shm = None
@@ -311,8 +310,7 @@ class ParameterServer:
             raise WorkerLost(0, self.step, f"its process died ({type(e).__name__})") from None
 
     def get_weights(self) -> np.ndarray:
-        """The current flat parameters. Also starts the step clock: step 0's time counts from here."""
-        self._last_apply = time.perf_counter()
+        """The current flat parameters."""
         return self.flat.data
 
     def apply_gradients(self, step: int, *results):
@@ -339,15 +337,13 @@ class ParameterServer:
         return (self.flat.data if self._publish else step), self._metrics(step, results, skipped=False, t0=t0)
 
     def _metrics(self, step: int, results, skipped: bool, t0: float) -> dict:
+        """A step's metrics; run_steps adds the whole step's time as step_s."""
         count = sum(r[1]["count"] for r in results)
-        now = time.perf_counter()
         metrics = {"step": step, "loss": sum(r[1]["loss_sum"] for r in results) / max(count, 1), "count": count,
                    "correct": sum(r[1]["correct"] for r in results), "lr": self.schedule(step),
-                   "compute_s": max(r[1]["compute_s"] for r in results), "apply_s": now - t0,
-                   "step_s": now - self._last_apply}
+                   "compute_s": max(r[1]["compute_s"] for r in results), "apply_s": time.perf_counter() - t0}
         if skipped:
             metrics["skipped"] = True
-        self._last_apply = now
         return metrics
 
     def state_dict(self) -> dict:

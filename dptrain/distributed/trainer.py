@@ -177,7 +177,7 @@ class Trainer:
     @staticmethod
     def _wait_ready(ps, workers) -> list:
         refs = [w.ready.remote() for w in workers]
-        ps_ref = ps.get_weights.remote()
+        ps_ref = ps.node_id.remote()  # any small call: the server has started once it answers
         ready, pending = ray.wait(refs + [ps_ref], num_returns=len(refs) + 1, timeout=READY_TIMEOUT_S)
         if pending:
             names = [f"worker {refs.index(r)}" if r in refs else "parameter server" for r in pending]
