@@ -93,6 +93,14 @@ class EngineMLP:
         return loss.data
 
 
+def write_results(path, results: dict) -> None:
+    """Write a benchmark's results as JSON (the folder made as needed) and say where."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
 def make_problem(dims, seed=0):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((BATCH, dims[0])).astype(np.float32)
@@ -250,10 +258,7 @@ def main(argv=None):
           f"{1e9 * v_per:.0f} ns per parameter-sample; tensor engine (40-256-256-10): {1e9 * t_per:.2f} ns "
           f"-> {v_per / t_per:,.0f}x faster", flush=True)
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

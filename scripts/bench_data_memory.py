@@ -11,13 +11,12 @@ Results are printed and written to benchmarks/data_memory.json.
 """
 
 import argparse
-import json
 import os
-from pathlib import Path
 
 import numpy as np
 import ray
 
+from dptrain.bench import write_results
 from dptrain.config import TrainConfig
 from dptrain.data import Dataset
 from dptrain.distributed.actors import Worker
@@ -70,10 +69,7 @@ def main(argv=None):
                   + ", ".join(f"{u:.0f}" for u in uss) + f" MiB; total {sum(uss):.0f} MiB")
     finally:
         ray.shutdown()
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":

@@ -10,15 +10,14 @@ median milliseconds per step and the speed-up, and writes them to a JSON file.
 """
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 
 import dptrain as dp
 import dptrain.nn.functional as F
 from dptrain import backend
+from dptrain.bench import write_results
 
 
 def step_time(dims, batch, device, repeats):
@@ -67,10 +66,7 @@ def main(argv=None):
             results["runs"].append(run)
             print(f"{run['mlp']:>18} batch {batch:5d}: numpy {cpu:8.2f} ms | cupy {gpu:7.2f} ms | "
                   f"{cpu / gpu:6.1f}x", flush=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(args.out, results)
 
 
 if __name__ == "__main__":
