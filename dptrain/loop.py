@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from . import backend
 from .config import ConfigError, TrainConfig
 from .data import BatchSampler, Dataset, load_dataset
-from .nn import MLP, functional as F
+from .nn import MLP, flatten, functional as F
+from .nn.flat import aligned_zeros
 from .optim import OPTIMIZERS, Optimizer, Schedule
 from .tensor import Tensor, as_dtype, no_grad
 
@@ -101,12 +102,21 @@ class Replica:
         self.x_test = xp.asarray(dataset.x_test, dtype=dt)
         self.y_test = xp.asarray(dataset.y_test if self.task == "classification" else dataset.y_test.astype(dt))
 
-    def load_parameters(self, flat_params) -> None:
-        """Copy a flat parameter array (numpy) into the model: one copy, no per-tensor work."""
+    def load_parameters(self, flat_params, start: int = 0, stop: int | None = None) -> None:
+        """Copy a flat parameter array (numpy) into the model: one copy, no per-tensor work.
+        `start` and `stop` copy only that range of it."""
         if flat_params.shape != self.flat.data.shape:
             raise ValueError(f"parameters of shape {flat_params.shape} do not fit this model's "
                              f"{self.flat.data.shape}")
-        self.flat.data[...] = self.xp.asarray(flat_params)
+        self.flat.data[start:stop] = self.xp.asarray(flat_params[start:stop])
+
+    def bind_gradients(self, storage=None) -> None:
+        """Let backward write the gradients into `storage`, a 1-D array laid out like the flat
+        buffer (a shared-memory segment, say), instead of the model's own; None: a private
+        buffer again. The parameters stay where they are."""
+        if storage is None:
+            storage = aligned_zeros(self.xp, self.flat.size, self.flat.data.dtype)
+        self.flat = flatten(self.model.parameters(), data=self.flat.data, grad=storage, data_is_current=True)
 
     def compute_gradients(self, indices) -> tuple[float, int, int]:
         self.flat.zero_grad()

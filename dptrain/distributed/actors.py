@@ -16,6 +16,7 @@ from ..config import TrainConfig
 from ..data import BatchSampler, Dataset
 from ..loop import Replica, build_model, build_optimizer, build_schedule
 from ..nn import flatten
+from . import control
 from .shm import SharedArray, unlink
 
 
@@ -53,21 +54,25 @@ class Worker:
         self.sampler = BatchSampler(len(dataset), self.cfg.batch_size, self.cfg.seed)
         self.faults = [f for f in (faults or []) if f.get("role", "worker") == "worker" and f["rank"] == rank]
         self._params_shm = self._grad_shm = None  # set by use_shared_memory
+        self._loaded = 0  # parameters [0, _loaded) of the server's segment are copied in and current
 
     def use_shared_memory(self, params_segment: str, run_key: str = "run") -> str:
         """Switch to the shared-memory transport (a worker on the server's node, on the CPU).
 
-        Each step copies the parameters from the server's segment into the model's own
-        flat buffer and the gradient out into a segment of ours, whose name we return to
-        the server. Computing on the segments in place would save those two copies but
-        costs more: shared-memory pages are 4 KiB, the private buffers get transparent
-        huge pages, and the matrix products ran 15% slower on the former.
+        Backward writes the gradient straight into a segment of ours, whose name we return
+        to the server. Each step copies the parameters from the server's segment into the
+        model's own flat buffer: computing on the segment in place would save that copy
+        but costs more, because shared-memory pages are 4 KiB while the private buffer gets
+        transparent huge pages, and the matrix products ran 15% slower reading the former.
+        (Writing each gradient once into 4 KiB pages costs nothing measurable.)
         """
         self.close()  # a new server: drop the segments of the old one
         flat = self.replica.flat
         self._params_shm = SharedArray.attach(params_segment, flat.size, flat.data.dtype)
         self._params_shm.array.flags.writeable = False  # workers never write parameters
         self._grad_shm = SharedArray.create(flat.size, flat.data.dtype, f"{run_key}-grad{self.rank}")
+        self.replica.bind_gradients(self._grad_shm.array)
+        self._loaded = 0
         return self._grad_shm.name
 
     def set_rank(self, rank: int, num_workers: int) -> str | None:
@@ -78,6 +83,8 @@ class Worker:
 
     def close(self) -> None:
         """Release shared-memory segments (the trainer calls this before killing the actor)."""
+        if self._grad_shm is not None:
+            self.replica.bind_gradients(None)  # no views of the segment may outlive it
         for seg in (self._params_shm, self._grad_shm):
             if seg is not None:
                 seg.close()
@@ -103,14 +110,18 @@ class Worker:
         try:
             t0 = time.perf_counter()
             shared = self._grad_shm is not None
-            self.replica.load_parameters(self._params_shm.array if shared else params)
+            if shared:
+                self._load_shared(self.replica.flat.size)
+                self._loaded = 0  # the server's next update changes them
+            else:
+                self.replica.load_parameters(params)
             indices = self.sampler.shard(step, self.num_workers, self.rank)
             loss_sum, correct, count = self.replica.compute_gradients(indices)
             grad = backend.to_numpy(self.replica.flat.grad)
             for fault in self.faults:
                 if fault["step"] == step:
                     grad = inject_fault(fault, grad, self.rank, step)
-            if shared:
+            if shared and grad is not self._grad_shm.array:  # an injected fault replaced it
                 np.copyto(self._grad_shm.array, grad)
             # one reduction: NaN and Inf propagate through a sum (the server refuses such a step)
             finite = bool(np.isfinite(loss_sum) and np.isfinite(grad.sum()))
@@ -121,8 +132,59 @@ class Worker:
             raise WorkerError(f"worker {self.rank} failed at step {step}: {type(e).__name__}: {e}") from e
 
     def evaluate(self, params: np.ndarray, split: str = "test") -> dict:
-        self.replica.load_parameters(self._params_shm.array if self._params_shm is not None else params)
+        if self._params_shm is not None:
+            self._load_shared(self.replica.flat.size)
+        else:
+            self.replica.load_parameters(params)
         return self.replica.evaluate(split)
+
+    def _load_shared(self, upto: int) -> None:
+        """Copy the server's parameters [_loaded, upto) from its segment into the model."""
+        if upto > self._loaded:
+            self.replica.load_parameters(self._params_shm.array, self._loaded, upto)
+            self._loaded = upto
+
+    def serve(self, address: str) -> int:
+        """Take requests from the parameter server over its control channel (control.py) until
+        it says stop or goes away; returns how many were served. For shared-memory workers
+        only: a step request carries only the step number.
+
+        Requests: {"op": "step", "step": k} -> {"metrics": ...} (compute_gradients);
+        {"op": "evaluate", "split": s} -> {"evaluation": ...}; {"op": "params", "upto": i},
+        no answer: the server's update is final up to element i, so we copy that much while
+        it updates the rest (most of the copy leaves the step's critical path);
+        {"op": "stop"}. A failure is answered with {"error": message} and the loop goes on.
+        While serving, the worker takes no other Ray calls: the server's `end_sessions`
+        (called by its set_workers, reset_shared_workers and close) lets it go.
+        """
+        chan = control.connect(address)
+        served = 0
+        self._loaded = 0  # a new session: the server may have restored other parameters
+        try:
+            chan.send({"rank": self.rank})
+            while True:
+                request = chan.recv()
+                op = request.get("op")
+                if op == "stop":
+                    return served
+                if op == "params":
+                    self._load_shared(int(request["upto"]))
+                    continue
+                try:
+                    if op == "step":
+                        reply = {"metrics": self.compute_gradients(None, int(request["step"]))[1]}
+                    elif op == "evaluate":
+                        reply = {"evaluation": self.evaluate(None, request["split"])}
+                    else:
+                        reply = {"error": f"worker {self.rank}: unknown request {op!r}"}
+                except Exception as e:
+                    reply = {"error": str(e)}
+                chan.send(reply)
+                served += 1
+        except control.ChannelClosed:  # the server is gone (killed, or replaced)
+            return served
+        finally:
+            chan.close()
 
 
 class ParameterServer:
@@ -132,8 +194,9 @@ class ParameterServer:
     worker order, divides once by the total example count (the full-batch mean
     gradient, whatever the worker count), steps the optimizer in place and
     returns the new parameters as one array, plus the step's metrics.
-    `run_steps(first, n)` drives n steps over the workers given to `set_workers`;
-    `save_checkpoint` / `restore_checkpoint` write and read its full state.
+    `run_steps(first, n)` drives n steps over the workers given to `set_workers`:
+    workers on shared memory over control channels (control.py), the others by
+    Ray calls; `save_checkpoint` / `restore_checkpoint` write and read its full state.
     """
 
     def __init__(self, config: dict, dims: list, total_steps: int, faults: list | None = None):
@@ -153,9 +216,13 @@ class ParameterServer:
         self._params_shm = None
         self._shared_grads: dict = {}  # rank -> SharedArray of a worker using shared memory
         self._publish = True  # return the parameters as an object (some worker reads them that way)
+        self._run_key = "run"
+        self._listener: control.Listener | None = None
+        self._sessions: dict = {}  # rank -> (Channel, ObjectRef of the worker's serve call)
 
     def enable_shared_memory(self, run_key: str = "run") -> str:
         """Move the flat parameters into a shared-memory segment; returns its name."""
+        self._run_key = run_key
         if self._params_shm is None:
             seg = SharedArray.create(self.flat.size, self.flat.data.dtype, f"{run_key}-params")
             self.flat = flatten(self.model.parameters(), data=seg.array, grad=self.flat.grad)
@@ -164,6 +231,7 @@ class ParameterServer:
         return self._params_shm.name
 
     def register_shared_worker(self, rank: int, grad_segment: str) -> None:
+        self._drop_session(rank, stop=True)
         old = self._shared_grads.pop(rank, None)
         if old is not None and old.name != grad_segment:
             old.close()
@@ -171,6 +239,7 @@ class ParameterServer:
 
     def release_worker(self, rank: int) -> None:
         """Forget a lost worker's gradient segment and remove it (its owner died with it)."""
+        self._drop_session(rank, stop=False)
         seg = self._shared_grads.pop(rank, None)
         if seg is not None:
             seg.close()
@@ -179,6 +248,7 @@ class ParameterServer:
     def reset_shared_workers(self, release: list = ()) -> None:
         """Drop every worker's gradient segment (the ranks are about to change); remove the
         segments of the workers in `release` (lost: their owners cannot)."""
+        self.end_sessions()
         for rank, seg in list(self._shared_grads.items()):
             seg.close()
             if rank in release:
@@ -193,6 +263,10 @@ class ParameterServer:
         self._publish = publish
 
     def close(self) -> None:
+        self.end_sessions()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         for seg in [self._params_shm, *self._shared_grads.values()]:
             if seg is not None:
                 seg.close()
@@ -203,6 +277,7 @@ class ParameterServer:
 
     def set_workers(self, workers: list, steps_per_epoch: int, total_steps: int) -> None:
         """The worker actors this server drives in `run_steps`, in rank order."""
+        self.end_sessions()  # some of them may be new
         self.workers = list(workers)
         self.steps_per_epoch, self.total_steps = steps_per_epoch, total_steps
 
@@ -256,23 +331,124 @@ class ParameterServer:
         return out
 
     def _gather(self, step: int) -> list:
-        """Every worker's (gradient, metrics) for `step`, or WorkerLost naming the first that failed."""
+        """Every worker's (gradient, metrics) for `step`, or WorkerLost naming the first that failed.
+
+        Shared-memory workers get the step number over their control channel; the others
+        a Ray call with the parameters. Either way every worker computes at once.
+        """
         import ray
-        params = self._params_for_workers()
-        refs = [w.compute_gradients.remote(params, step) for w in self.workers]
-        ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.step_timeout)
-        if pending:
-            rank = refs.index(pending[0])
-            for r in pending:  # a hung worker is a lost worker: stop it so it cannot come back stale
-                ray.kill(self.workers[refs.index(r)])
-            raise WorkerLost(rank, step, f"no answer within {self.cfg.step_timeout:g} s (hung?)")
-        results = []
-        for rank, ref in enumerate(refs):
+        self._open_sessions(step)
+        deadline = time.monotonic() + self.cfg.step_timeout
+        for rank, (chan, _) in list(self._sessions.items()):
             try:
-                results.append(ray.get(ref))
-            except ray.exceptions.RayActorError as e:
-                raise WorkerLost(rank, step, f"its process died ({type(e).__name__})") from None
+                chan.send({"op": "step", "step": step})
+            except control.ChannelClosed:
+                self._session_lost(rank, step)
+        results = [None] * len(self.workers)
+        others = [rank for rank in range(len(self.workers)) if rank not in self._sessions]
+        if others:
+            params = self._params_for_workers()
+            refs = [self.workers[rank].compute_gradients.remote(params, step) for rank in others]
+            ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.step_timeout)
+            if pending:
+                for r in pending:  # a hung worker is a lost worker: stop it so it cannot come back stale
+                    ray.kill(self.workers[others[refs.index(r)]])
+                raise WorkerLost(others[refs.index(pending[0])], step,
+                                 f"no answer within {self.cfg.step_timeout:g} s (hung?)")
+            for rank, ref in zip(others, refs):
+                try:
+                    results[rank] = ray.get(ref)
+                except ray.exceptions.RayActorError as e:
+                    raise WorkerLost(rank, step, f"its process died ({type(e).__name__})") from None
+        for rank in sorted(self._sessions):
+            results[rank] = (None, self._reply(rank, step, deadline)["metrics"])
         return results
+
+    # ------------------------------------------------------------------ control channels
+
+    def _open_sessions(self, step: int) -> None:
+        """Start a control session with every shared-memory worker that has none."""
+        import ray
+        todo = [r for r in self._shared_grads if r < len(self.workers) and r not in self._sessions]
+        if not todo:
+            return
+        if self._listener is None:
+            self._listener = control.Listener(self._run_key)
+        refs = {rank: self.workers[rank].serve.remote(self._listener.address) for rank in todo}
+        deadline = time.monotonic() + self.cfg.step_timeout
+        while refs:
+            try:  # short waits: a worker that died instead of connecting shows up between them
+                chan, hello = self._listener.accept(min(0.5, max(deadline - time.monotonic(), 0.01)))
+            except control.ChannelTimeout:
+                done, _ = ray.wait(list(refs.values()), num_returns=1, timeout=0)
+                if done:
+                    rank = next(r for r, ref in refs.items() if ref == done[0])
+                    self._sessions[rank] = (None, refs.pop(rank))
+                    self._session_lost(rank, step)
+                if time.monotonic() > deadline:
+                    rank = min(refs)
+                    for r in refs:
+                        ray.kill(self.workers[r])
+                    raise WorkerLost(rank, step, f"did not connect within {self.cfg.step_timeout:g} s (hung?)")
+                continue
+            rank = int(hello["rank"])
+            self._sessions[rank] = (chan, refs.pop(rank))
+
+    def _reply(self, rank: int, step: int, deadline: float) -> dict:
+        """Worker `rank`'s answer on its channel; WorkerLost if it dies or misses `deadline`."""
+        import ray
+        chan, _ = self._sessions[rank]
+        try:
+            reply = chan.recv(deadline)
+        except control.ChannelTimeout:
+            self._drop_session(rank, stop=False)
+            ray.kill(self.workers[rank])  # a hung worker is a lost worker
+            raise WorkerLost(rank, step, f"no answer within {self.cfg.step_timeout:g} s (hung?)") from None
+        except control.ChannelClosed:
+            self._session_lost(rank, step)
+        if "error" in reply:
+            raise WorkerError(reply["error"])
+        return reply
+
+    def _session_lost(self, rank: int, step: int):
+        """A channel closed under us: WorkerError if the worker's serve call failed, else WorkerLost."""
+        import ray
+        _, ref = self._sessions.pop(rank)
+        try:
+            ray.get(ref, timeout=10)
+        except ray.exceptions.RayTaskError as e:
+            raise WorkerError(f"worker {rank} failed at step {step}: {getattr(e, 'cause', None) or e}") from None
+        except ray.exceptions.RayActorError as e:
+            raise WorkerLost(rank, step, f"its process died ({type(e).__name__})") from None
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self.workers[rank])
+        raise WorkerLost(rank, step, "its control channel closed")
+
+    def _notify(self, stop: int) -> None:
+        """Tell served workers, in a few messages per update, how far the new parameters are final."""
+        if stop - self._notified < self.flat.size // NOTICES_PER_UPDATE and stop != self.flat.size:
+            return
+        self._notified = stop
+        for chan, _ in self._sessions.values():
+            try:
+                chan.send({"op": "params", "upto": stop})
+            except control.ChannelClosed:  # that worker is gone: the next step's send says so
+                pass
+
+    def _drop_session(self, rank: int, stop: bool) -> None:
+        chan, _ = self._sessions.pop(rank, (None, None))
+        if chan is not None:
+            if stop:
+                try:
+                    chan.send({"op": "stop"})
+                except control.ChannelClosed:
+                    pass
+            chan.close()
+
+    def end_sessions(self) -> None:
+        """Let every served worker return from `serve`, so it takes Ray calls again."""
+        for rank in list(self._sessions):
+            self._drop_session(rank, stop=True)
 
     def save_checkpoint(self) -> str | None:
         """Write this server's full state (see dptrain.checkpoint); returns the file's path."""
@@ -286,6 +462,7 @@ class ParameterServer:
         """Load the newest intact checkpoint (of this model, of at most `max_step` steps) from
         `folder` or our own; returns its step."""
         from .. import checkpoint
+        self.end_sessions()  # served workers keep copies of the parameters they saw
         folder = folder or self.checkpoints
         if folder is None:  # no checkpoints kept: a new server starts from the initial parameters
             return None
@@ -300,6 +477,12 @@ class ParameterServer:
     def evaluate(self, split: str = "test") -> dict:
         """Loss (and accuracy) of the current parameters on a split, computed by worker 0."""
         import ray
+        if 0 in self._sessions:
+            try:
+                self._sessions[0][0].send({"op": "evaluate", "split": split})
+            except control.ChannelClosed:
+                self._session_lost(0, self.step)
+            return self._reply(0, self.step, time.monotonic() + self.cfg.step_timeout)["evaluation"]
         try:
             return ray.get(self.workers[0].evaluate.remote(self._params_for_workers(), split),
                            timeout=self.cfg.step_timeout)
@@ -332,7 +515,8 @@ class ParameterServer:
             out /= count
 
         self.optimizer.lr = self.schedule(step)
-        self.optimizer.update(self.flat.data, grad, prepare)
+        self._notified = 0
+        self.optimizer.update(self.flat.data, grad, prepare, self._notify if self._sessions else None)
         self.step += 1
         return (self.flat.data if self._publish else step), self._metrics(step, results, skipped=False, t0=t0)
 
@@ -349,6 +533,8 @@ class ParameterServer:
     def state_dict(self) -> dict:
         return dict(self.model.state_dict())
 
+
+NOTICES_PER_UPDATE = 4  # "params" messages per update to each served worker (see Worker.serve)
 
 FAULT_KINDS = ("raise", "exit", "nan", "hang")
 

@@ -59,7 +59,7 @@ class FlatBuffer:
 ALIGN_BYTES = 64
 
 
-def _aligned_zeros(xp, n, dtype):
+def aligned_zeros(xp, n, dtype):
     """A zeroed 1-D array of n elements whose data starts on an ALIGN_BYTES boundary."""
     if xp is not np:
         return xp.zeros(n, dtype=dtype)  # cupy allocations are 256-byte aligned
@@ -132,11 +132,11 @@ def flatten(params: Sequence, data=None, grad=None, data_is_current: bool = Fals
             raise ValueError(f"flatten: {name} storage of shape {storage.shape} and dtype {storage.dtype} does "
                              f"not fit ({total},) {dtype}")
     if data is None:
-        data = _aligned_zeros(xp, total, dtype)
+        data = aligned_zeros(xp, total, dtype)
     elif not data_is_current:
         data[...] = 0
     if grad is None:
-        grad = _aligned_zeros(xp, total, dtype)
+        grad = aligned_zeros(xp, total, dtype)
     else:
         grad[...] = 0
     buf = FlatBuffer(data, grad, shapes, offsets)

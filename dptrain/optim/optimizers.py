@@ -16,7 +16,10 @@ from .. import backend
 from ..nn.flat import flatten
 
 
-CHUNK = 1 << 14  # elements per block of a CPU update: a block of every operand fits in L2 cache
+# Elements per block of a CPU update. The four operands' blocks (gradient, its scratch, state,
+# parameter) fit a 1 MiB L2 cache at 2^16 float32s; smaller blocks pay numpy's per-call cost
+# more often (2^14 was 12% slower on the 784-1024-1024-10 model, measured interleaved).
+CHUNK = 1 << 16
 
 
 def _check(name: str, value: float, low: float = 0.0, high: float | None = None, strict: bool = False):
@@ -44,7 +47,7 @@ def sgd_update(param, grad, buf, lr, momentum=0.0, dampening=0.0, nesterov=False
             buf[...] = g
         else:
             buf *= momentum
-            buf += (1 - dampening) * g
+            buf += (1 - dampening) * g if dampening else g  # 1.0 * g is g: the same numbers, one pass less
         g = g + momentum * buf if nesterov else buf
     param -= lr * g
 
@@ -96,14 +99,15 @@ class Optimizer:
         """Apply one update with the gradients now in the parameters' `.grad`."""
         self.update(self.flat.data, self.flat.grad)
 
-    def update(self, param, grad, prepare=None) -> None:
+    def update(self, param, grad, prepare=None, done=None) -> None:
         """Apply one update to a flat parameter array given a flat gradient array.
 
         On the CPU the arrays are walked in blocks of CHUNK elements, so the several
         passes of an update (momentum, decay, step) run on a block while it is in
-        cache: about 40% faster on a 1.9M-parameter model. `prepare(start, stop)`, if
-        given, first fills grad[start:stop] (the parameter server sums the workers'
-        gradients there, in the same pass).
+        cache: about 40% faster on a 1.9M-parameter model than whole-array passes.
+        `prepare(start, stop)`, if given, first fills grad[start:stop] (the parameter
+        server sums the workers' gradients there, in the same pass). `done(stop)`, if
+        given, is called after each block: param[:stop] holds its new values.
         """
         self.steps += 1
         n = param.size
@@ -113,6 +117,8 @@ class Optimizer:
             if prepare is not None:
                 prepare(start, stop)
             self._update(param[start:stop], grad[start:stop], slice(start, stop))
+            if done is not None:
+                done(stop)
 
     def _update(self, param, grad, sl: slice) -> None:
         """Update `param` (the block `sl` of the flat parameters) in place; state is sliced alike."""

@@ -1,0 +1,133 @@
+"""The control channel of shared-memory workers (distributed/control.py), without Ray."""
+
+import math
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import dptrain as dp
+from dptrain.distributed import ParameterServer, Worker
+from dptrain.distributed import control
+from dptrain.distributed.trainer import prepare_dataset
+from dptrain.loop import model_dims
+
+
+def _pair():
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    return control.Channel(a), control.Channel(b)
+
+
+def test_messages_round_trip_exactly():
+    a, b = _pair()
+    msg = {"op": "step", "step": 7, "loss_sum": 0.1 + 0.2, "finite": False, "nan": float("nan"), "s": "é"}
+    a.send(msg)
+    got = b.recv(time.monotonic() + 5)
+    assert got["loss_sum"] == 0.1 + 0.2 and math.isnan(got["nan"]) and got["s"] == "é" and got["finite"] is False
+    big = {"x": "y" * 300_000}  # longer than one socket read
+    t = threading.Thread(target=a.send, args=(big,))
+    t.start()
+    assert b.recv(time.monotonic() + 5) == big
+    t.join()
+
+
+def test_timeout_and_closed_peer_are_told_apart():
+    a, b = _pair()
+    t0 = time.monotonic()
+    with pytest.raises(control.ChannelTimeout):
+        b.recv(time.monotonic() + 0.2)
+    assert 0.15 < time.monotonic() - t0 < 2
+    a.close()
+    with pytest.raises(control.ChannelClosed):
+        b.recv(time.monotonic() + 5)
+    with pytest.raises(control.ChannelClosed):
+        for _ in range(100):  # the first sends may land in the buffer before the reset shows
+            b.send({"op": "stop"})
+
+
+def test_listener_accepts_a_worker_and_reads_its_hello():
+    listener = control.Listener("test")
+    try:
+        with pytest.raises(control.ChannelTimeout):
+            listener.accept(0.05)
+        chan = control.connect(listener.address)
+        chan.send({"rank": 3})
+        server_end, hello = listener.accept(5)
+        assert hello == {"rank": 3}
+        server_end.send({"op": "stop"})
+        assert chan.recv(time.monotonic() + 5) == {"op": "stop"}
+    finally:
+        listener.close()
+
+
+@pytest.fixture
+def served_worker():
+    """A server and one shared-memory worker talking over a channel, as the trainer sets them up."""
+    cfg = dp.TrainConfig(workers=1, dataset="moons", batch_size=50, steps=12, dtype="float64",
+                         model=[2, 16, 16, 2], seed=1, momentum=0.9, lr=0.1)
+    ds = prepare_dataset(dp.data.load_dataset("moons"), "float64")
+    dims = model_dims(cfg, ds)
+    ps = ParameterServer(cfg.to_dict(), dims, total_steps=12)
+    worker = Worker(cfg.to_dict(), dims, ds, 0, 1)
+    reference = Worker(cfg.to_dict(), dims, ds, 0, 1)  # object-store style: gets the parameters passed
+    segment = ps.enable_shared_memory("test")
+    ps.register_shared_worker(0, worker.use_shared_memory(segment, "test"))
+    listener = control.Listener("test")
+    served = {}
+
+    def start():
+        t = threading.Thread(target=lambda: served.setdefault("n", worker.serve(listener.address)))
+        t.start()
+        chan, hello = listener.accept(5)
+        assert hello == {"rank": 0}
+        return chan, t
+
+    yield ps, worker, reference, start, served
+    worker.close()
+    ps.close()
+    listener.close()
+
+
+def _step(chan, ps, reference, step):
+    chan.send({"op": "step", "step": step})
+    reply = chan.recv(time.monotonic() + 30)
+    want = reference.compute_gradients(ps.get_weights().copy(), step)
+    return reply, want
+
+
+def test_served_steps_see_every_update_with_partial_loads(served_worker):
+    ps, worker, reference, start, served = served_worker
+    chan, thread = start()
+    n = ps.flat.size
+    for step, notices in enumerate([[], [n // 3], [n // 4, n // 2, n], [1, n - 1]]):
+        for upto in notices:  # the server's "final up to here" notices during an update
+            chan.send({"op": "params", "upto": upto})
+        reply, (grad, metrics) = _step(chan, ps, reference, step)
+        assert reply["metrics"]["loss_sum"] == metrics["loss_sum"]
+        np.testing.assert_array_equal(worker.replica.flat.grad, grad)  # the gradient lies in shared memory
+        ps.apply_gradients(step, (None, reply["metrics"]))
+    chan.send({"op": "evaluate", "split": "test"})
+    assert chan.recv(time.monotonic() + 30)["evaluation"] == reference.evaluate(ps.get_weights().copy(), "test")
+    chan.send({"op": "dance"})
+    assert "unknown request 'dance'" in chan.recv(time.monotonic() + 5)["error"]
+    chan.send({"op": "stop"})
+    thread.join(5)
+    assert served["n"] == 6
+
+
+def test_a_new_session_reloads_parameters(served_worker):
+    """Parameters restored between sessions (a new server, a checkpoint) must not be read stale."""
+    ps, worker, reference, start, served = served_worker
+    chan, thread = start()
+    chan.send({"op": "params", "upto": ps.flat.size})  # everything copied ...
+    chan.send({"op": "stop"})
+    thread.join(5)
+    ps.flat.data[:] = np.random.default_rng(0).standard_normal(ps.flat.size) * ps.flat.data.astype(bool)
+    chan, thread = start()  # ... but this session starts from the segment's new values
+    reply, (grad, metrics) = _step(chan, ps, reference, 0)
+    assert reply["metrics"]["loss_sum"] == metrics["loss_sum"]
+    chan.close()  # the server goes away: serve returns
+    thread.join(5)
+    assert not thread.is_alive()
