@@ -93,25 +93,59 @@ def _timed_fit(cfg: TrainConfig, dataset):
     return Trainer(cfg, dataset=dataset).fit()
 
 
-def sweep(base: TrainConfig, dataset, worker_counts: list, modes: list, repeats: int, progress=None) -> list:
-    runs = []
+def sweep(base: TrainConfig, dataset, worker_counts: list, modes: list, repeats: int, progress=None,
+          ceiling: bool = False) -> tuple[list, list]:
+    """Every (mode, worker count) `repeats` times, round by round: each round runs every point
+    once, so a slow spell of the machine hits all points of a round rather than all repeats
+    of one point. With `ceiling`, each round also measures the compute ceiling right after
+    its strong-scaling runs. Returns (runs, ceiling rows), each row tagged with its round."""
+    runs, ceilings = [], []
     first = worker_counts[0]
     per_worker = max(base.batch_size // first, 1)
-    for mode in modes:
-        for n in worker_counts:
-            if mode == "strong":
-                cfg = base.replace(workers=n, batch_size=base.batch_size)
-            else:  # weak: fixed per-worker batch, linear learning-rate scaling with warm-up
-                cfg = base.replace(workers=n, batch_size=per_worker * n, lr=base.lr * n / first,
-                                   warmup=max(base.warmup, WARMUP_STEPS))
-            for rep in range(repeats):
+    for rep in range(repeats):
+        for mode in modes:
+            for n in worker_counts:
+                if mode == "strong":
+                    cfg = base.replace(workers=n, batch_size=base.batch_size)
+                else:  # weak: fixed per-worker batch, linear learning-rate scaling with warm-up
+                    cfg = base.replace(workers=n, batch_size=per_worker * n, lr=base.lr * n / first,
+                                       warmup=max(base.warmup, WARMUP_STEPS))
                 result = _timed_fit(cfg, dataset)
                 run = summarize_run(result.metrics["steps"], n, mode, cfg.batch_size, rep)
                 run["shared_memory_workers"] = result.summary.get("shared_memory_workers", 0)
                 runs.append(run)
                 if progress:
                     progress(f"{mode} N={n} #{rep + 1}: {run['step_ms']:.1f} ms/step")
-    return runs
+            if mode == "strong" and ceiling:
+                ceilings += [dict(row, repeat=rep) for row in compute_ceiling(base, dataset, worker_counts, base.steps)]
+    return runs, ceilings
+
+
+def paired_strong(runs: list, ceilings: list) -> list:
+    """Strong-scaling speedup within each round (the smallest count's step over N's, both
+    measured minutes apart), next to that round's compute ceiling: medians over rounds of the
+    speedup, the ceiling and their ratio (the share of the attainable speedup reached)."""
+    strong = [r for r in runs if r["mode"] == "strong"]
+    if not strong:
+        return []
+    first = min(r["workers"] for r in strong)
+    rows = []
+    for n in sorted({r["workers"] for r in strong}):
+        speedups, ceils, shares = [], [], []
+        for rep in sorted({r["repeat"] for r in strong}):
+            base = next((r for r in strong if r["repeat"] == rep and r["workers"] == first), None)
+            this = next((r for r in strong if r["repeat"] == rep and r["workers"] == n), None)
+            if base is None or this is None:
+                continue
+            speedups.append(base["step_ms"] / this["step_ms"])
+            ceil = next((c for c in ceilings if c["repeat"] == rep and c["workers"] == n), None)
+            if ceil is not None:
+                ceils.append(ceil["ceiling_speedup"])
+                shares.append(speedups[-1] / ceil["ceiling_speedup"])
+        med = (lambda xs: statistics.median(xs) if xs else None)
+        rows.append({"workers": n, "rounds": len(speedups), "speedup": med(speedups), "ceiling": med(ceils),
+                     "of_ceiling": med(shares), "speedups": speedups, "ceilings": ceils})
+    return rows
 
 
 def time_to_accuracy(base: TrainConfig, worker_counts: list, target: float, max_epochs: int, progress=None):
@@ -218,10 +252,11 @@ def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3) -> 
     local_task = ray.remote(num_cpus=base.cpus_per_worker)(_local_step_ms)
     data_ref = ray.put(dataset)
     local, dist = [], []
-    for _ in range(repeats):
+    for _ in range(repeats):  # pairs measured back to back: the overhead is the median of their ratios
         local.append(ray.get(local_task.remote(one.to_dict(), data_ref)))
         dist.append(summarize_run(_timed_fit(one, dataset).metrics["steps"], 1, "strong", one.batch_size, 0)["step_ms"])
     local_ms, dist_ms = statistics.median(local), statistics.median(dist)
+    overhead = statistics.median(d / l - 1 for d, l in zip(dist, local))
 
     @ray.remote(num_cpus=0)
     class Echo:
@@ -241,7 +276,8 @@ def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3) -> 
                            log_every=10**6, address=base.address, transport=base.transport)
     tiny = summarize_run(_timed_fit(tiny_cfg, load_dataset("moons")).metrics["steps"], 2, "strong", 16, 0)
     return {"model": "-".join(map(str, base.model)), "batch": base.batch_size, "repeats": repeats,
-            "local_step_ms": local_ms, "one_worker_step_ms": dist_ms, "one_worker_overhead": dist_ms / local_ms - 1,
+            "local_step_ms": local_ms, "one_worker_step_ms": dist_ms, "one_worker_overhead": overhead,
+            "pairs_ms": [[l, d] for l, d in zip(local, dist)],
             "actor_round_trip_ms": rtt_ms, "tiny_two_worker_step_ms": tiny["step_ms"],
             "tiny_added_ms": tiny["step_ms"] - 2 * rtt_ms,
             "driver_chained_empty_step_ms": fan_in_overhead_ms(2)}
@@ -371,7 +407,8 @@ def report(command: str, base: TrainConfig, table: dict, floors: dict | None, tt
         parts.append("### Against the floors\n\n" + markdown_table([
             {"what": f"1 worker vs the single-process loop ({floors['model']}, batch {floors['batch']})",
              "floor": f"{floors['local_step_ms']:.2f} ms", "trainer": f"{floors['one_worker_step_ms']:.2f} ms",
-             "difference": f"{100 * floors['one_worker_overhead']:+.1f}%"},
+             "difference": f"{100 * floors['one_worker_overhead']:+.1f}% (median of {len(floors['pairs_ms'])} "
+                          "back-to-back pairs)"},
             {"what": "tiny model (2-8-2), 2 workers, vs two actor round trips",
              "floor": f"2 x {floors['actor_round_trip_ms']:.2f} ms",
              "trainer": f"{floors['tiny_two_worker_step_ms']:.2f} ms",
@@ -383,10 +420,21 @@ def report(command: str, base: TrainConfig, table: dict, floors: dict | None, tt
         if floors.get("ceiling"):
             parts.append("### Compute ceiling (no communication)\n\nN processes at once, each running forward "
                          "and backward on B/N examples, against one process on B: the best strong-scaling "
-                         "speedup this machine allows before any transfer or update.\n\n"
+                         "speedup this machine allows before any transfer or update. Measured in every round, "
+                         "right after that round's strong-scaling runs; medians over rounds.\n\n"
                          + markdown_table(floors["ceiling"], [("workers", "workers", 0), ("examples each", "examples_each", 0),
                                                               ("slowest ms", "compute_ms", 1),
-                                                              ("ceiling speedup", "ceiling_speedup", 2)]))
+                                                              ("ceiling speedup", "ceiling_speedup", 2),
+                                                              ("rounds", "rounds", 0)]))
+        if floors.get("paired_strong"):
+            rows = [dict(r, per_round=" / ".join(f"{a:.2f} of {b:.2f}" for a, b in zip(r["speedups"], r["ceilings"])))
+                    for r in floors["paired_strong"]]
+            parts.append("### Strong scaling against the ceiling, round by round\n\nThe trainer's speedup within "
+                         "each round next to the ceiling measured in the same round (this machine's speed drifts "
+                         "by 10-25% between minutes; a round's points are minutes apart at most).\n\n"
+                         + markdown_table(rows, [("workers", "workers", 0), ("speedup", "speedup", 2),
+                                                 ("ceiling", "ceiling", 2), ("share of ceiling", "of_ceiling", 2),
+                                                 ("per round: speedup of ceiling", "per_round", 0)]))
     if tta:
         parts.append("### Time to accuracy (MNIST-1D, 40-256-256-10, batch 256, SGD 0.1 momentum 0.9)\n\n"
                      + markdown_table(tta, [("workers", "workers", 0), ("target", "target_accuracy", 2),
@@ -518,7 +566,8 @@ def run(args) -> int:
         bar.update(1)
         bar.set_postfix_str(msg, refresh=True)
     try:
-        runs = sweep(base, dataset, counts, modes, args.repeats, progress)
+        runs, ceilings = sweep(base, dataset, counts, modes, args.repeats, progress,
+                               ceiling=args.floors and "strong" in modes)
         with open(out / "runs.jsonl", "w") as f:
             for r in runs:
                 f.write(json.dumps(r) + "\n")
@@ -526,8 +575,15 @@ def run(args) -> int:
         write_csv(out / "runs.csv", [r for rows in table.values() for r in rows])
         floors = model = None
         if args.floors:
-            floors = measure_floors(base, dataset, args.steps)
-            floors["ceiling"] = compute_ceiling(base, dataset, counts, args.steps)
+            floors = measure_floors(base, dataset, args.steps, repeats=max(args.repeats, 3))
+            if not ceilings:  # weak scaling only: one ceiling measurement
+                ceilings = [dict(r, repeat=0) for r in compute_ceiling(base, dataset, counts, args.steps)]
+            floors["ceiling"] = [{"workers": n, "examples_each": group[0]["examples_each"],
+                                  "compute_ms": statistics.median(c["compute_ms"] for c in group),
+                                  "ceiling_speedup": statistics.median(c["ceiling_speedup"] for c in group),
+                                  "rounds": len(group)}
+                                 for n in counts for group in [[c for c in ceilings if c["workers"] == n]]]
+            floors["paired_strong"] = paired_strong(runs, ceilings)
             progress("floors")
             strong = {r["workers"]: r for r in table.get("strong", [])}
             if 1 in strong:
@@ -552,6 +608,10 @@ def run(args) -> int:
         for r in rows:
             print(f"{mode:>6} N={r['workers']:<3} {r['step_ms']:8.1f} ms/step {r['samples_per_s']:10,.0f} samples/s "
                   f"speedup {r['speedup']:5.2f} efficiency {r['efficiency']:4.2f}")
+    for r in (floors or {}).get("paired_strong", []):
+        if r["ceiling"] is not None and r["workers"] > 1:
+            print(f"strong N={r['workers']:<3} speedup {r['speedup']:.2f} within rounds, ceiling {r['ceiling']:.2f} "
+                  f"(share {r['of_ceiling']:.2f})")
     if floors:
         print(f"1 worker vs single process: {floors['one_worker_step_ms']:.1f} vs {floors['local_step_ms']:.1f} ms "
               f"({100 * floors['one_worker_overhead']:+.1f}%); tiny model with 2 workers: {floors['tiny_two_worker_step_ms']:.2f} ms "

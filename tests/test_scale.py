@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from dptrain import costmodel
-from dptrain.scale import aggregate, speedup_table, summarize_run
+from dptrain.scale import aggregate, paired_strong, speedup_table, summarize_run
 
 
 def test_speedup_and_efficiency_arithmetic():
@@ -31,6 +31,25 @@ def test_run_summary_leaves_out_warmup_and_splits_the_step():
     assert math.isclose(run["samples_per_s"], 12800.0)
     agg = aggregate([run, dict(run, repeat=1, step_ms=12.0)])
     assert agg[0]["repeats"] == 2 and math.isclose(agg[0]["step_ms"], 11.0)
+
+
+def test_paired_speedup_is_taken_within_rounds():
+    # round 0 is a slow spell for every point; ratios within rounds stay 1.6 and 1.5
+    runs = [{"mode": "strong", "workers": 1, "repeat": 0, "step_ms": 80.0},
+            {"mode": "strong", "workers": 2, "repeat": 0, "step_ms": 50.0},
+            {"mode": "strong", "workers": 1, "repeat": 1, "step_ms": 40.0},
+            {"mode": "strong", "workers": 2, "repeat": 1, "step_ms": 40.0 / 1.5},
+            {"mode": "strong", "workers": 1, "repeat": 2, "step_ms": 42.0},
+            {"mode": "strong", "workers": 2, "repeat": 2, "step_ms": 42.0 / 1.6},
+            {"mode": "weak", "workers": 2, "repeat": 0, "step_ms": 1.0}]
+    ceilings = [{"workers": 1, "repeat": r, "ceiling_speedup": 1.0} for r in range(3)] + \
+               [{"workers": 2, "repeat": 0, "ceiling_speedup": 2.0}, {"workers": 2, "repeat": 1, "ceiling_speedup": 1.5},
+                {"workers": 2, "repeat": 2, "ceiling_speedup": 1.6}]
+    one, two = paired_strong(runs, ceilings)
+    assert one["speedup"] == 1.0 and one["of_ceiling"] == 1.0
+    assert two["rounds"] == 3 and math.isclose(two["speedup"], 1.6) and two["ceiling"] == 1.6
+    assert [round(x, 9) for x in two["speedups"]] == [1.6, 1.5, 1.6]
+    assert math.isclose(two["of_ceiling"], 1.0)  # shares 0.8, 1.0, 1.0
 
 
 INPUTS = costmodel.CostInputs(compute_s_per_example=1e-4, grad_bytes=8e6, object_bytes_per_s=4e9,
@@ -88,11 +107,13 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert floors["local_step_ms"] > 0 and floors["actor_round_trip_ms"] > 0
     assert floors["driver_chained_empty_step_ms"] > 0
     assert [c["workers"] for c in floors["ceiling"]] == [1, 2] and floors["ceiling"][0]["ceiling_speedup"] == 1.0
+    assert [p["workers"] for p in floors["paired_strong"]] == [1, 2] and floors["paired_strong"][1]["rounds"] == 1
+    assert len(floors["pairs_ms"]) == 3
     model = json.loads((out / "costmodel.json").read_text())
     assert [c["workers"] for c in model["check"]] == [1, 2]
     report = (out / "report.md").read_text()
     assert "### Strong scaling" in report and "### Cost model" in report and "Time to accuracy" in report
-    assert "### Compute ceiling" in report
+    assert "### Compute ceiling" in report and "round by round" in report
     for png in ("throughput.png", "efficiency.png", "loss_vs_time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     tta = list(csv.DictReader(open(out / "time_to_accuracy.csv")))
