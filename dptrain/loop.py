@@ -247,29 +247,48 @@ def summary_record(log_: MetricsLog, wall_s: float, final_train: dict, final_tes
 
 # --------------------------------------------------------------------------- the loop
 
-def train_local(cfg: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None) -> TrainResult:
-    """Train one replica in this process. Same steps, same numbers as N distributed workers."""
-    dataset = dataset if dataset is not None else load_data(cfg)
-    dims = model_dims(cfg, dataset)
-    replica = Replica(cfg, dataset, dims)
-    opt = build_optimizer(cfg, replica.model.parameters())
-    sampler = BatchSampler(len(dataset), cfg.batch_size, cfg.seed)
-    steps = total_steps(cfg, len(dataset))
-    schedule = build_schedule(cfg, steps)
-    mlog = MetricsLog(cfg, steps, workers=1, sink=sink)
-    window: list = []
-    start = time.perf_counter()
-    for step in range(steps):
+class LocalLoop:
+    """One replica and its optimizer, stepped in this process: the single-process loop that
+    `train_local` runs, and that `dptrain scale` interleaves with the trainer's steps."""
+
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, dims: list, steps: int):
+        self.replica = Replica(cfg, dataset, dims)
+        self.opt = build_optimizer(cfg, self.replica.model.parameters())
+        self.sampler = BatchSampler(len(dataset), cfg.batch_size, cfg.seed)
+        self.schedule = build_schedule(cfg, steps)
+
+    def step(self, step: int) -> dict:
+        """One training step; its record (loss, count, lr, time_s, and accuracy when classifying)."""
+        replica, opt = self.replica, self.opt
         t0 = time.perf_counter()
-        loss, correct, count = replica.compute_gradients(sampler.indices(step))
+        loss, correct, count = replica.compute_gradients(self.sampler.indices(step))
         replica.flat.grad /= count
-        opt.lr = schedule(step)
+        opt.lr = self.schedule(step)
         opt.step()
-        rec = {"step": step, "epoch": step // sampler.steps_per_epoch, "loss": loss / count, "count": count,
+        rec = {"step": step, "epoch": step // self.sampler.steps_per_epoch, "loss": loss / count, "count": count,
                "lr": opt.lr, "time_s": time.perf_counter() - t0}
         if replica.task == "classification":
             rec["correct"] = correct
             rec["accuracy"] = correct / count
+        return rec
+
+    def run(self, first: int, count: int) -> list:
+        """Steps first .. first+count-1; their records."""
+        return [self.step(step) for step in range(first, first + count)]
+
+
+def train_local(cfg: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None) -> TrainResult:
+    """Train one replica in this process. Same steps, same numbers as N distributed workers."""
+    dataset = dataset if dataset is not None else load_data(cfg)
+    dims = model_dims(cfg, dataset)
+    steps = total_steps(cfg, len(dataset))
+    loop = LocalLoop(cfg, dataset, dims, steps)
+    replica, sampler = loop.replica, loop.sampler
+    mlog = MetricsLog(cfg, steps, workers=1, sink=sink)
+    window: list = []
+    start = time.perf_counter()
+    for step in range(steps):
+        rec = loop.step(step)
         mlog.step(rec)
         window.append(rec)
         if progress:

@@ -172,14 +172,6 @@ def time_to_accuracy(base: TrainConfig, worker_counts: list, target: float, max_
     return rows, curves
 
 
-def _local_step_ms(config: dict, dataset) -> float:
-    """Median step of the single-process loop (run as a Ray task: the same process setting,
-    one BLAS thread per CPU, as a worker's)."""
-    from .loop import train_local
-    result = train_local(TrainConfig.from_dict(config), dataset=dataset)
-    return 1e3 * statistics.median(r["time_s"] for r in result.metrics["steps"][WARMUP_STEPS:])
-
-
 def _compute_only_ms(config: dict, dims: list, dataset, batch: int, steps: int) -> float:
     """Median time of forward and backward on `batch` examples in this process (no transport)."""
     from .loop import Replica
@@ -240,24 +232,38 @@ def fan_in_overhead_ms(workers: int, steps: int = 300) -> float:
     return 1e3 * elapsed / steps
 
 
-def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3) -> dict:
-    """The trainer against its floors, measured here and now, alternating to share any drift.
+def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3, block: int = 10) -> dict:
+    """The trainer against its floors, measured here and now.
 
-    - 1 worker against the single-process loop on the same model, data and batch;
+    - 1 worker against the single-process loop on the same model, data and batch: both kept
+      running side by side (the loop in a Ray actor of the worker's CPUs, so one BLAS thread
+      each), they take turns in blocks of `block` steps, `repeats` * `steps` / `block` turns
+      in all, and the overhead is the ratio of the medians over every step but the first
+      two of each block: a slow spell of the machine hits both alike;
     - a tiny model's step with 2 workers against two blocking Ray actor round trips.
     """
     import ray
 
-    one = base.replace(workers=1, steps=steps)
-    local_task = ray.remote(num_cpus=base.cpus_per_worker)(_local_step_ms)
-    data_ref = ray.put(dataset)
-    local, dist = [], []
-    for _ in range(repeats):  # pairs measured back to back: the overhead is the median of their ratios
-        local.append(ray.get(local_task.remote(one.to_dict(), data_ref)))
-        dist.append(summarize_run(_timed_fit(one, dataset).metrics["steps"], 1, "strong", one.batch_size, 0)["step_ms"])
-    local_ms, dist_ms = statistics.median(local), statistics.median(dist)
-    overhead = statistics.median(d / l - 1 for d, l in zip(dist, local))
+    from .distributed import Trainer
+    from .loop import LocalLoop, model_dims
 
+    blocks = max(repeats * steps // block, 2)
+    one = base.replace(workers=1, steps=blocks * block)
+    data_ref = ray.put(dataset)
+    loop = ray.remote(num_cpus=base.cpus_per_worker)(LocalLoop).remote(one, data_ref, model_dims(one, dataset),
+                                                                        one.steps)
+    local, dist, per_block = [], [], []
+    trainer = Trainer(one, dataset=dataset)
+    with trainer.started():
+        for b in range(blocks):
+            first = b * block
+            lt = [r["time_s"] for r in ray.get(loop.run.remote(first, block))][2:]
+            dt = [r["step_s"] for r in trainer.run_block(first, block)][2:]
+            local += lt
+            dist += dt
+            per_block.append([1e3 * statistics.median(lt), 1e3 * statistics.median(dt)])
+    ray.kill(loop)
+    local_ms, dist_ms = 1e3 * statistics.median(local), 1e3 * statistics.median(dist)
     @ray.remote(num_cpus=0)
     class Echo:
         def ping(self, x=None):
@@ -276,8 +282,8 @@ def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3) -> 
                            log_every=10**6, address=base.address, transport=base.transport)
     tiny = summarize_run(_timed_fit(tiny_cfg, load_dataset("moons")).metrics["steps"], 2, "strong", 16, 0)
     return {"model": "-".join(map(str, base.model)), "batch": base.batch_size, "repeats": repeats,
-            "local_step_ms": local_ms, "one_worker_step_ms": dist_ms, "one_worker_overhead": overhead,
-            "pairs_ms": [[l, d] for l, d in zip(local, dist)],
+            "local_step_ms": local_ms, "one_worker_step_ms": dist_ms, "one_worker_overhead": dist_ms / local_ms - 1,
+            "blocks_ms": per_block, "block_steps": block,
             "actor_round_trip_ms": rtt_ms, "tiny_two_worker_step_ms": tiny["step_ms"],
             "tiny_added_ms": tiny["step_ms"] - 2 * rtt_ms,
             "driver_chained_empty_step_ms": fan_in_overhead_ms(2)}
@@ -407,8 +413,8 @@ def report(command: str, base: TrainConfig, table: dict, floors: dict | None, tt
         parts.append("### Against the floors\n\n" + markdown_table([
             {"what": f"1 worker vs the single-process loop ({floors['model']}, batch {floors['batch']})",
              "floor": f"{floors['local_step_ms']:.2f} ms", "trainer": f"{floors['one_worker_step_ms']:.2f} ms",
-             "difference": f"{100 * floors['one_worker_overhead']:+.1f}% (median of {len(floors['pairs_ms'])} "
-                          "back-to-back pairs)"},
+             "difference": f"{100 * floors['one_worker_overhead']:+.1f}% ({len(floors['blocks_ms'])} alternating "
+                          f"blocks of {floors['block_steps']} steps)"},
             {"what": "tiny model (2-8-2), 2 workers, vs two actor round trips",
              "floor": f"2 x {floors['actor_round_trip_ms']:.2f} ms",
              "trainer": f"{floors['tiny_two_worker_step_ms']:.2f} ms",

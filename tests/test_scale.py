@@ -108,7 +108,8 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert floors["driver_chained_empty_step_ms"] > 0
     assert [c["workers"] for c in floors["ceiling"]] == [1, 2] and floors["ceiling"][0]["ceiling_speedup"] == 1.0
     assert [p["workers"] for p in floors["paired_strong"]] == [1, 2] and floors["paired_strong"][1]["rounds"] == 1
-    assert len(floors["pairs_ms"]) == 3
+    assert len(floors["blocks_ms"]) == 3 and floors["block_steps"] == 10
+    assert math.isclose(floors["one_worker_overhead"], floors["one_worker_step_ms"] / floors["local_step_ms"] - 1)
     model = json.loads((out / "costmodel.json").read_text())
     assert [c["workers"] for c in model["check"]] == [1, 2]
     report = (out / "report.md").read_text()

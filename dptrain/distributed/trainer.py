@@ -18,6 +18,7 @@ trip, about 1.2 ms. The steps and their numbers are the same either way.
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
@@ -191,6 +192,13 @@ class Trainer:
     # ------------------------------------------------------------------ fit
 
     def fit(self) -> TrainResult:
+        with self.started() as (dataset, steps):
+            return self._run(dataset, steps)
+
+    @contextlib.contextmanager
+    def started(self):
+        """The run's actors, started and connected; stopped and cleaned up on exit. Yields
+        (dataset, total steps). `fit` trains inside it; `run_block` drives steps in it."""
         cfg = self.cfg
         dataset = self.dataset if self.dataset is not None else load_data(cfg)  # bad data fails before Ray starts
         dims = model_dims(cfg, dataset)
@@ -218,7 +226,8 @@ class Trainer:
                      "%d steps, global batch %d", dataset.name, cfg.workers,
                      len({p["node_id"] for p in self.placement}), len(self.shared), "-".join(map(str, dims)),
                      steps, cfg.batch_size)
-            return self._run(dataset, steps)
+            ray.get(self._ps.set_workers.remote(self._workers, self._steps_per_epoch, steps))
+            yield dataset, steps
         finally:
             self._close(self._workers + ([self._ps] if self._ps is not None else []))
             for name in self._segments:  # what a killed actor could not remove (same node only)
@@ -227,6 +236,12 @@ class Trainer:
                 remove_placement_group(pg)
             if started:
                 ray.shutdown()
+
+    def run_block(self, first: int, count: int) -> list:
+        """Inside `started()`: steps first .. first+count-1, as fit runs them but with no log,
+        evaluation records or recovery; the server's metrics of each step (step_s, compute_s,
+        apply_s, ...). For benchmarks that interleave the trainer with something else."""
+        return self._get(self._ps.run_steps.remote(first, count), first, count)
 
     def _restore(self, ps, required: bool, max_step: int | None = None) -> int:
         """Load the newest intact checkpoint (of at most `max_step` steps) into `ps`; returns its
@@ -326,7 +341,6 @@ class Trainer:
         mlog = MetricsLog(cfg, steps, workers=len(self._workers), sink=self.sink)
         classification = dataset.task == "classification"
         window: list = []
-        ray.get(self._ps.set_workers.remote(self._workers, steps_per_epoch, steps))
 
         def record(chunk: list) -> bool:
             """Log a chunk's step and epoch records; True when the target accuracy is reached."""
