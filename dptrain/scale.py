@@ -374,6 +374,9 @@ def plots(out: Path, table: dict, curves: dict) -> list:
         ax.set_xlabel("workers")
         ax.set_ylabel(ylabel)
         ax.set_xscale("log", base=2)
+        counts = sorted({r["workers"] for rows in table.values() for r in rows})
+        ax.set_xticks(counts, [str(n) for n in counts])  # 1, 2, 4 rather than 2^0, 2^1, 2^2
+        ax.minorticks_off()
         ax.grid(alpha=0.3)
         ax.legend()
         fig.tight_layout()
