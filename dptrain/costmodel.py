@@ -12,10 +12,12 @@ For N workers, a global batch B, a model of G gradient bytes, K server shards:
          + N * G / (K * bw_memory)                  and adds N gradients
          + t_opt * G / K                            optimizer update, per byte of its shard
 
-with t_fixed, c (seconds per example), bw_object (bytes/s of a put or get), bw_memory (bytes/s
-of one pass over an array) and t_opt measured on this machine. bw_server is the server's
-network bandwidth; on one machine the "network" is shared memory and the transfer terms are
-the object-store copies already counted, so `bw_server=inf` there.
+with t_fixed, c (seconds per example), bw_object (bytes/s of a worker's copy), bw_memory (bytes/s
+of one pass over an array) and t_opt measured on this machine. For a cluster bw_object is Ray's
+object store (a put and a get) and t_fixed two actor round trips; on one machine with shared
+memory (dptrain scale's check) bw_object is a copy out of shared memory and t_fixed the
+control channel's part of a step. bw_server is the server's network bandwidth; on one machine
+there is no network (`bw_server=inf`).
 
 Speedup S(N) = T(1) / T(N) with the same global batch (strong scaling), efficiency S(N) / N.
 The server saturates where its per-step traffic 2 * N * G / (K * bw_server) equals the

@@ -289,9 +289,19 @@ def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3, blo
             "driver_chained_empty_step_ms": fan_in_overhead_ms(2)}
 
 
-def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float) -> costmodel.CostInputs:
-    """The cost model's constants: from the 1-worker run and micro-measurements of this machine."""
+def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float, shared: bool):
+    """The cost model's constants, from the 1-worker run and micro-measurements of this machine.
+
+    Returns (this machine, a cluster). Both share the compute per example: the 1-worker
+    compute time less a worker's two passes over the flat buffer (parameters in, the
+    gradient's finiteness check), over the batch. On this machine a worker's transport is
+    those two passes over shared memory (`shared`: the run used it) and the fixed cost is the
+    1-worker run's time outside compute and update (the control channel); on a cluster the
+    transport is Ray's object store and the fixed cost two actor round trips.
+    """
     import ray
+
+    from .distributed.shm import SharedArray
 
     from .loop import build_model, build_optimizer
     model = build_model(base, base.model)
@@ -317,14 +327,26 @@ def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float) -> c
         t0 = time.perf_counter()
         opt.update(flat.data, flat.grad)
         updates.append(time.perf_counter() - t0)
-    return costmodel.CostInputs(
-        compute_s_per_example=one_worker["compute_ms"] / 1e3 / base.batch_size,
-        grad_bytes=float(g),
-        object_bytes_per_s=g / statistics.median(puts),
-        memory_bytes_per_s=g / statistics.median(passes),
-        fixed_s=2 * rtt_ms / 1e3,
-        optimizer_s_per_byte=statistics.median(updates) / g,
-        cores=os.cpu_count() or 1)
+    copies = []
+    seg = SharedArray.create(flat.size, flat.data.dtype, "costmodel")
+    try:
+        seg.array[:] = arr
+        for _ in range(10):
+            t0 = time.perf_counter()
+            other[:] = seg.array
+            copies.append(time.perf_counter() - t0)
+    finally:
+        seg.close()
+    copy_bw = g / statistics.median(copies)
+    object_bw = g / statistics.median(puts)
+    per_example = max(one_worker["compute_ms"] / 1e3 - 2 * g / copy_bw, 0.0) / base.batch_size
+    common = dict(compute_s_per_example=per_example, grad_bytes=float(g),
+                  memory_bytes_per_s=g / statistics.median(passes), optimizer_s_per_byte=statistics.median(updates) / g)
+    here = costmodel.CostInputs(**common, object_bytes_per_s=copy_bw if shared else object_bw,
+                                fixed_s=one_worker["other_ms"] / 1e3 if shared else 2 * rtt_ms / 1e3,
+                                cores=os.cpu_count() or 1)
+    cluster = costmodel.CostInputs(**common, object_bytes_per_s=object_bw, fixed_s=2 * rtt_ms / 1e3)
+    return here, cluster
 
 
 # --------------------------------------------------------------------------- output
@@ -456,11 +478,15 @@ def report(command: str, base: TrainConfig, table: dict, floors: dict | None, tt
     return "\n\n".join(parts) + "\n"
 
 
-def cost_model_section(inp: costmodel.CostInputs, measured: dict, batch: int, network_gbit: float) -> dict:
+def cost_model_section(inp: costmodel.CostInputs, cluster_inp: costmodel.CostInputs, measured: dict, batch: int,
+                       network_gbit: float) -> dict:
+    """The check of `inp` (this machine) against the measured steps, and predictions from
+    `cluster_inp` with a server link of `network_gbit`."""
     errors = costmodel.relative_errors(inp, measured, batch)
     check = [{"workers": n, "measured_ms": 1e3 * t, "predicted_ms": 1e3 * costmodel.step_time(inp, n, batch)["step_s"],
               "error": errors[n]} for n, t in sorted(measured.items())]
-    cluster = costmodel.CostInputs(**{**inp.to_dict(), "cores": 10**9, "server_bytes_per_s": network_gbit * 1e9 / 8})
+    cluster = costmodel.CostInputs(**{**cluster_inp.to_dict(), "cores": 10**9,
+                                      "server_bytes_per_s": network_gbit * 1e9 / 8})
     counts = [8, 16, 32, 64, 128, 256]
     predictions = {k: costmodel.scaling(cluster, [1] + counts, batch, shards=k) for k in (1, 4, 16)}
     pred_rows = []
@@ -477,10 +503,12 @@ def cost_model_section(inp: costmodel.CostInputs, measured: dict, batch: int, ne
           "Inputs measured in this run: " + ", ".join([
               f"compute {1e6 * inp.compute_s_per_example:.1f} us/example",
               f"gradient {inp.grad_bytes / 2**20:.2f} MiB",
-              f"object store put+get {inp.object_bytes_per_s / 1e9:.2f} GB/s",
               f"memory pass {inp.memory_bytes_per_s / 1e9:.2f} GB/s",
-              f"fixed (2 actor round trips) {1e3 * inp.fixed_s:.2f} ms",
-              f"optimizer {1e9 * inp.optimizer_s_per_byte:.2f} ns/byte"]) + ".", "",
+              f"optimizer {1e9 * inp.optimizer_s_per_byte:.2f} ns/byte"]) + "; on this machine "
+          + f"a worker's transport {inp.object_bytes_per_s / 1e9:.2f} GB/s (two passes per step) and a fixed "
+          + f"{1e3 * inp.fixed_s:.2f} ms per step; on a cluster Ray's object store "
+          + f"{cluster_inp.object_bytes_per_s / 1e9:.2f} GB/s (put+get) and a fixed {1e3 * cluster_inp.fixed_s:.2f} ms "
+          "(two actor round trips).", "",
           "Check against the measured strong-scaling steps on this machine (compute shared by "
           f"{inp.cores} cores):", "",
           markdown_table(check, [("workers", "workers", 0), ("measured ms", "measured_ms", 1),
@@ -596,9 +624,10 @@ def run(args) -> int:
             progress("floors")
             strong = {r["workers"]: r for r in table.get("strong", [])}
             if 1 in strong:
-                inp = measure_cost_inputs(base, strong[1], floors["actor_round_trip_ms"])
+                shared = any(r.get("shared_memory_workers") for r in runs if r["mode"] == "strong")
+                inp, cluster_inp = measure_cost_inputs(base, strong[1], floors["actor_round_trip_ms"], shared)
                 measured = {n: strong[n]["step_ms"] / 1e3 for n in strong if n <= 4}
-                model = cost_model_section(inp, measured, base.batch_size, args.network_gbit)
+                model = cost_model_section(inp, cluster_inp, measured, base.batch_size, args.network_gbit)
             (out / "floors.json").write_text(json.dumps(floors, indent=2) + "\n")
         tta, curves = [], {}
         if args.tta:
