@@ -3,7 +3,7 @@
 For N workers, a global batch B, a model of G gradient bytes, K server shards:
 
     T(N) = t_fixed                                  actor-call latency per step
-         + (c * B / N) * s                          forward and backward on B / N examples
+         + c * B / P(N)                             forward and backward on B / N examples
          + (2 * G / bw_object) * s                  a worker's copy of its gradient out, parameters in
                                                     (s = max(1, N / cores): workers beyond the
                                                     cores share them, one after another)
@@ -18,6 +18,11 @@ object store (a put and a get) and t_fixed two actor round trips; on one machine
 memory (dptrain scale's check) bw_object is a copy out of shared memory and t_fixed the
 control channel's part of a step. bw_server is the server's network bandwidth; on one machine
 there is no network (`bw_server=inf`).
+
+P(N) is the compute speedup of N workers at once with no communication: N / s when nothing
+else is known (N on a cluster, a core set per worker); on one machine, the measured compute
+ceiling (N processes sharing its memory bandwidth and caches: 1.5-1.9 for 2 on the
+development machine, not 2).
 
 Speedup S(N) = T(1) / T(N) with the same global batch (strong scaling), efficiency S(N) / N.
 The server saturates where its per-step traffic 2 * N * G / (K * bw_server) equals the
@@ -42,6 +47,7 @@ class CostInputs:
     optimizer_s_per_byte: float
     cores: int = 10**9  # workers that can compute at once (a cluster: one core set per worker)
     server_bytes_per_s: float = math.inf
+    parallel_speedup: dict | None = None  # {N: P(N)} measured; None: P(N) = N (no contention)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -53,7 +59,10 @@ def step_time(inp: CostInputs, workers: int, batch: int, shards: int = 1) -> dic
         raise ValueError(f"workers, batch and shards must be >= 1, got {workers}, {batch}, {shards}")
     g = inp.grad_bytes
     share = max(1.0, workers / inp.cores)
-    compute = inp.compute_s_per_example * batch / workers * share
+    if inp.parallel_speedup:  # measured: it includes any sharing of cores
+        compute = inp.compute_s_per_example * batch / inp.parallel_speedup[workers]
+    else:
+        compute = inp.compute_s_per_example * batch / workers * share
     transfer = 2 * g / inp.object_bytes_per_s * share
     network = 2 * workers * g / (shards * inp.server_bytes_per_s)
     server = workers * g / (shards * inp.memory_bytes_per_s) + inp.optimizer_s_per_byte * g / shards

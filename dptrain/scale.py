@@ -509,8 +509,10 @@ def cost_model_section(inp: costmodel.CostInputs, cluster_inp: costmodel.CostInp
           + f"{1e3 * inp.fixed_s:.2f} ms per step; on a cluster Ray's object store "
           + f"{cluster_inp.object_bytes_per_s / 1e9:.2f} GB/s (put+get) and a fixed {1e3 * cluster_inp.fixed_s:.2f} ms "
           "(two actor round trips).", "",
-          "Check against the measured strong-scaling steps on this machine (compute shared by "
-          f"{inp.cores} cores):", "",
+          "Check against the measured strong-scaling steps on this machine"
+          + (" (compute speedup P(N) = the measured compute ceiling: "
+             + ", ".join(f"{v:.2f} for {k}" for k, v in sorted(inp.parallel_speedup.items())) + ")"
+             if inp.parallel_speedup else f" (compute shared by {inp.cores} cores)") + ":", "",
           markdown_table(check, [("workers", "workers", 0), ("measured ms", "measured_ms", 1),
                                  ("predicted ms", "predicted_ms", 1), ("error", "error", 2)]), "",
           f"Predictions for a cluster (a core set per worker, a {network_gbit:g} Gbit/s link at each server "
@@ -626,6 +628,9 @@ def run(args) -> int:
             if 1 in strong:
                 shared = any(r.get("shared_memory_workers") for r in runs if r["mode"] == "strong")
                 inp, cluster_inp = measure_cost_inputs(base, strong[1], floors["actor_round_trip_ms"], shared)
+                # the compute ceiling measured in the same rounds is this machine's P(N)
+                inp = costmodel.CostInputs(**{**inp.to_dict(), "parallel_speedup": {
+                    c["workers"]: c["ceiling_speedup"] for c in floors["ceiling"]}})
                 measured = {n: strong[n]["step_ms"] / 1e3 for n in strong if n <= 4}
                 model = cost_model_section(inp, cluster_inp, measured, base.batch_size, args.network_gbit)
             (out / "floors.json").write_text(json.dumps(floors, indent=2) + "\n")

@@ -73,6 +73,10 @@ def test_cost_model_formula_on_made_up_inputs():
     assert math.isclose(n_star, math.sqrt(1e-4 * 256 * 1.25e9 / (2 * 8e6)))
     assert costmodel.server_bound_workers(cluster, 256, shards=4) == pytest.approx(2 * n_star)
     assert math.isinf(costmodel.server_bound_workers(INPUTS, 256))
+    # a measured compute speedup P(N) replaces N / share: 2 workers at 1.6, not 2
+    here = costmodel.CostInputs(**{**INPUTS.to_dict(), "parallel_speedup": {1: 1.0, 2: 1.6}})
+    assert math.isclose(costmodel.step_time(here, 2, 256)["compute_s"], 0.0256 / 1.6)
+    assert math.isclose(costmodel.step_time(here, 1, 256)["step_s"], t1["step_s"])
     errors = costmodel.relative_errors(INPUTS, {1: t1["step_s"] * 1.1}, 256)
     assert math.isclose(errors[1], 1 / 11)
     with pytest.raises(ValueError, match="workers"):
