@@ -185,6 +185,7 @@ class Worker:
             return served
         finally:
             chan.close()
+            self._loaded = 0  # outside a session nobody says when the parameters change
 
 
 class ParameterServer:
