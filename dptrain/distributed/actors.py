@@ -220,6 +220,7 @@ class ParameterServer:
         self._run_key = "run"
         self._listener: control.Listener | None = None
         self._sessions: dict = {}  # rank -> (Channel, ObjectRef of the worker's serve call)
+        self._notified = 0  # how far served workers were told this update's parameters are final
 
     def enable_shared_memory(self, run_key: str = "run") -> str:
         """Move the flat parameters into a shared-memory segment; returns its name."""
@@ -352,10 +353,7 @@ class ParameterServer:
             refs = [self.workers[rank].compute_gradients.remote(params, step) for rank in others]
             ready, pending = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.step_timeout)
             if pending:
-                for r in pending:  # a hung worker is a lost worker: stop it so it cannot come back stale
-                    ray.kill(self.workers[others[refs.index(r)]])
-                raise WorkerLost(others[refs.index(pending[0])], step,
-                                 f"no answer within {self.cfg.step_timeout:g} s (hung?)")
+                raise self._hung([others[refs.index(r)] for r in pending], step)
             for rank, ref in zip(others, refs):
                 try:
                     results[rank] = ray.get(ref)
@@ -387,29 +385,32 @@ class ParameterServer:
                     self._sessions[rank] = (None, refs.pop(rank))
                     self._session_lost(rank, step)
                 if time.monotonic() > deadline:
-                    rank = min(refs)
-                    for r in refs:
-                        ray.kill(self.workers[r])
-                    raise WorkerLost(rank, step, f"did not connect within {self.cfg.step_timeout:g} s (hung?)")
+                    raise self._hung(sorted(refs), step, "did not connect")
                 continue
             rank = int(hello["rank"])
             self._sessions[rank] = (chan, refs.pop(rank))
 
     def _reply(self, rank: int, step: int, deadline: float) -> dict:
         """Worker `rank`'s answer on its channel; WorkerLost if it dies or misses `deadline`."""
-        import ray
         chan, _ = self._sessions[rank]
         try:
             reply = chan.recv(deadline)
         except control.ChannelTimeout:
             self._drop_session(rank, stop=False)
-            ray.kill(self.workers[rank])  # a hung worker is a lost worker
-            raise WorkerLost(rank, step, f"no answer within {self.cfg.step_timeout:g} s (hung?)") from None
+            raise self._hung([rank], step) from None
         except control.ChannelClosed:
             self._session_lost(rank, step)
         if "error" in reply:
             raise WorkerError(reply["error"])
         return reply
+
+    def _hung(self, ranks: list, step: int, what: str = "no answer") -> WorkerLost:
+        """Kill workers that missed the step timeout (a hung worker is a lost worker: it must
+        not come back stale); the error to raise, naming the first."""
+        import ray
+        for rank in ranks:
+            ray.kill(self.workers[rank])
+        return WorkerLost(ranks[0], step, f"{what} within {self.cfg.step_timeout:g} s (hung?)")
 
     def _session_lost(self, rank: int, step: int):
         """A channel closed under us: WorkerError if the worker's serve call failed, else WorkerLost."""
@@ -488,8 +489,7 @@ class ParameterServer:
             return ray.get(self.workers[0].evaluate.remote(self._params_for_workers(), split),
                            timeout=self.cfg.step_timeout)
         except ray.exceptions.GetTimeoutError:
-            ray.kill(self.workers[0])
-            raise WorkerLost(0, self.step, f"no evaluation within {self.cfg.step_timeout:g} s (hung?)") from None
+            raise self._hung([0], self.step, "no evaluation") from None
         except ray.exceptions.RayActorError as e:
             raise WorkerLost(0, self.step, f"its process died ({type(e).__name__})") from None
 
