@@ -121,6 +121,17 @@ def sweep(base: TrainConfig, dataset, worker_counts: list, modes: list, repeats:
     return runs, ceilings
 
 
+def median_ceilings(ceilings: list) -> list:
+    """The compute ceiling per worker count: medians over the rounds that measured it."""
+    out = []
+    for n in sorted({c["workers"] for c in ceilings}):
+        group = [c for c in ceilings if c["workers"] == n]
+        out.append({"workers": n, "examples_each": group[0]["examples_each"],
+                    "compute_ms": statistics.median(c["compute_ms"] for c in group),
+                    "ceiling_speedup": statistics.median(c["ceiling_speedup"] for c in group), "rounds": len(group)})
+    return out
+
+
 def paired_strong(runs: list, ceilings: list) -> list:
     """Strong-scaling speedup within each round (the smallest count's step over N's, both
     measured minutes apart), next to that round's compute ceiling: medians over rounds of the
@@ -264,6 +275,7 @@ def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3, blo
             per_block.append([1e3 * statistics.median(lt), 1e3 * statistics.median(dt)])
     ray.kill(loop)
     local_ms, dist_ms = 1e3 * statistics.median(local), 1e3 * statistics.median(dist)
+
     @ray.remote(num_cpus=0)
     class Echo:
         def ping(self, x=None):
@@ -301,47 +313,31 @@ def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float, shar
     """
     import ray
 
+    from .bench import time_interleaved
     from .distributed.shm import SharedArray
-
     from .loop import build_model, build_optimizer
+
+    def median_s(fn) -> float:  # one operation at a time, 10 calls
+        return time_interleaved({"op": lambda x, y: fn()}, None, None, repeats=10, warmup=0)["op"]
+
     model = build_model(base, base.model)
     opt = build_optimizer(base, model.parameters())
     flat = model.flat()
     g = flat.data.nbytes
     arr = np.random.default_rng(0).standard_normal(flat.size).astype(flat.data.dtype)
-    puts = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        ref = ray.put(arr)
-        ray.get(ref)
-        puts.append(time.perf_counter() - t0)
-        del ref
-    passes = []
+    object_bw = g / median_s(lambda: ray.get(ray.put(arr)))
     other = arr.copy()
-    for _ in range(10):
-        t0 = time.perf_counter()
-        other += arr
-        passes.append(time.perf_counter() - t0)
-    updates = []
-    for _ in range(10):
-        t0 = time.perf_counter()
-        opt.update(flat.data, flat.grad)
-        updates.append(time.perf_counter() - t0)
-    copies = []
+    memory_bw = g / median_s(lambda: np.add(other, arr, out=other))
+    optimizer_s = median_s(lambda: opt.update(flat.data, flat.grad))
     seg = SharedArray.create(flat.size, flat.data.dtype, "costmodel")
     try:
         seg.array[:] = arr
-        for _ in range(10):
-            t0 = time.perf_counter()
-            other[:] = seg.array
-            copies.append(time.perf_counter() - t0)
+        copy_bw = g / median_s(lambda: np.copyto(other, seg.array))
     finally:
         seg.close()
-    copy_bw = g / statistics.median(copies)
-    object_bw = g / statistics.median(puts)
     per_example = max(one_worker["compute_ms"] / 1e3 - 2 * g / copy_bw, 0.0) / base.batch_size
     common = dict(compute_s_per_example=per_example, grad_bytes=float(g),
-                  memory_bytes_per_s=g / statistics.median(passes), optimizer_s_per_byte=statistics.median(updates) / g)
+                  memory_bytes_per_s=memory_bw, optimizer_s_per_byte=optimizer_s / g)
     here = costmodel.CostInputs(**common, object_bytes_per_s=copy_bw if shared else object_bw,
                                 fixed_s=one_worker["other_ms"] / 1e3 if shared else 2 * rtt_ms / 1e3,
                                 cores=os.cpu_count() or 1)
@@ -617,11 +613,7 @@ def run(args) -> int:
             floors = measure_floors(base, dataset, args.steps, repeats=max(args.repeats, 3))
             if not ceilings:  # weak scaling only: one ceiling measurement
                 ceilings = [dict(r, repeat=0) for r in compute_ceiling(base, dataset, counts, args.steps)]
-            floors["ceiling"] = [{"workers": n, "examples_each": group[0]["examples_each"],
-                                  "compute_ms": statistics.median(c["compute_ms"] for c in group),
-                                  "ceiling_speedup": statistics.median(c["ceiling_speedup"] for c in group),
-                                  "rounds": len(group)}
-                                 for n in counts for group in [[c for c in ceilings if c["workers"] == n]]]
+            floors["ceiling"] = median_ceilings(ceilings)
             floors["paired_strong"] = paired_strong(runs, ceilings)
             progress("floors")
             strong = {r["workers"]: r for r in table.get("strong", [])}
