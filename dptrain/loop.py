@@ -13,7 +13,6 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
-
 from . import backend
 from .config import ConfigError, TrainConfig
 from .data import BatchSampler, Dataset, load_dataset

@@ -76,11 +76,6 @@ def _numel(shape) -> int:
     return n
 
 
-def flat_size(params: Sequence, dtype) -> int:
-    """Elements of the flat arrays for `params`, alignment gaps included."""
-    return _layout([tuple(p.shape) for p in params], np.dtype(dtype))[1]
-
-
 def _layout(shapes, dtype):
     """Offsets and total size: each parameter starts on a 64-byte boundary.
 
@@ -103,10 +98,11 @@ def flatten(params: Sequence, data=None, grad=None, data_is_current: bool = Fals
     buffer is returned and nothing moves. Otherwise their current values are
     copied into a new buffer and each parameter's `.data` and `.grad` become
     views into it (gradients already accumulated are kept). `data` and `grad`,
-    1-D arrays of `flat_size(params, dtype)` elements, are used as the storage
-    when given (shared memory, say) instead of new arrays. With `data_is_current`
-    the given `data` already holds the values (another process's parameters,
-    possibly read-only): it is bound as is and nothing is written to it.
+    1-D arrays of the buffer's size (alignment gaps included: `FlatBuffer.size` of
+    the same parameters), are used as the storage when given (shared memory, say)
+    instead of new arrays. With `data_is_current` the given `data` already holds
+    the values (another process's parameters, possibly read-only): it is bound as
+    is and nothing is written to it.
     """
     params = list(params)
     if not params:
