@@ -12,7 +12,7 @@ The server runs each step as a fan-out and fan-in:
 (workers on its node that share memory get the step number over a Unix socket
 instead of a Ray call: control.py). Measured on a 2-core machine, a step chained
 through the driver (worker calls, then a server call, each waiting on the other
-through the driver) costs 4.6 ms of Ray overhead with no work at all; the
+through the driver) costs 3.2 ms of Ray overhead with no work at all; the
 server's own fan-out costs one round trip, about 1.2 ms, and a socket message
 tens of microseconds. The steps and their numbers are the same either way.
 """
