@@ -79,3 +79,27 @@ def scatter_add(target, index, values) -> None:
         cupyx.scatter_add(target, index, values)
     else:
         np.add.at(target, index, values)
+
+
+def as_strided(a, shape, strides):
+    """A view of `a` with the given shape and strides (bytes), for numpy or cupy arrays."""
+    if _cupy is not None and isinstance(a, _cupy.ndarray):
+        return _cupy.lib.stride_tricks.as_strided(a, shape=shape, strides=strides)
+    return np.lib.stride_tricks.as_strided(a, shape=shape, strides=strides, writeable=False)
+
+
+def erf(a):
+    """The error function, elementwise, to full precision (exact GELU needs it).
+
+    cupy has it; on the CPU scipy's is used when scipy is installed (scikit-learn brings
+    it), else Python's math.erf element by element (correct, slower).
+    """
+    if _cupy is not None and isinstance(a, _cupy.ndarray):
+        import cupyx.scipy.special  # part of cupy
+        return cupyx.scipy.special.erf(a)
+    try:
+        from scipy.special import erf as _erf
+    except ImportError:
+        import math
+        return np.vectorize(math.erf, otypes=[a.dtype])(a)
+    return _erf(a).astype(a.dtype, copy=False)

@@ -11,6 +11,7 @@ import numpy as np
 from .. import backend
 from ..tensor import Tensor, as_dtype
 from . import functional as F
+from . import init
 from .flat import FlatBuffer, flatten
 
 
@@ -82,6 +83,12 @@ class Module:
         for m in self._modules.values():
             yield from m.modules()
 
+    def named_modules(self, prefix: str = "") -> Iterator[tuple[str, "Module"]]:
+        """(qualified name, module) for this module ("") and every submodule, depth first."""
+        yield prefix.rstrip("."), self
+        for name, m in self._modules.items():
+            yield from m.named_modules(prefix + name + ".")
+
     def flat(self) -> FlatBuffer:
         """The model's flat buffer (made on first use): `.data` and `.grad` are 1-D arrays."""
         return flatten(self.parameters())
@@ -133,7 +140,15 @@ class Module:
             p.data[...] = xp.asarray(backend.to_device(np.asarray(state[name]), p.device), dtype=p.data.dtype)
 
     def to(self, device: str) -> "Module":
-        """Move every parameter to `device` ("cpu" or "cuda"); the flat buffer is rebuilt there."""
+        """Move every parameter to `device` ("cpu" or "cuda"), or cast it to a dtype ("float32",
+        "float64"); the flat buffer is rebuilt on first use."""
+        if device not in backend.DEVICES:
+            dt = as_dtype(device)
+            for p in self.parameters():
+                p.data = p.data.astype(dt)
+                p.grad = None if p.grad is None else p.grad.astype(dt)
+                p._flat, p._flat_index = None, -1
+            return self
         for p in self.parameters():
             p.data = backend.to_device(p.data, device)
             p.grad = None if p.grad is None else backend.to_device(p.grad, device)
@@ -156,12 +171,11 @@ class Linear(Module):
         super().__init__()
         if in_features < 1 or out_features < 1:
             raise ValueError(f"Linear: feature sizes must be positive, got ({in_features}, {out_features})")
-        rng = np.random.default_rng() if rng is None else rng
         dt = as_dtype(dtype)
         bound = 1.0 / math.sqrt(in_features)
         self.in_features, self.out_features = in_features, out_features
-        self.weight = Parameter(rng.uniform(-bound, bound, (out_features, in_features)).astype(dt))
-        self.bias = Parameter(rng.uniform(-bound, bound, (out_features,)).astype(dt)) if bias else None
+        self.weight = Parameter(init.uniform(rng, bound, (out_features, in_features), dt))
+        self.bias = Parameter(init.uniform(rng, bound, (out_features,), dt)) if bias else None
 
     def forward(self, x):
         return F.linear(x, self.weight, self.bias)
@@ -220,6 +234,7 @@ class MLP(Sequential):
 
     `MLP([40, 256, 256, 10])` has three Linear layers. `seed` makes the
     initialisation reproducible: every replica built with the same seed is equal.
+    Inputs of more than two axes (images, say) are flattened to (batch, features).
     """
 
     def __init__(self, dims: Sequence[int], activation: str = "relu", dtype="float32", seed: int | None = None):
@@ -236,3 +251,8 @@ class MLP(Sequential):
                 layers.append(ACTIVATIONS[activation]())
         super().__init__(*layers)
         self.dims = dims
+
+    def forward(self, x):
+        if x.ndim > 2:
+            x = x.reshape(x.shape[0], -1)
+        return super().forward(x)
