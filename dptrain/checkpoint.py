@@ -3,14 +3,15 @@
 A checkpoint of step s (s updates applied) is two files in one folder:
 
     ckpt-00000120.npz   the flat parameters and the optimizer's state arrays
-    ckpt-00000120.json  step, model shape, dtype, optimizer scalars, the run's config,
-                        and the SHA-256 and size of the .npz
+    ckpt-00000120.json  step, the model's layout (every parameter's name, shape and dtype),
+                        optimizer scalars, the run's config, and the SHA-256 and size of the .npz
 
 Each is written to a temporary file, flushed, fsynced and renamed; the JSON goes last,
 so a checkpoint exists only once both files are whole. Loading checks the JSON, the
-size and checksum of the .npz (np.load with allow_pickle=False) and the model shape;
-a damaged checkpoint is skipped in favour of the one before it, a checkpoint of
-another model is refused. The sampler needs no state of its own: the batch of step s
+size and checksum of the .npz (np.load with allow_pickle=False) and the layout; a
+damaged checkpoint is skipped in favour of the one before it, a checkpoint of another
+model is refused naming the first parameter that differs. (Format 1 recorded an MLP's
+widths; it is read as the layout that MLP has.) The sampler needs no state of its own: the batch of step s
 is a function of (seed, s).
 """
 
@@ -27,7 +28,7 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2
 _NAME = re.compile(r"^ckpt-(\d{8})\.json$")
 
 
@@ -65,7 +66,7 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save(folder, step: int, params: np.ndarray, optimizer_state: dict, dims: list, config: dict,
+def save(folder, step: int, params: np.ndarray, optimizer_state: dict, layout: list, config: dict,
          keep: int = 3) -> Path:
     """Write the checkpoint of `step` and delete all but the newest `keep`. Returns the JSON path."""
     folder = Path(folder)
@@ -76,7 +77,7 @@ def save(folder, step: int, params: np.ndarray, optimizer_state: dict, dims: lis
         arrays[f"opt.{name}"] = np.asarray(arr)
     npz = folder / f"{stem}.npz"
     _write_atomic(npz, lambda f: np.savez(f, **arrays))
-    meta = {"format": FORMAT, "step": step, "dims": list(dims), "dtype": str(params.dtype),
+    meta = {"format": FORMAT, "step": step, "layout": layout, "dtype": str(params.dtype),
             "size": int(params.size), "optimizer": {k: v for k, v in optimizer_state.items() if k != "state"},
             "config": config, "npz": npz.name, "npz_bytes": npz.stat().st_size, "npz_sha256": _sha256(npz)}
     meta_path = folder / f"{stem}.json"
@@ -97,19 +98,38 @@ def list_checkpoints(folder) -> list:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def read(meta_path, dims: list | None = None, dtype: str | None = None) -> dict:
-    """A verified checkpoint: {"step", "params", "optimizer" (state_dict form), "config", ...}."""
+def mlp_layout(dims: list, dtype: str) -> list:
+    """The layout of dp.nn.MLP(dims): what a format-1 checkpoint's widths stand for."""
+    out = []
+    for i, (n_in, n_out) in enumerate(zip(dims[:-1], dims[1:])):
+        out += [[f"{2 * i}.weight", [n_out, n_in], dtype], [f"{2 * i}.bias", [n_out], dtype]]
+    return out
+
+
+class ModelMismatch(CheckpointError):
+    """The checkpoint is of another model: resuming it would be wrong."""
+
+
+def read(meta_path, layout: list | None = None, dtype: str | None = None) -> dict:
+    """A verified checkpoint: {"step", "params", "optimizer" (state_dict form), "config", "layout", ...}.
+
+    With `layout` (see dptrain.models.layout) a checkpoint of another model raises ModelMismatch."""
+    from .models import first_difference
     meta_path = Path(meta_path)
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
         raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise CheckpointError(f"{meta_path}: not a dptrain checkpoint of format {FORMAT}")
-    if dims is not None and list(meta["dims"]) != list(dims):
-        raise CheckpointError(f"{meta_path}: a checkpoint of model {meta['dims']}, this run's model is {list(dims)}")
+    if not isinstance(meta, dict) or meta.get("format") not in (1, FORMAT):
+        raise CheckpointError(f"{meta_path}: not a dptrain checkpoint of format 1 or {FORMAT}")
+    saved = meta["layout"] if meta["format"] == FORMAT else mlp_layout(meta["dims"], meta["dtype"])
+    if layout is not None:
+        diff = first_difference(saved, layout)
+        if diff is not None:
+            raise ModelMismatch(f"{meta_path}: a checkpoint of another model than this run's: {diff} "
+                                "(checkpoint first, this run second)")
     if dtype is not None and meta["dtype"] != dtype:
-        raise CheckpointError(f"{meta_path}: a {meta['dtype']} checkpoint, this run is {dtype}")
+        raise ModelMismatch(f"{meta_path}: a {meta['dtype']} checkpoint, this run is {dtype}")
     npz = meta_path.with_name(meta["npz"])
     if not npz.is_file():
         raise CheckpointError(f"{npz}: missing (the checkpoint is incomplete)")
@@ -127,22 +147,40 @@ def read(meta_path, dims: list | None = None, dtype: str | None = None) -> dict:
         raise CheckpointError(f"{npz}: no parameters of size {meta['size']}")
     optimizer = dict(meta["optimizer"], state={k[4:]: v for k, v in arrays.items() if k.startswith("opt.")})
     return {"step": int(meta["step"]), "params": params, "optimizer": optimizer, "config": meta["config"],
-            "dims": meta["dims"], "path": str(meta_path)}
+            "layout": saved, "path": str(meta_path)}
 
 
-def load_latest(folder, dims: list | None = None, dtype: str | None = None, max_step: int | None = None) -> dict | None:
+def check_model(folder, layout: list) -> None:
+    """Raise ModelMismatch if the newest readable checkpoint in `folder` is of another model
+    (its JSON only: cheap enough for the driver to ask before any actor starts)."""
+    from .models import first_difference
+    for meta_path in list_checkpoints(folder):
+        try:
+            meta = json.loads(meta_path.read_text())
+            saved = meta["layout"] if meta.get("format") == FORMAT else mlp_layout(meta["dims"], meta["dtype"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # damaged: load_latest reports it and falls back
+        diff = first_difference(saved, layout)
+        if diff is not None:
+            raise ModelMismatch(f"{meta_path}: a checkpoint of another model than this run's: {diff} "
+                                "(checkpoint first, this run second)")
+        return
+
+
+def load_latest(folder, layout: list | None = None, dtype: str | None = None,
+                max_step: int | None = None) -> dict | None:
     """The newest intact checkpoint in `folder`, of at most `max_step` steps (None if there is none).
 
     Damaged ones (truncated, corrupted, incomplete) are reported and skipped; one of
-    another model shape or dtype raises CheckpointError: resuming it would be wrong.
+    another model or dtype raises ModelMismatch: resuming it would be wrong.
     """
     for meta_path in list_checkpoints(folder):
         if max_step is not None and int(meta_path.name[5:13]) > max_step:
             continue
         try:
-            return read(meta_path, dims, dtype)
+            return read(meta_path, layout, dtype)
+        except ModelMismatch:
+            raise
         except CheckpointError as e:
-            if "this run's model" in str(e) or "this run is" in str(e):
-                raise
             log.warning("skipping checkpoint: %s", e)
     return None

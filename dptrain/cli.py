@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ConfigError, TrainConfig, parse_model
+from .config import ConfigError, TrainConfig, is_widths, parse_model
 from .data import DataError
 
 log = logging.getLogger("dptrain")
@@ -45,11 +45,14 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _model(text: str) -> list:
-    try:
-        return parse_model(text)
-    except ConfigError as e:
-        raise argparse.ArgumentTypeError(str(e).removeprefix("invalid model: ")) from None
+def _model(text: str):
+    """Widths ("40,256,256,10") become a list; a name or file.py:function stays text (TrainConfig checks it)."""
+    if is_widths(text):
+        try:
+            return parse_model(text)
+        except ConfigError as e:
+            raise argparse.ArgumentTypeError(str(e).removeprefix("invalid model: ")) from None
+    return text
 
 
 def add_config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
@@ -62,8 +65,10 @@ def add_config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
         default = f.default
         kind = str(f.type)
         if f.name == "model":
-            parser.add_argument(flag, type=_model, default=None, metavar="SIZES",
-                                help=helptext + " Comma-separated, e.g. 40,256,256,10.")
+            parser.add_argument(flag, type=_model, default=None, metavar="SPEC",
+                                help=helptext + " Sizes comma-separated, e.g. 40,256,256,10.")
+        elif f.name == "loss":
+            parser.add_argument(flag, default=None, metavar="SPEC", help=helptext)
         elif kind == "bool":
             if f.name == "progress":
                 default = None  # decided at run time: on when stderr is a terminal
@@ -88,10 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="dptrain", description="Data-parallel training on Ray with dptrain's own autograd engine.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser("train", help="train a model (embedded local Ray, or a cluster with --address)",
-                           description="Train an MLP with synchronous data parallelism: N worker actors "
-                                       "compute gradients, a parameter server averages them and steps the "
-                                       "optimizer. Writes config.json, metrics.jsonl, summary.json and "
-                                       "params.npz to --out.")
+                           description="Train a model (an MLP by widths, a built-in CNN or transformer, or "
+                                       "your own dptrain.nn.Module from file.py:function) with synchronous data "
+                                       "parallelism: N worker actors compute gradients, a parameter server "
+                                       "averages them and steps the optimizer. Writes config.json, "
+                                       "metrics.jsonl, summary.json and params.npz to --out.")
     add_config_flags(train)
     train.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
     train.add_argument("--resume", metavar="DIR", default=None,
@@ -173,9 +179,10 @@ def _resumed_config(folder: str) -> TrainConfig:
 
 def run_train(args) -> int:
     cfg = _resumed_config(args.resume) if args.resume else config_from_args(args)
-    from .loop import load_data, total_steps
+    from .loop import load_data, prepare, total_steps
 
     dataset = load_data(cfg)  # bad data is reported before anything starts
+    prepare(cfg, dataset)  # and so is a model or loss that does not load, run or fit the data
     run = RunDir(cfg.out, append=bool(args.resume))
     cfg = cfg.replace(out=str(run.path))
     if not args.resume:

@@ -7,6 +7,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Optional
 
+import numpy as np
+
 from .optim import OPTIMIZERS, SCHEDULES
 
 
@@ -36,8 +38,14 @@ class TrainConfig:
     data: Optional[str] = _f(None,
         "A .npz (arrays x, y[, x_test, y_test]) or .csv (header row, label column last) file.")
     label: Optional[str] = _f(None, "The label column's name in a .csv file (default: the last column).")
-    model: Optional[list] = _f(None,
-        "Layer sizes, e.g. [40, 256, 256, 10]; default [features, 256, 256, outputs].")
+    seq_len: int = _f(64, "Tokens per example of a .txt data file (character-level next-token prediction).")
+    model: Optional[object] = _f(None,
+        "Layer sizes of an MLP (e.g. [40, 256, 256, 10]), a built-in model (mlp, cnn1d, cnn2d, transformer) "
+        "or path/to/file.py:function / package.module:function returning a dptrain.nn.Module; "
+        "default [features, 256, 256, outputs].")
+    loss: Optional[str] = _f(None,
+        "cross_entropy, mse, or path/to/file.py:function / package.module:function (output, target) -> "
+        "the SUM of the per-example losses; default by the task (cross_entropy for classes, mse otherwise).")
     activation: str = _f("relu", "Hidden-layer activation: relu, tanh or sigmoid.")
     workers: int = _f(1, "Data-parallel worker actors.")
     batch_size: int = _f(256, "Global batch size, split over the workers.")
@@ -96,11 +104,26 @@ class TrainConfig:
         if self.data is None and not self.dataset:
             bad("dataset", self.dataset, "give a dataset name or a data file")
         if self.model is not None:
-            if isinstance(self.model, str):
+            if isinstance(self.model, str) and is_widths(self.model):
                 self.model = parse_model(self.model)
-            self.model = [int(d) for d in self.model]
-            if len(self.model) < 2 or any(d < 1 for d in self.model):
-                bad("model", self.model, "at least two positive layer sizes")
+            if isinstance(self.model, str):
+                check_reference(self.model, "model", BUILTIN_MODEL_NAMES)
+            else:
+                if isinstance(self.model, (list, tuple)) and not is_widths(self.model):
+                    bad("model", self.model, "layer sizes must be whole numbers")
+                if not isinstance(self.model, (list, tuple)):
+                    bad("model", self.model, "layer sizes, a built-in name or file.py:function "
+                                             "(pass a Python callable as Trainer(cfg, model=...))")
+                self.model = [int(d) for d in self.model]
+                if len(self.model) < 2 or any(d < 1 for d in self.model):
+                    bad("model", self.model, "at least two positive layer sizes")
+        if self.loss is not None:
+            if not isinstance(self.loss, str):
+                bad("loss", self.loss, "a built-in name or file.py:function (pass a Python callable as "
+                                       "Trainer(cfg, loss=...))")
+            check_reference(self.loss, "loss", BUILTIN_LOSS_NAMES)
+        if self.seq_len < 1:
+            bad("seq_len", self.seq_len, "must be >= 1")
         if self.workers < 1:
             bad("workers", self.workers, "must be >= 1")
         if self.batch_size < 1:
@@ -169,6 +192,30 @@ class TrainConfig:
 
     def replace(self, **changes) -> "TrainConfig":
         return dataclasses.replace(self, **changes)
+
+
+BUILTIN_MODEL_NAMES = ("mlp", "cnn1d", "cnn2d", "transformer")
+BUILTIN_LOSS_NAMES = ("cross_entropy", "mse")
+
+
+def is_widths(spec) -> bool:
+    """True for layer sizes: a list of whole numbers, or text like "40,256,256,10"."""
+    if isinstance(spec, str):
+        parts = spec.replace(" ", "").split(",")
+        return bool(spec.strip()) and all(p.isdigit() for p in parts if p) and any(parts)
+    if isinstance(spec, (list, tuple)):
+        return all(isinstance(d, (int, np.integer)) or (isinstance(d, float) and d.is_integer()) for d in spec)
+    return False
+
+
+def check_reference(text: str, field: str, builtins: tuple) -> None:
+    """A built-in name, or something of the form where:function (resolved when the run starts)."""
+    where, sep, name = text.rpartition(":")
+    if text in builtins or (sep and where and name.isidentifier()):
+        return
+    raise ConfigError(f"invalid {field}: {text!r} (expected {'layer sizes like 40,256,256,10, ' if field == 'model' else ''}"
+                      f"a built-in name ({', '.join(builtins)}), path/to/file.py:function or "
+                      "package.module:function)", field=field)
 
 
 def parse_model(text: str) -> list:

@@ -13,10 +13,13 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from . import backend
-from .config import ConfigError, TrainConfig
+from .config import TrainConfig
 from .data import BatchSampler, Dataset, load_dataset
-from .nn import MLP, flatten, functional as F
+from .models import ModelFactory, check, count_correct, loss_function, model_factory
+from .nn import flatten, random as nn_random
 from .nn.flat import aligned_zeros
 from .optim import OPTIMIZERS, Optimizer, Schedule
 from .tensor import Tensor, as_dtype, no_grad
@@ -28,32 +31,23 @@ log = logging.getLogger(__name__)
 
 def load_data(cfg: TrainConfig) -> Dataset:
     if cfg.data is not None:
-        kwargs = {"label": cfg.label} if cfg.label and cfg.data.lower().endswith(".csv") else {}
+        kwargs = {}
+        if cfg.label and cfg.data.lower().endswith(".csv"):
+            kwargs["label"] = cfg.label
+        if cfg.data.lower().endswith(".txt"):
+            kwargs["seq_len"] = cfg.seq_len
         return load_dataset(path=cfg.data, seed=cfg.seed, **kwargs)
     return load_dataset(cfg.dataset)
 
 
-def model_dims(cfg: TrainConfig, dataset: Dataset) -> list:
-    """The configured layer sizes, checked against the data (or the default shape)."""
-    n_in, n_out = dataset.num_features, dataset.num_outputs
-    if cfg.model is None:
-        return [n_in, 256, 256, n_out]
-    dims = list(cfg.model)
-    if dims[0] != n_in:
-        raise ConfigError(f"invalid model: {dims} takes {dims[0]} inputs but {dataset.name} has {n_in} features")
-    if dims[-1] != n_out:
-        what = "classes" if dataset.task == "classification" else "target columns"
-        raise ConfigError(f"invalid model: {dims} has {dims[-1]} outputs but {dataset.name} has {n_out} {what}")
-    return dims
-
-
-def build_model(cfg: TrainConfig, dims: list) -> MLP:
-    """The model every replica and the server build: same seed, same initial parameters."""
-    model = MLP(dims, activation=cfg.activation, dtype=cfg.dtype, seed=cfg.seed)
-    if cfg.device != "cpu":
-        model.to(cfg.device)
-    model.flat()
-    return model
+def prepare(cfg: TrainConfig, dataset: Dataset, model=None, loss=None) -> tuple:
+    """The run's model factory and loss function, checked on the data before anything starts
+    (models.check: a failing builder, outputs that do not fit the labels, a loss that is not a
+    scalar sum are one ConfigError)."""
+    factory = model_factory(cfg, dataset, model)
+    loss_fn = loss_function(cfg, dataset, loss)
+    check(factory, loss_fn, dataset, cfg.seed)
+    return factory, loss_fn
 
 
 def build_optimizer(cfg: TrainConfig, params) -> Optimizer:
@@ -74,24 +68,21 @@ def build_schedule(cfg: TrainConfig, steps: int) -> Schedule:
                     step_size=cfg.step_size, gamma=cfg.gamma)
 
 
-def loss_sum(output: Tensor, target, task: str) -> Tensor:
-    """The SUM over examples of the per-example loss (cross-entropy, or squared error)."""
-    if task == "classification":
-        return F.cross_entropy(output, target, reduction="sum")
-    return F.mse_loss(output, target, reduction="sum")
-
-
 class Replica:
     """A model replica with its copy of the data on its device.
 
-    `compute_gradients(indices)` leaves the gradient of the summed loss in
-    `self.flat.grad` and returns (loss_sum, correct, count).
+    `compute_gradients(indices, step, first_position)` leaves the gradient of the summed
+    loss in `self.flat.grad` and returns (loss_sum, correct, count). The forward pass
+    runs in train mode inside nn.random's context for (seed, step, the examples'
+    positions in the step's global batch), so dropout masks do not depend on which
+    worker holds an example.
     """
 
-    def __init__(self, cfg: TrainConfig, dataset: Dataset, dims: list):
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, factory: ModelFactory, loss):
         self.cfg = cfg
         self.task = dataset.task
-        self.model = build_model(cfg, dims)
+        self.loss = loss
+        self.model = factory()
         self.flat = self.model.flat()
         xp = backend.xp_for(cfg.device)
         dt = as_dtype(cfg.dtype)
@@ -117,31 +108,37 @@ class Replica:
             storage = aligned_zeros(self.xp, self.flat.size, self.flat.data.dtype)
         self.flat = flatten(self.model.parameters(), data=self.flat.data, grad=storage, data_is_current=True)
 
-    def compute_gradients(self, indices) -> tuple[float, int, int]:
+    def compute_gradients(self, indices, step: int = 0, first_position: int = 0) -> tuple[float, float, int]:
         self.flat.zero_grad()
         count = len(indices)
         if count == 0:  # an empty shard contributes nothing
             return 0.0, 0, 0
         idx = self.xp.asarray(indices)
         x, y = self.x_train[idx], self.y_train[idx]
-        out = self.model(Tensor(x))
-        loss = loss_sum(out, y, self.task)
+        self.model.train()
+        with nn_random.context(self.cfg.seed, step, np.arange(first_position, first_position + count)):
+            out = self.model(Tensor(x))
+        loss = self.loss(out, y)
         loss.backward()
-        correct = int((out.data.argmax(axis=1) == y).sum()) if self.task == "classification" else 0
+        correct = count_correct(out.data, y) if self.task == "classification" else 0
         return float(loss.data), correct, count
 
     def evaluate(self, split: str = "test") -> dict:
-        """Mean loss (and accuracy for classification) over a whole split, in batches."""
+        """Mean loss (and accuracy for classification) over a whole split, in batches, in eval mode."""
         x, y = (self.x_test, self.y_test) if split == "test" else (self.x_train, self.y_train)
         total, correct, n = 0.0, 0, len(x)
         bs = self.cfg.eval_batch_size
-        with no_grad():
-            for start in range(0, n, bs):
-                xb, yb = x[start:start + bs], y[start:start + bs]
-                out = self.model(Tensor(xb))
-                total += float(loss_sum(out, yb, self.task).data)
-                if self.task == "classification":
-                    correct += int((out.data.argmax(axis=1) == yb).sum())
+        self.model.eval()
+        try:
+            with no_grad():
+                for start in range(0, n, bs):
+                    xb, yb = x[start:start + bs], y[start:start + bs]
+                    out = self.model(Tensor(xb))
+                    total += float(self.loss(out, yb).data)
+                    if self.task == "classification":
+                        correct += count_correct(out.data, yb)
+        finally:
+            self.model.train()
         result = {"loss": total / max(n, 1)}
         if self.task == "classification":
             result["accuracy"] = correct / max(n, 1)
@@ -250,8 +247,8 @@ class LocalLoop:
     """One replica and its optimizer, stepped in this process: the single-process loop that
     `train_local` runs, and that `dptrain scale` interleaves with the trainer's steps."""
 
-    def __init__(self, cfg: TrainConfig, dataset: Dataset, dims: list, steps: int):
-        self.replica = Replica(cfg, dataset, dims)
+    def __init__(self, cfg: TrainConfig, dataset: Dataset, factory: ModelFactory, loss, steps: int):
+        self.replica = Replica(cfg, dataset, factory, loss)
         self.opt = build_optimizer(cfg, self.replica.model.parameters())
         self.sampler = BatchSampler(len(dataset), cfg.batch_size, cfg.seed)
         self.schedule = build_schedule(cfg, steps)
@@ -260,7 +257,7 @@ class LocalLoop:
         """One training step; its record (loss, count, lr, time_s, and accuracy when classifying)."""
         replica, opt = self.replica, self.opt
         t0 = time.perf_counter()
-        loss, correct, count = replica.compute_gradients(self.sampler.indices(step))
+        loss, correct, count = replica.compute_gradients(self.sampler.indices(step), step)
         replica.flat.grad /= count
         opt.lr = self.schedule(step)
         opt.step()
@@ -276,12 +273,17 @@ class LocalLoop:
         return [self.step(step) for step in range(first, first + count)]
 
 
-def train_local(cfg: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None) -> TrainResult:
-    """Train one replica in this process. Same steps, same numbers as N distributed workers."""
+def train_local(cfg: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None, *, model=None,
+                loss=None) -> TrainResult:
+    """Train one replica in this process. Same steps, same numbers as N distributed workers.
+
+    `model` (a callable returning a dp.nn.Module) and `loss` (a name, or a callable
+    (output, target) -> the loss SUM) override cfg.model and cfg.loss (see dptrain.models).
+    """
     dataset = dataset if dataset is not None else load_data(cfg)
-    dims = model_dims(cfg, dataset)
+    factory, loss_fn = prepare(cfg, dataset, model, loss)
     steps = total_steps(cfg, len(dataset))
-    loop = LocalLoop(cfg, dataset, dims, steps)
+    loop = LocalLoop(cfg, dataset, factory, loss_fn, steps)
     replica, sampler = loop.replica, loop.sampler
     mlog = MetricsLog(cfg, steps, workers=1, sink=sink)
     window: list = []

@@ -183,10 +183,11 @@ def time_to_accuracy(base: TrainConfig, worker_counts: list, target: float, max_
     return rows, curves
 
 
-def _compute_only_ms(config: dict, dims: list, dataset, batch: int, steps: int) -> float:
+def _compute_only_ms(config: dict, dataset, batch: int, steps: int) -> float:
     """Median time of forward and backward on `batch` examples in this process (no transport)."""
-    from .loop import Replica
-    replica = Replica(TrainConfig.from_dict(config), dataset, dims)
+    from .loop import Replica, prepare
+    cfg = TrainConfig.from_dict(config)
+    replica = Replica(cfg, dataset, *prepare(cfg, dataset))
     idx = np.arange(batch)
     times = []
     for _ in range(steps):
@@ -206,7 +207,7 @@ def compute_ceiling(base: TrainConfig, dataset, worker_counts: list, steps: int)
     rows, one = [], None
     for n in worker_counts:
         share = max(base.batch_size // n, 1)
-        times = ray.get([task.remote(base.to_dict(), base.model, data_ref, share, steps) for _ in range(n)])
+        times = ray.get([task.remote(base.to_dict(), data_ref, share, steps) for _ in range(n)])
         slowest = max(times)
         one = slowest if one is None else one
         rows.append({"workers": n, "examples_each": share, "compute_ms": slowest, "ceiling_speedup": one / slowest})
@@ -256,12 +257,12 @@ def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3, blo
     import ray
 
     from .distributed import Trainer
-    from .loop import LocalLoop, model_dims
+    from .loop import LocalLoop, prepare
 
     blocks = max(repeats * steps // block, 2)
     one = base.replace(workers=1, steps=blocks * block)
     data_ref = ray.put(dataset)
-    loop = ray.remote(num_cpus=base.cpus_per_worker)(LocalLoop).remote(one, data_ref, model_dims(one, dataset),
+    loop = ray.remote(num_cpus=base.cpus_per_worker)(LocalLoop).remote(one, data_ref, *prepare(one, dataset),
                                                                         one.steps)
     local, dist, per_block = [], [], []
     trainer = Trainer(one, dataset=dataset)
@@ -315,12 +316,13 @@ def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float, shar
 
     from .bench import time_interleaved
     from .distributed.shm import SharedArray
-    from .loop import build_model, build_optimizer
+    from .loop import build_optimizer
+    from .nn import MLP
 
     def median_s(fn) -> float:  # one operation at a time, 10 calls
         return time_interleaved({"op": lambda x, y: fn()}, None, None, repeats=10, warmup=0)["op"]
 
-    model = build_model(base, base.model)
+    model = MLP(base.model, activation=base.activation, dtype=base.dtype, seed=base.seed)
     opt = build_optimizer(base, model.parameters())
     flat = model.flat()
     g = flat.data.nbytes
@@ -580,8 +582,8 @@ def run(args) -> int:
     for n in counts:  # every point must be a valid run before any starts
         base.replace(workers=n)
     dataset = load_dataset(args.dataset)
-    from .loop import model_dims
-    model_dims(base, dataset)
+    from .loop import prepare
+    prepare(base, dataset)  # a model that does not fit the data is refused before anything runs
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else Path("runs") / f"scale-{stamp}"

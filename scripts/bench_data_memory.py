@@ -21,7 +21,7 @@ from dptrain.config import TrainConfig
 from dptrain.data import Dataset
 from dptrain.distributed.actors import Worker
 from dptrain.distributed.trainer import prepare_dataset
-from dptrain.loop import build_model
+from dptrain.loop import prepare
 
 
 def synthetic(mb: float, features: int = 64, seed: int = 0) -> Dataset:
@@ -36,9 +36,10 @@ def measure(dataset: Dataset, workers: int) -> list:
     """USS/RSS of each of `workers` workers after one step, sharing one put of `dataset`."""
     cfg = TrainConfig(workers=workers, batch_size=256, model=[dataset.num_features, 32, 2], dtype="float32")
     ref = ray.put(prepare_dataset(dataset, cfg.dtype))
-    actors = [ray.remote(Worker).options(num_cpus=0).remote(cfg.to_dict(), cfg.model, ref, r, workers)
+    factory, loss = prepare(cfg, dataset)
+    actors = [ray.remote(Worker).options(num_cpus=0).remote(cfg.to_dict(), factory, loss, ref, r, workers)
               for r in range(workers)]
-    params = build_model(cfg, cfg.model).flat().data
+    params = factory().flat().data
     ray.get([a.compute_gradients.remote(params, 0) for a in actors])
     mem = ray.get([a.memory.remote() for a in actors])
     for a in actors:

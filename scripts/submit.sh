@@ -15,6 +15,8 @@
 #
 # The working directory (this repository) is uploaded to the cluster without
 # virtual environments, caches, git data or results: Ray copies it to every node.
+# A --model or --loss given as path/to/file.py:function must lie inside it; the path
+# is rewritten relative to it (the job runs there), so it may be given from anywhere.
 # Ray 2.60 clusters use token authentication: RAY_AUTH_MODE=token is set here,
 # and the token is read from ~/.ray/auth_token (or $RAY_AUTH_TOKEN).
 set -euo pipefail
@@ -34,7 +36,7 @@ while [[ $# -gt 0 ]]; do
     --entry) entry=$2; shift 2 ;;
     --no-wait) wait_flag=(--no-wait); shift ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "submit.sh: unknown option $1 (train flags go after --; see --help)" >&2; exit 2 ;;
   esac
 done
@@ -45,6 +47,35 @@ if ! command -v ray >/dev/null 2>&1; then
 fi
 
 [[ -f "$root/$entry" ]] || { echo "submit.sh: --entry $entry: no such script in $root" >&2; exit 2; }
+
+# file.py:function references, as the job will see them: relative to the uploaded root
+reference() {  # FLAG VALUE -> the value to pass on
+  local flag=$1 value=$2 file fn abs
+  if [[ $value != *.py:* ]]; then echo "$value"; return 0; fi
+  file=${value%:*}; fn=${value##*:}
+  if [[ ! -f $file ]]; then echo "submit.sh: $flag $value: file $file not found" >&2; return 2; fi
+  abs="$(cd "$(dirname "$file")" && pwd)/$(basename "$file")"
+  case $abs in
+    "$root"/*) echo "${abs#"$root"/}:$fn" ;;
+    *) echo "submit.sh: $flag $value: $abs is outside the directory uploaded to the cluster ($root);" \
+            "put the file inside it" >&2; return 2 ;;
+  esac
+}
+train_args=()
+pending=""
+for arg in "$@"; do
+  if [[ -n $pending ]]; then
+    arg=$(reference "$pending" "$arg") || exit 2
+    pending=""
+  elif [[ $arg == --model || $arg == --loss ]]; then
+    pending=$arg
+  elif [[ $arg == --model=* || $arg == --loss=* ]]; then
+    value=$(reference "${arg%%=*}" "${arg#*=}") || exit 2
+    arg="${arg%%=*}=$value"
+  fi
+  train_args+=("$arg")
+done
+
 extra=()
 [[ "$entry" == *train.py ]] && extra=(--no-progress)
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
@@ -59,7 +90,7 @@ echo "submitting $id to $address (results: $out on the head node)"
 status=0
 ray job submit --address "$address" --submission-id "$id" --working-dir "$root" \
   --runtime-env-json "$runtime_env" "${wait_flag[@]}" -- \
-  python "$entry" --out "$out" "${extra[@]}" "$@" || status=$?
+  python "$entry" --out "$out" "${extra[@]}" "${train_args[@]}" || status=$?
 
 if [[ ${#wait_flag[@]} -gt 0 ]]; then
   echo "submitted: follow with  RAY_AUTH_MODE=token ray job logs --address $address -f $id"

@@ -12,7 +12,7 @@ import dptrain as dp
 from dptrain.distributed import ParameterServer, Worker
 from dptrain.distributed import control
 from dptrain.distributed.trainer import prepare_dataset
-from dptrain.loop import model_dims
+from dptrain.loop import prepare
 
 
 def _pair():
@@ -68,10 +68,10 @@ def served_worker():
     cfg = dp.TrainConfig(workers=1, dataset="moons", batch_size=50, steps=12, dtype="float64",
                          model=[2, 16, 16, 2], seed=1, momentum=0.9, lr=0.1)
     ds = prepare_dataset(dp.data.load_dataset("moons"), "float64")
-    dims = model_dims(cfg, ds)
-    ps = ParameterServer(cfg.to_dict(), dims, total_steps=12)
-    worker = Worker(cfg.to_dict(), dims, ds, 0, 1)
-    reference = Worker(cfg.to_dict(), dims, ds, 0, 1)  # object-store style: gets the parameters passed
+    factory, loss = prepare(cfg, ds)
+    ps = ParameterServer(cfg.to_dict(), factory, total_steps=12)
+    worker = Worker(cfg.to_dict(), factory, loss, ds, 0, 1)
+    reference = Worker(cfg.to_dict(), factory, loss, ds, 0, 1)  # object-store style: gets the parameters passed
     segment = ps.enable_shared_memory("test")
     ps.register_shared_worker(0, worker.use_shared_memory(segment, "test"))
     listener = control.Listener("test")

@@ -56,8 +56,49 @@ def test_npz_errors(tmp_path, arrays, message):
 def test_missing_file(tmp_path):
     with pytest.raises(DataError, match="data file not found: .*nope.npz"):
         load_dataset(path=str(tmp_path / "nope.npz"))
-    with pytest.raises(DataError, match="unsupported type '.txt'"):
+    with pytest.raises(DataError, match="unsupported type '.json'"):
+        load_dataset(path=str(tmp_path / "d.json"))
+    with pytest.raises(DataError, match="data file not found: .*d.txt"):
         load_dataset(path=str(tmp_path / "d.txt"))
+
+
+def test_npz_keeps_input_shapes(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "images.npz"
+    np.savez(path, x=rng.random((30, 3, 5, 5)), y=rng.integers(0, 4, 30))
+    ds = load_npz(path)
+    assert ds.x_train.shape[1:] == ds.input_shape == (3, 5, 5) and ds.num_features == 75
+    assert ds.x_test.shape[1:] == (3, 5, 5)
+
+
+def test_digits_as_images():
+    from dptrain.data import digits2d
+    ds = digits2d()
+    assert ds.input_shape == (1, 8, 8) and ds.num_outputs == 10
+    np.testing.assert_array_equal(ds.x_train.reshape(len(ds), 64), load_dataset("digits").x_train)
+
+
+def test_sort_task_labels_are_the_next_tokens():
+    ds = load_dataset("sort")
+    assert ds.input_shape == (16,) and ds.y_train.shape[1:] == (16,) and ds.num_outputs == 11
+    x, y = ds.x_train[0].astype(int), ds.y_train[0]
+    np.testing.assert_array_equal(x[1:], y[:-1])  # shifted by one
+    assert y[7] == 10 and list(y[8:]) == sorted(x[:8])  # the separator, then the digits sorted
+
+
+def test_text_file_next_character(tmp_path):
+    path = tmp_path / "t.txt"
+    text = "hello world, " * 40 + "the held-out tail!"
+    path.write_text(text)
+    ds = load_dataset(path=str(path), seq_len=8)
+    assert ds.vocab == "".join(sorted(set(text))) and ds.num_outputs == len(ds.vocab)
+    decode = lambda ids: "".join(ds.vocab[int(i)] for i in ids)  # noqa: E731
+    assert decode(ds.x_train[0]) == text[:8] and decode(ds.y_train[0]) == text[1:9]
+    assert decode(ds.x_train[1]) == text[2:10]  # training windows every seq_len // 4
+    tail = text[int(len(text) * 0.9):]
+    assert decode(ds.x_test[0]) == tail[:8] and decode(ds.y_test[0]) == tail[1:9]
+    with pytest.raises(DataError, match="too short for --seq-len 200"):
+        load_dataset(path=str(path), seq_len=200)
 
 
 def test_csv(tmp_path):

@@ -6,7 +6,7 @@ import pytest
 import dptrain as dp
 from dptrain.distributed import ParameterServer, TrainingError, Worker
 from dptrain.distributed.trainer import prepare_dataset
-from dptrain.loop import model_dims
+from dptrain.loop import prepare
 
 pytestmark = pytest.mark.ray
 
@@ -91,9 +91,9 @@ def test_actors_work_without_ray():
     """The actors are plain classes: one server step by hand equals one local step."""
     cfg = dp.TrainConfig(workers=2, **BASE)
     ds = prepare_dataset(dp.data.load_dataset("moons"), "float64")
-    dims = model_dims(cfg, ds)
-    ps = ParameterServer(cfg.to_dict(), dims, total_steps=12)
-    workers = [Worker(cfg.to_dict(), dims, ds, rank, 2) for rank in range(2)]
+    factory, loss = prepare(cfg, ds)
+    ps = ParameterServer(cfg.to_dict(), factory, total_steps=12)
+    workers = [Worker(cfg.to_dict(), factory, loss, ds, rank, 2) for rank in range(2)]
     params = ps.get_weights().copy()
     results = [w.compute_gradients(params, 0) for w in workers]
     _, metrics = ps.apply_gradients(0, *results)
@@ -119,7 +119,7 @@ def test_dataset_is_shared_not_copied(ray_local):
             x = self.replica.x_train
             return {"writeable": x.flags.writeable, "owndata": x.flags.owndata}
 
-    probe = Probe.remote(cfg.to_dict(), model_dims(cfg, ds), ref, 0, 1)
+    probe = Probe.remote(cfg.to_dict(), *prepare(cfg, ds), ref, 0, 1)
     flags = ray.get(probe.flags.remote())
     ray.kill(probe)
     assert flags == {"writeable": False, "owndata": False}

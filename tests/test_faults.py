@@ -13,6 +13,7 @@ import pytest
 import dptrain as dp
 from dptrain import checkpoint
 from dptrain.distributed import TrainingError
+from dptrain.models import layout
 
 pytestmark = [pytest.mark.ray, pytest.mark.fault]
 
@@ -154,12 +155,16 @@ def test_driver_killed_and_resumed(tmp_path):
 
 # --------------------------------------------------------------------------- checkpoint files
 
+def _layout(dims):
+    return layout(dp.nn.MLP(dims, seed=0, dtype="float64"))
+
+
 def _write(tmp_path, steps=(4, 8)):
     model = dp.nn.MLP([2, 3, 2], seed=0, dtype="float64")
     opt = dp.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for s in steps:
         opt.flat.data[...] += s
-        checkpoint.save(tmp_path, s, opt.flat.data, opt.state_dict(), [2, 3, 2], {"seed": 0}, keep=3)
+        checkpoint.save(tmp_path, s, opt.flat.data, opt.state_dict(), layout(model), {"seed": 0}, keep=3)
     return opt
 
 
@@ -167,7 +172,7 @@ def test_checkpoint_round_trip_and_retention(tmp_path):
     opt = _write(tmp_path, steps=(2, 4, 6, 8))
     assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["ckpt-00000008.json", "ckpt-00000006.json",
                                                                        "ckpt-00000004.json"]
-    state = checkpoint.load_latest(tmp_path, [2, 3, 2], "float64")
+    state = checkpoint.load_latest(tmp_path, _layout([2, 3, 2]), "float64")
     assert state["step"] == 8
     np.testing.assert_array_equal(state["params"], opt.flat.data)
     assert set(state["optimizer"]["state"]) == {"momentum_buffer"}
@@ -188,15 +193,30 @@ def test_damaged_checkpoint_falls_back_to_the_previous(tmp_path, damage, caplog)
         npz.unlink()
     else:
         meta.write_text("{not json")
-    state = checkpoint.load_latest(tmp_path, [2, 3, 2])
+    state = checkpoint.load_latest(tmp_path, _layout([2, 3, 2]))
     assert state["step"] == 4
     assert "skipping checkpoint" in caplog.text
 
 
 def test_checkpoint_of_another_model_is_refused(tmp_path):
     _write(tmp_path)
-    with pytest.raises(checkpoint.CheckpointError, match=r"a checkpoint of model \[2, 3, 2\], this run's model is"):
-        checkpoint.load_latest(tmp_path, [2, 4, 2])
+    with pytest.raises(checkpoint.ModelMismatch, match=r"another model than this run's: parameter 0 is '0.weight' "
+                                                        r"\(3, 2\) float64 in one and '0.weight' \(4, 2\) float64"):
+        checkpoint.load_latest(tmp_path, _layout([2, 4, 2]))
+    conv = dp.nn.Sequential(dp.nn.Conv1d(1, 3, 2), dp.nn.Flatten(), dp.nn.Linear(3, 2)).to("float64")
+    with pytest.raises(checkpoint.ModelMismatch, match="'0.weight' \\(3, 1, 2\\)"):
+        checkpoint.load_latest(tmp_path, layout(conv))
+
+
+def test_format_1_checkpoints_are_read_as_mlp_layouts(tmp_path):
+    opt = _write(tmp_path, steps=(3,))
+    meta_path = tmp_path / "ckpt-00000003.json"
+    meta = json.loads(meta_path.read_text())
+    meta["format"], meta["dims"] = 1, [2, 3, 2]
+    del meta["layout"]
+    meta_path.write_text(json.dumps(meta))
+    state = checkpoint.load_latest(tmp_path, _layout([2, 3, 2]), "float64")
+    np.testing.assert_array_equal(state["params"], opt.flat.data)
 
 
 def test_checkpoints_never_unpickle(tmp_path):

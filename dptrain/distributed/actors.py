@@ -14,7 +14,9 @@ import numpy as np
 from .. import backend
 from ..config import TrainConfig
 from ..data import BatchSampler, Dataset
-from ..loop import Replica, build_model, build_optimizer, build_schedule
+from ..data.sampler import shard_bounds
+from ..loop import Replica, build_optimizer, build_schedule
+from ..models import ModelFactory, layout
 from ..nn import flatten
 from . import control
 from .shm import SharedArray, unlink
@@ -44,13 +46,15 @@ class Worker:
 
     The dataset arrives once, at construction, from Ray's object store: on the
     worker's node the arrays are read-only views of shared memory, not copies.
+    `factory` builds the model (dptrain.models.ModelFactory) and `loss` is the loss
+    function; both arrive pickled by value where they come from a user's file.
     """
 
-    def __init__(self, config: dict, dims: list, dataset: Dataset, rank: int, num_workers: int,
+    def __init__(self, config: dict, factory: ModelFactory, loss, dataset: Dataset, rank: int, num_workers: int,
                  faults: list | None = None):
         self.cfg = TrainConfig.from_dict(config)
         self.rank, self.num_workers = rank, num_workers
-        self.replica = Replica(self.cfg, dataset, dims)
+        self.replica = Replica(self.cfg, dataset, factory, loss)
         self.sampler = BatchSampler(len(dataset), self.cfg.batch_size, self.cfg.seed)
         self.faults = [f for f in (faults or []) if f.get("role", "worker") == "worker" and f["rank"] == rank]
         self._params_shm = self._grad_shm = None  # set by use_shared_memory
@@ -94,6 +98,10 @@ class Worker:
         """Where this worker runs (the driver waits on it, with a timeout, before step 0)."""
         return {"rank": self.rank, "pid": os.getpid(), "node_id": _node_id(), "device": self.cfg.device}
 
+    def layout(self) -> list:
+        """[name, shape, dtype] of every parameter of this replica (the driver checks they match the server's)."""
+        return layout(self.replica.model)
+
     def memory(self) -> dict:
         """This process's memory: rss counts shared pages (the object store's), uss only its own."""
         import psutil
@@ -115,8 +123,9 @@ class Worker:
                 self._loaded = 0  # the server's next update changes them
             else:
                 self.replica.load_parameters(params)
-            indices = self.sampler.shard(step, self.num_workers, self.rank)
-            loss_sum, correct, count = self.replica.compute_gradients(indices)
+            batch = self.sampler.indices(step)
+            start, stop = shard_bounds(len(batch), self.num_workers, self.rank)
+            loss_sum, correct, count = self.replica.compute_gradients(batch[start:stop], step, start)
             grad = backend.to_numpy(self.replica.flat.grad)
             for fault in self.faults:
                 if fault["step"] == step:
@@ -200,14 +209,15 @@ class ParameterServer:
     Ray calls; `save_checkpoint` / `restore_checkpoint` write and read its full state.
     """
 
-    def __init__(self, config: dict, dims: list, total_steps: int, faults: list | None = None):
+    def __init__(self, config: dict, factory: ModelFactory, total_steps: int, faults: list | None = None):
         cfg = TrainConfig.from_dict(config)
-        self.config, self.dims = config, list(dims)
+        self.config = config
         self.faults = [f for f in (faults or []) if f.get("role") == "server"]
         self.checkpoints = os.path.join(cfg.out, "checkpoints") if cfg.out else None
         # the server's arithmetic is a few vector ops over arrays that arrive in host memory: CPU
         self.cfg = cfg.replace(device="cpu", gpus_per_worker=0.0)
-        self.model = build_model(self.cfg, dims)
+        self.model = factory.on("cpu")()  # its parameters are the run's initial ones
+        self.layout = layout(self.model)
         self.optimizer = build_optimizer(self.cfg, self.model.parameters())
         self.schedule = build_schedule(self.cfg, total_steps)
         self.flat = self.optimizer.flat
@@ -458,7 +468,7 @@ class ParameterServer:
             return None
         from .. import checkpoint
         return str(checkpoint.save(self.checkpoints, self.step, self.flat.data, self.optimizer.state_dict(),
-                                   self.dims, self.config, keep=self.cfg.keep_checkpoints))
+                                   self.layout, self.config, keep=self.cfg.keep_checkpoints))
 
     def restore_checkpoint(self, folder: str | None = None, max_step: int | None = None) -> int | None:
         """Load the newest intact checkpoint (of this model, of at most `max_step` steps) from
@@ -468,7 +478,7 @@ class ParameterServer:
         folder = folder or self.checkpoints
         if folder is None:  # no checkpoints kept: a new server starts from the initial parameters
             return None
-        state = checkpoint.load_latest(folder, self.dims, str(self.flat.data.dtype), max_step)
+        state = checkpoint.load_latest(folder, self.layout, str(self.flat.data.dtype), max_step)
         if state is None:
             return None
         self.flat.data[...] = state["params"]
@@ -492,6 +502,10 @@ class ParameterServer:
             raise self._hung([0], self.step, "no evaluation") from None
         except ray.exceptions.RayActorError as e:
             raise WorkerLost(0, self.step, f"its process died ({type(e).__name__})") from None
+
+    def get_layout(self) -> list:
+        """[name, shape, dtype] of every parameter: the model's identity in checkpoints."""
+        return self.layout
 
     def get_weights(self) -> np.ndarray:
         """The current flat parameters."""

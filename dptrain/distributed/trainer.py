@@ -33,8 +33,11 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 
 from ..config import TrainConfig
 from ..data import BatchSampler, Dataset
-from ..loop import (MetricsLog, TrainResult, epoch_record, load_data, model_dims, reached_target, summary_record,
+from ..config import ConfigError
+from ..loop import (MetricsLog, TrainResult, epoch_record, load_data, prepare, reached_target, summary_record,
                     total_steps)
+from .. import checkpoint
+from ..models import first_difference, layout, user_modules
 from ..tensor import as_dtype
 from .actors import NonFiniteError, ParameterServer, Worker, WorkerError, WorkerLost
 from . import shm
@@ -87,6 +90,13 @@ def _unwrap(error: BaseException) -> BaseException:
 class Trainer:
     """`Trainer(TrainConfig(...)).fit()` trains on Ray and returns a TrainResult.
 
+    `model`, a callable returning a dp.nn.Module, and `loss`, a name or a callable
+    (output, target) -> the loss SUM, override cfg.model and cfg.loss (dptrain.models
+    says what they may be). The builder runs on the server (whose parameters are the
+    initial ones) and on every worker; a function from the user's script or from a
+    `file.py:function` reference is shipped by value, so its file need not exist on
+    the cluster's other machines. Before any actor starts, the model and the loss run
+    once on the CPU on two examples (models.check): mistakes are a ConfigError.
     `sink` receives every metrics record (the CLI writes them to metrics.jsonl);
     `progress(step, record)` is called after each step's metrics arrive;
     `faults` injects failures into workers and the server (tests and scripts/soak.py);
@@ -94,8 +104,9 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None,
-                 faults: list | None = None, resume: bool = False):
+                 faults: list | None = None, resume: bool = False, *, model=None, loss=None):
         self.cfg = config
+        self.model, self.loss = model, loss
         self.resume = resume  # continue from the newest checkpoint in <out>/checkpoints
         self.faults = faults  # fault injection (tests, scripts/soak.py): see actors.inject_fault
         self.dataset = dataset
@@ -112,20 +123,20 @@ class Trainer:
         opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
         if pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank)
-        return ray.remote(Worker).options(**opts).remote(cfg.to_dict(), self._dims, self._data_ref, rank,
-                                                         num_workers, faults)
+        return ray.remote(Worker).options(**opts).remote(cfg.to_dict(), self._factory, self._loss_fn, self._data_ref,
+                                                         rank, num_workers, faults)
 
     def _spawn_server(self, faults=None):
         opts = {"num_cpus": 0}
         head = head_node_id()
         if head is not None:  # next to the driver on the head node, unless it cannot fit there
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
-        return ray.remote(ParameterServer).options(**opts).remote(self.cfg.to_dict(), self._dims, self._steps,
+        return ray.remote(ParameterServer).options(**opts).remote(self.cfg.to_dict(), self._factory, self._steps,
                                                                   faults)
 
-    def _spawn(self, dims: list, data_ref, steps: int):
+    def _spawn(self, data_ref, steps: int):
         cfg = self.cfg
-        self._dims, self._data_ref, self._steps = dims, data_ref, steps
+        self._data_ref, self._steps = data_ref, steps
         pg = None
         if cfg.spread:
             bundle = {"CPU": max(cfg.cpus_per_worker, 0.01)}
@@ -187,9 +198,17 @@ class Trainer:
             raise ClusterError(f"{', '.join(names)} did not start within {READY_TIMEOUT_S:.0f} s "
                                "(not enough free resources in the cluster?)")
         try:
-            return ray.get(refs)
+            placement = ray.get(refs)
         except ray.exceptions.RayError as e:
             raise TrainingError(f"a worker failed to start: {_unwrap(e)}") from None
+        server = ray.get(ps.get_layout.remote())
+        for rank, theirs in enumerate(ray.get([w.layout.remote() for w in workers])):
+            diff = first_difference(server, theirs)
+            if diff is not None:
+                raise ConfigError(f"invalid model: worker {rank} built another model than the server ({diff}, the "
+                                  "server's first): the builder must give the same names and shapes every time",
+                                  field="model")
+        return placement
 
     # ------------------------------------------------------------------ fit
 
@@ -203,7 +222,12 @@ class Trainer:
         (dataset, total steps). `fit` trains inside it; `run_block` drives steps in it."""
         cfg = self.cfg
         dataset = self.dataset if self.dataset is not None else load_data(cfg)  # bad data fails before Ray starts
-        dims = model_dims(cfg, dataset)
+        self._factory, self._loss_fn = prepare(cfg, dataset, self.model, self.loss)  # so does a bad model or loss
+        if self.resume and cfg.out:  # and a resume with another model than the checkpoint's
+            try:
+                checkpoint.check_model(os.path.join(cfg.out, "checkpoints"), layout(self._factory.on("cpu")()))
+            except checkpoint.ModelMismatch as e:
+                raise ConfigError(f"invalid resume: {e}", field="resume") from None
         steps = total_steps(cfg, len(dataset))
         self._steps_per_epoch = BatchSampler(len(dataset), cfg.batch_size).steps_per_epoch
         started = connect(cfg.address,
@@ -215,19 +239,22 @@ class Trainer:
         if cfg.out:  # segments left in this node's /dev/shm by an earlier, killed run of this folder
             for name in shm.names(f"dptrain-{self._run_key}-"):
                 shm.unlink(name)
+        for module in user_modules(self._factory.builder, self._loss_fn):  # their files may exist here only
+            ray.cloudpickle.register_pickle_by_value(module)
         try:
             check_resources(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker)
             data_ref = ray.put(prepare_dataset(dataset, cfg.dtype))
-            self._ps, self._workers, pg = self._spawn(dims, data_ref, steps)
+            self._ps, self._workers, pg = self._spawn(data_ref, steps)
             self._pg = pg
             self.placement = self._wait_ready(self._ps, self._workers)
             if self.resume:
                 self._restore(self._ps, required=True)
             self.shared = self._connect_transport(self._ps, self._workers)
-            log.info("training %s on %d worker(s) across %d node(s) (%d through shared memory): model %s, "
-                     "%d steps, global batch %d", dataset.name, cfg.workers,
-                     len({p["node_id"] for p in self.placement}), len(self.shared), "-".join(map(str, dims)),
-                     steps, cfg.batch_size)
+            log.info("training %s on %d worker(s) across %d node(s) (%d through shared memory): model %s "
+                     "(%s parameters), %d steps, global batch %d", dataset.name, cfg.workers,
+                     len({p["node_id"] for p in self.placement}), len(self.shared), self._factory.name,
+                     f"{sum(int(np.prod(p[1])) for p in ray.get(self._ps.get_layout.remote())):,}", steps,
+                     cfg.batch_size)
             ray.get(self._ps.set_workers.remote(self._workers, self._steps_per_epoch, steps))
             yield dataset, steps
         finally:

@@ -1,0 +1,153 @@
+"""Any model, any loss: built-ins, file:function references, the check before a run, and
+user-defined models with dropout and a transformer trained by N workers exactly as one process."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dptrain as dp
+from dptrain.config import BUILTIN_LOSS_NAMES, BUILTIN_MODEL_NAMES, ConfigError
+from dptrain.loop import prepare
+from dptrain.models import BUILTIN_LOSSES, BUILTIN_MODELS, layout
+
+HERE = Path(__file__).resolve().parent
+USER = "tests/user_models.py"
+CNN = dict(dataset="mnist1d", batch_size=50, steps=6, dtype="float64", optimizer="adam", lr=0.01, seed=3)
+SORT = dict(dataset="sort", batch_size=30, steps=4, dtype="float64", optimizer="adam", lr=0.01, seed=2)
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-300)) for k in b)
+
+
+@pytest.fixture
+def in_repo(monkeypatch):
+    monkeypatch.chdir(HERE.parent)  # references are relative to where dptrain runs
+
+
+def test_builtin_names_agree():
+    assert set(BUILTIN_MODEL_NAMES) == set(BUILTIN_MODELS) and set(BUILTIN_LOSS_NAMES) == set(BUILTIN_LOSSES)
+
+
+@pytest.mark.parametrize("model,dataset,shape", [("cnn1d", "mnist1d", (3, 10)), ("cnn2d", "digits2d", (3, 10)),
+                                                 ("transformer", "sort", (3, 16, 11)), ("mlp", "digits2d", (3, 10))])
+def test_builtin_models_fit_their_data(model, dataset, shape):
+    cfg = dp.TrainConfig(dataset=dataset, model=model)
+    ds = dp.data.load_dataset(dataset)
+    factory, loss = prepare(cfg, ds)
+    net = factory()
+    assert net(dp.Tensor(ds.x_train[:3].astype(np.float32))).shape == shape
+
+
+def test_conv_base_is_the_papers():
+    net = dp.models.cnn1d((40,), 10)
+    assert [(n, tuple(s)) for n, s, _ in layout(net)] == [
+        ("conv1.weight", (25, 1, 5)), ("conv1.bias", (25,)), ("conv2.weight", (25, 25, 3)), ("conv2.bias", (25,)),
+        ("conv3.weight", (25, 25, 3)), ("conv3.bias", (25,)), ("linear.weight", (10, 125)), ("linear.bias", (10,))]
+
+
+def test_file_and_module_references(in_repo):
+    ds = dp.data.load_dataset("mnist1d")
+    factory, _ = prepare(dp.TrainConfig(model=f"{USER}:build"), ds)
+    assert isinstance(factory(), dp.nn.Module) and factory.name == f"{USER}:build"
+    factory, _ = prepare(dp.TrainConfig(model="dptrain.models:cnn1d"), ds)
+    assert [n for n, *_ in layout(factory())][0] == "conv1.weight"
+    moons = dp.data.load_dataset("moons")
+    prepare(dp.TrainConfig(dataset="moons", model=f"{USER}:build_without_arguments"), moons)
+
+
+def test_the_factory_gives_the_same_model_every_time(in_repo):
+    factory, _ = prepare(dp.TrainConfig(model=f"{USER}:build", dtype="float64", seed=4), dp.data.load_dataset("mnist1d"))
+    a, b = factory().state_dict(), factory().state_dict()
+    assert all(np.array_equal(a[k], b[k]) and a[k].dtype == np.float64 for k in a)
+    keys = [m.random_key for _, m in factory().named_modules() if isinstance(m, dp.nn.Dropout)]
+    assert keys == [dp.nn.random.layer_key("drop")]
+
+
+@pytest.mark.parametrize("model,loss,message", [
+    ("tests/nope.py:build", None, "invalid model: 'tests/nope.py:build': file tests/nope.py not found"),
+    (f"{USER}:missing", None, "has no 'missing' \\(it defines .*build"),
+    (f"{USER}:raises", None, "raised RuntimeError: this builder is broken"),
+    (f"{USER}:returns_list", None, "returned a list, not a dptrain.nn.Module"),
+    (f"{USER}:wrong_outputs", None, "output of .*shape \\(1, 13\\), does not fit the labels of shape \\(1,\\)"),
+    (None, f"{USER}:mean_loss", "a mean; return the SUM"),
+    (None, f"{USER}:vector_loss", "returned shape \\(1,\\) for 1 example\\(s\\); it must return a scalar"),
+    ("nosuchpackage.mod:fn", None, "cannot import nosuchpackage.mod"),
+])
+def test_bad_models_and_losses_are_named(in_repo, model, loss, message):
+    cfg = dp.TrainConfig(model=model, loss=loss)
+    with pytest.raises(ConfigError, match=message):
+        prepare(cfg, dp.data.load_dataset("mnist1d"))
+
+
+def test_callables_and_user_losses_train_in_one_process():
+    def regressor(input_shape, num_outputs):
+        return dp.nn.Sequential(dp.nn.Linear(input_shape[0], 32), dp.nn.GELU(), dp.nn.Linear(32, num_outputs))
+
+    import user_models
+    cfg = dp.TrainConfig(dataset="regression", batch_size=100, epochs=15, optimizer="adam", lr=0.01)
+    result = dp.train_local(cfg, model=regressor, loss=user_models.smooth_l1_sum)
+    first, last = result.metrics["epochs"][0]["test_loss"], result.metrics["epochs"][-1]["test_loss"]
+    assert last < 0.5 * first
+
+
+def test_dropout_is_off_when_evaluating(in_repo):
+    cfg = dp.TrainConfig(model=f"{USER}:build", **CNN)
+    ds = dp.data.load_dataset("mnist1d")
+    replica = dp.loop.Replica(cfg, ds, *prepare(cfg, ds))
+    assert replica.evaluate("test") == replica.evaluate("test")  # no random masks
+    assert replica.model.training  # and back in train mode after
+    a = replica.compute_gradients(np.arange(20), step=0)[0]
+    b = replica.compute_gradients(np.arange(20), step=1)[0]  # another step: other masks
+    assert a != b and replica.compute_gradients(np.arange(20), step=0)[0] == a
+
+
+def test_sequence_accuracy_and_loss_are_per_token():
+    cfg = dp.TrainConfig(model="transformer", **SORT)
+    ds = dp.data.load_dataset("sort")
+    replica = dp.loop.Replica(cfg, ds, *prepare(cfg, ds))
+    ev = replica.evaluate("test")
+    assert 0 <= ev["accuracy"] <= 1 and abs(ev["loss"] - np.log(11)) < 0.7  # about uniform at the start
+
+
+# --------------------------------------------------------------------------- N workers against one process
+
+@pytest.mark.ray
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_user_cnn_with_dropout_n_workers_equal_single_process(ray_local, in_repo, workers):
+    # batch 50 over 3 or 4 workers: shards of 17/17/16 and 13/13/12/12
+    cfg = dp.TrainConfig(workers=workers, model=f"{USER}:build", **CNN)
+    dist, local = dp.Trainer(cfg).fit(), dp.train_local(cfg)
+    assert _max_rel_diff(dist.params, local.params) < 1e-10
+    np.testing.assert_allclose([r["loss"] for r in dist.metrics["steps"]],
+                               [r["loss"] for r in local.metrics["steps"]], rtol=1e-10)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("workers", [1, 2, 3, 4])
+def test_transformer_n_workers_equal_single_process(ray_local, workers):
+    import user_models
+    cfg = dp.TrainConfig(workers=workers, **SORT)
+    dist = dp.Trainer(cfg, model=user_models.small_transformer).fit()
+    local = dp.train_local(cfg, model=user_models.small_transformer)
+    assert _max_rel_diff(dist.params, local.params) < 1e-10
+    assert dist.summary["test_accuracy"] == pytest.approx(local.summary["test_accuracy"], rel=1e-12)
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("model", [f"{USER}:build", "transformer"])
+def test_object_store_transport_with_user_models(ray_local, in_repo, model):
+    base = CNN if model.endswith("build") else SORT
+    cfg = dp.TrainConfig(workers=3, transport="object_store", model=model, **base)
+    trainer = dp.Trainer(cfg)
+    dist = trainer.fit()
+    assert trainer.shared == []
+    assert _max_rel_diff(dist.params, dp.train_local(cfg).params) < 1e-10
+
+
+@pytest.mark.ray
+def test_workers_that_build_another_model_are_refused(ray_local, in_repo):
+    cfg = dp.TrainConfig(dataset="moons", workers=2, steps=2, batch_size=20, model=f"{USER}:different_on_workers")
+    with pytest.raises(ConfigError, match="worker . built another model than the server"):
+        dp.Trainer(cfg).fit()
