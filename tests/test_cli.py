@@ -9,9 +9,15 @@ import numpy as np
 import pytest
 
 
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+USER = "tests/user_models.py"
+
+
 def dptrain(*args, timeout=300):
     return subprocess.run([sys.executable, "-m", "dptrain.cli", *args], capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, cwd=ROOT)
 
 
 @pytest.mark.parametrize("args,message", [
@@ -22,7 +28,16 @@ def dptrain(*args, timeout=300):
     (["--dataset", "mnist2d"], "unknown dataset 'mnist2d'"),
     (["--data", "/nonexistent/d.npz"], "data file not found: /nonexistent/d.npz"),
     (["--optimizer", "lbfgs"], "invalid --optimizer: 'lbfgs'"),
-    (["--model", "40,x,10"], "argument --model"),
+    (["--model", "40,x,10"], "invalid --model: '40,x,10' (expected layer sizes like 40,256,256,10, a built-in"),
+    (["--model", "tests/nope.py:build"], "invalid --model: 'tests/nope.py:build': file tests/nope.py not found"),
+    (["--model", f"{USER}:nothing"], f"invalid --model: '{USER}:nothing': {USER} has no 'nothing'"),
+    (["--model", f"{USER}:raises"], f"invalid --model: {USER}:raises raised RuntimeError: this builder is broken"),
+    (["--model", f"{USER}:returns_list"], "returned a list, not a dptrain.nn.Module"),
+    (["--model", f"{USER}:wrong_outputs"], "shape (1, 13), does not fit the labels of shape (1,): expected (1, 10)"),
+    (["--model", "cnn2d"], "invalid --model: cnn2d raised ValueError: cnn2d: needs inputs of shape (channels, "),
+    (["--loss", f"{USER}:mean_loss"], "invalid --loss: mean_loss gave"),
+    (["--loss", f"{USER}:vector_loss"], "invalid --loss: vector_loss returned shape (1,)"),
+    (["--loss", "hinge"], "invalid --loss: 'hinge'"),
     (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
     (["--dataset", "moons", "--model", "3,8,2"], "takes 3 inputs but moons has 2 features"),
     (["--resume", "/nonexistent/run"], "invalid --resume: /nonexistent/run/config.json not found"),
@@ -71,6 +86,35 @@ def test_train_writes_its_outputs(tmp_path):
     assert summary["steps"] == 20 and 0.5 < summary["test_accuracy"] <= 1
     with np.load(out / "params.npz", allow_pickle=False) as params:
         assert params["0.weight"].shape == (256, 2)
+
+
+@pytest.mark.ray
+def test_user_model_file_trains_through_the_cli(tmp_path):
+    out = tmp_path / "run"
+    r = dptrain("train", "--dataset", "mnist1d", "--model", f"{USER}:build", "--workers", "2", "--epochs", "2",
+                "--batch-size", "100", "--optimizer", "adam", "--lr", "0.01", "--cpus", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    assert f"model {USER}:build" in r.stderr and "test acc" in r.stdout
+    with np.load(out / "params.npz", allow_pickle=False) as params:
+        assert params["conv.weight"].shape == (6, 1, 3) and params["fc.weight"].shape == (10, 120)
+    assert json.loads((out / "config.json").read_text())["model"] == f"{USER}:build"
+
+
+@pytest.mark.ray
+def test_resume_with_another_model_is_refused(tmp_path):
+    out = tmp_path / "run"
+    r = dptrain("train", "--dataset", "moons", "--model", "2,8,2", "--steps", "4", "--batch-size", "50",
+                "--checkpoint-every", "2", "--cpus", "2", "--out", str(out))
+    assert r.returncode == 0, r.stderr
+    config = json.loads((out / "config.json").read_text())
+    config["model"] = "2,16,2"
+    (out / "config.json").write_text(json.dumps(config))
+    before = (out / "metrics.jsonl").read_text()
+    r = dptrain("train", "--resume", str(out))
+    assert r.returncode == 2, r.stderr
+    assert "invalid --resume:" in r.stderr and "parameter 0 is '0.weight' (8, 2) float32 in one and '0.weight' " \
+        "(16, 2) float32 in the other" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and (out / "metrics.jsonl").read_text() == before
 
 
 def test_model_that_does_not_fit_the_data_file(tmp_path):

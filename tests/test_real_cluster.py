@@ -9,6 +9,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
@@ -67,6 +68,25 @@ def test_submit_job_and_read_its_results(cluster, tmp_path):
     uploaded = list(Path(cluster["state"], "ray").glob("session_*/runtime_resources/working_dir_files/*/"))
     assert uploaded and all(not (u / ".git").exists() and not (u / ".venv").exists() for u in uploaded)
     assert all((u / "dptrain" / "__init__.py").exists() for u in uploaded)
+
+
+def test_submit_a_user_model_file(cluster, tmp_path):
+    """`--model file.py:function`, given from another directory, reaches the job and its workers."""
+    results = tmp_path / "results"
+    model = ROOT / "tests" / "user_models.py"
+    r = subprocess.run([str(ROOT / "scripts/submit.sh"), "--address", cluster["dashboard"], "--results",
+                        str(results), "--id", "dptrain-test-model", "--", "--dataset", "mnist1d", "--model",
+                        f"{model}:build", "--workers", "2", "--spread", "--steps", "20", "--batch-size", "100",
+                        "--optimizer", "adam", "--lr", "0.01"],
+                       capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "job dptrain-test-model: SUCCEEDED" in r.stdout
+    run = results / "dptrain-test-model"
+    assert json.loads((run / "config.json").read_text())["model"] == "tests/user_models.py:build"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 20 and summary["nodes"] == 2
+    with np.load(run / "params.npz", allow_pickle=False) as params:
+        assert params["conv.weight"].shape == (6, 1, 3)
 
 
 @pytest.mark.parametrize("address", ["auto", "port"])
