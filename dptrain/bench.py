@@ -11,7 +11,10 @@ two are timed interleaved in the same run and the ratio engine / hand-written
 is what we report (targets: <= 1.15 for 40-256-256-10, <= 1.05 for
 784-1024-1024-10). It also times the scalar Value engine on a tiny MLP, per
 parameter-sample, and measures memory: the peak traced allocation of one step
-(target <= 1.5x the hand-written step's) and the growth over 1,000 steps.
+(target <= 1.5x the hand-written step's) and the growth over 1,000 steps. Then the
+layers (dptrain/bench_layers.py): a step of the MNIST-1D CNN at batch 100 and of a
+transformer block against hand-written numpy im2col of the same layers (target <= 1.2x),
+and against PyTorch eager on one thread where torch is installed.
 """
 
 from __future__ import annotations
@@ -257,6 +260,9 @@ def main(argv=None):
     print(f"Value engine, MLP {'-'.join(map(str, vdims))} batch {vbatch}: {1e3 * v_s:.1f} ms/step = "
           f"{1e9 * v_per:.0f} ns per parameter-sample; tensor engine (40-256-256-10): {1e9 * t_per:.2f} ns "
           f"-> {v_per / t_per:,.0f}x faster", flush=True)
+
+    from . import bench_layers
+    results["layers"] = bench_layers.run(time_interleaved, quick)
 
     write_results(args.out, results)
 

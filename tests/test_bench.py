@@ -24,4 +24,7 @@ def test_engine_benchmark_quick_run(tmp_path):
         assert res["memory"]["engine_peak_bytes"] > 0
     assert results["memory_growth"]["gc_objects_collected"] == 0  # no reference cycles in the graph
     assert results["value_engine"]["tensor_speedup"] > 1
+    assert set(results["layers"]) == {"convbase_batch100", "transformer_block"}
+    for res in results["layers"].values():  # each checked against the hand-written step's loss first
+        assert res["ratio"] == pytest.approx(res["engine_ms"] / res["hand_ms"])
     assert "ratio" in r.stdout and "wrote" in r.stdout

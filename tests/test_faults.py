@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,6 +53,18 @@ def test_server_killed_without_checkpoints_replays_from_the_start(ray_local, cle
     result = dp.Trainer(cfg, faults=[{"role": "server", "step": 6, "kind": "exit"}]).fit()
     assert result.summary["failures_survived"] == 1
     _same(result.params, clean)
+
+
+def test_dropout_model_replays_the_same_masks_after_faults(ray_local, tmp_path, monkeypatch):
+    """A worker and then the server die; the steps run again draw the masks they drew before."""
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    cfg = dp.TrainConfig(dataset="mnist1d", model="tests/user_models.py:build", workers=3, batch_size=50, steps=12,
+                         dtype="float64", optimizer="adam", lr=0.01, seed=2, log_every=3, out=str(tmp_path),
+                         checkpoint_every=4)
+    result = dp.Trainer(cfg, faults=[{"rank": 2, "step": 3, "kind": "exit"},
+                                     {"role": "server", "step": 9, "kind": "exit"}]).fit()
+    assert result.summary["failures_survived"] == 2
+    _same(result.params, dp.train_local(cfg.replace(out=None, checkpoint_every=0)).params)
 
 
 def test_hung_worker_times_out_and_is_replaced(ray_local, clean):
@@ -124,14 +137,19 @@ def test_node_loss(mode, clean):
         cluster.shutdown()
 
 
-def test_driver_killed_and_resumed(tmp_path):
+@pytest.mark.parametrize("model", ["2,16,16,2", "tests/user_models.py:build"])
+def test_driver_killed_and_resumed(tmp_path, model):
+    """SIGKILL of the driver and its embedded Ray, then --resume: the parameters of a run without
+    the fault (for the CNN with dropout too: the replayed steps draw the same masks)."""
     out = tmp_path / "run"
-    settings = dict(BASE, steps=600, log_every=20)
-    args = ["--dataset", "moons", "--batch-size", "60", "--steps", "600", "--dtype", "float64", "--model",
-            "2,16,16,2", "--seed", "5", "--log-every", "20", "--momentum", "0.9", "--lr", "0.1", "--workers", "3",
+    root = Path(__file__).resolve().parent.parent
+    dataset = "moons" if model[0].isdigit() else "mnist1d"
+    settings = dict(BASE, dataset=dataset, model=model, steps=600, log_every=20)
+    args = ["--dataset", dataset, "--batch-size", "60", "--steps", "600", "--dtype", "float64", "--model",
+            model, "--seed", "5", "--log-every", "20", "--momentum", "0.9", "--lr", "0.1", "--workers", "3",
             "--checkpoint-every", "20", "--cpus", "4", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", *args], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd=root)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and proc.poll() is None:
         found = checkpoint.list_checkpoints(out / "checkpoints")
@@ -144,7 +162,7 @@ def test_driver_killed_and_resumed(tmp_path):
     killed_at = int(checkpoint.list_checkpoints(out / "checkpoints")[0].name[5:13])
     assert killed_at < 600
     r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--resume", str(out)], capture_output=True,
-                       text=True, timeout=300)
+                       text=True, timeout=300, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "restored the checkpoint of step" in r.stderr
     clean = dp.train_local(dp.TrainConfig(workers=3, **settings)).params

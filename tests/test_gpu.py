@@ -5,6 +5,7 @@ import pytest
 
 import dptrain as dp
 from gradcheck import check_op
+from test_layers import LAYER_OPS
 from test_tensor import OPS
 
 pytestmark = pytest.mark.gpu
@@ -20,6 +21,24 @@ def test_op_gradient_on_gpu(name, fn, shapes, opts):
                "index_bool": lambda a: a[cupy.array([True, False, True])]}[name]
         fn = idx
     check_op(fn, *shapes, device="cuda", **opts)
+
+
+@pytest.mark.parametrize("name,fn,shapes", LAYER_OPS, ids=[op[0] for op in LAYER_OPS])
+def test_layer_gradient_on_gpu(name, fn, shapes):
+    check_op(fn, *shapes, device="cuda")
+
+
+@pytest.mark.parametrize("model,dataset", [("tests/user_models.py:build", "mnist1d"), ("transformer", "sort"),
+                                           ("cnn2d", "digits2d")])
+def test_gpu_training_of_other_models_matches_cpu(model, dataset, monkeypatch):
+    from pathlib import Path
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    cfg = dp.TrainConfig(dataset=dataset, model=model, steps=5, batch_size=40, dtype="float64", optimizer="adam",
+                         lr=0.01, seed=1)
+    cpu = dp.train_local(cfg)
+    gpu = dp.train_local(cfg.replace(device="cuda"))  # dropout masks included: the same on both
+    for k in cpu.params:
+        np.testing.assert_allclose(gpu.params[k], cpu.params[k], rtol=1e-6, atol=1e-8)
 
 
 def test_tensor_moves_between_devices():
@@ -62,6 +81,18 @@ def test_distributed_gpu_workers(ray_gpu):
     assert all(p["device"] == "cuda" for p in dist.metrics["placement"])
     for k in local.params:
         np.testing.assert_allclose(dist.params[k], local.params[k], rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.ray
+def test_distributed_gpu_workers_with_a_user_model(ray_gpu, monkeypatch):
+    from pathlib import Path
+    monkeypatch.chdir(Path(__file__).resolve().parent.parent)
+    cfg = dp.TrainConfig(dataset="mnist1d", workers=2, gpus_per_worker=0.5, steps=6, batch_size=50, dtype="float64",
+                         model="tests/user_models.py:build", optimizer="adam", lr=0.01, seed=3)
+    dist = dp.Trainer(cfg).fit()
+    local = dp.train_local(cfg.replace(device="cpu", gpus_per_worker=0.0))
+    for k in local.params:
+        np.testing.assert_allclose(dist.params[k], local.params[k], rtol=1e-7, atol=1e-10)
 
 
 @pytest.fixture

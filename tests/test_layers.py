@@ -9,58 +9,69 @@ import dptrain.nn.functional as F
 from dptrain import nn
 from gradcheck import check_op
 
-CONV_CASES = [  # (x shape, weight shape, stride, padding)
-    ((2, 3, 11), (4, 3, 5), 2, 1),
-    ((2, 1, 7), (2, 1, 3), 1, 0),
-    ((2, 2, 6, 7), (3, 2, 3, 3), 1, 1),
-    ((1, 2, 7, 6), (2, 2, 3, 2), (2, 1), (0, 1)),
+def _dropout(x):
+    with nn.random.context(seed=1, step=3, positions=np.arange(x.shape[0])):
+        return F.dropout(x, 0.3, True, key=7)
+
+
+_SEQ_LABELS = np.array([[0, 2, 1], [3, 3, 0]])
+_EMB_INDEX = np.array([[0, 2, 2], [1, 0, 2]])
+
+# (name, function of tensors, input shapes) -- one line per layer op; test_gpu.py runs them on cupy
+LAYER_OPS = [
+    ("conv1d_stride_pad", lambda x, w, b: F.conv(x, w, b, 2, 1), [(2, 3, 11), (4, 3, 5), (4,)]),
+    ("conv1d_plain", lambda x, w, b: F.conv(x, w, b, 1, 0), [(2, 1, 7), (2, 1, 3), (2,)]),
+    ("conv2d_pad", lambda x, w, b: F.conv(x, w, b, 1, 1), [(2, 2, 6, 7), (3, 2, 3, 3), (3,)]),
+    ("conv2d_mixed", lambda x, w, b: F.conv(x, w, b, (2, 1), (0, 1)), [(1, 2, 7, 6), (2, 2, 3, 2), (2,)]),
+    ("max_pool1d", lambda x: F.max_pool1d(x, 2), [(2, 3, 9)]),
+    ("max_pool1d_overlap_pad", lambda x: F.max_pool1d(x, 3, 2, 1), [(2, 2, 10)]),
+    ("max_pool2d", lambda x: F.max_pool2d(x, 2), [(2, 2, 6, 6)]),
+    ("max_pool2d_overlap_pad", lambda x: F.max_pool2d(x, 3, 2, 1), [(1, 2, 7, 5)]),
+    ("avg_pool1d", lambda x: F.avg_pool1d(x, 2), [(2, 3, 9)]),
+    ("avg_pool1d_overlap_pad", lambda x: F.avg_pool1d(x, 3, 2, 1), [(2, 2, 10)]),
+    ("avg_pool2d", lambda x: F.avg_pool2d(x, 2), [(2, 2, 6, 6)]),
+    ("avg_pool2d_overlap_pad", lambda x: F.avg_pool2d(x, 3, 2, 1), [(1, 2, 7, 5)]),
+    ("layer_norm", lambda x, w, b: F.layer_norm(x, (5,), w, b), [(4, 3, 5), (5,), (5,)]),
+    ("layer_norm_2d", lambda x, w, b: F.layer_norm(x, (3, 4), w, b), [(2, 3, 4), (3, 4), (3, 4)]),
+    ("gelu", lambda x: F.gelu(x), [(3, 7)]),
+    ("gelu_tanh", lambda x: F.gelu(x, "tanh"), [(3, 7)]),
+    ("self_attention_causal", lambda qkv: F.self_attention(qkv, 2, causal=True), [(2, 5, 12)]),
+    ("self_attention_full", lambda qkv: F.self_attention(qkv, 2, causal=False), [(2, 5, 12)]),
+    ("linear_leading_axes", lambda x, w, b: F.linear(x, w, b), [(2, 3, 4), (5, 4), (5,)]),
+    ("cross_entropy_sequence", lambda z: F.cross_entropy(z, _SEQ_LABELS, reduction="sum"), [(2, 3, 4)]),
+    ("embedding_repeats", lambda w: F.embedding(_EMB_INDEX, w), [(4, 3)]),
+    ("dropout", _dropout, [(4, 6)]),
 ]
 
 
-@pytest.mark.parametrize("xs,ws,stride,padding", CONV_CASES)
-def test_conv_gradients(xs, ws, stride, padding):
-    check_op(lambda x, w, b: F.conv(x, w, b, stride, padding), xs, ws, (ws[0],))
+@pytest.mark.parametrize("name,fn,shapes", LAYER_OPS, ids=[op[0] for op in LAYER_OPS])
+def test_layer_gradients(name, fn, shapes):
+    check_op(fn, *shapes)
 
 
-@pytest.mark.parametrize("kind", ["max", "avg"])
-@pytest.mark.parametrize("nd,xs,kernel,stride,padding", [(1, (2, 3, 9), 2, None, 0), (1, (2, 2, 10), 3, 2, 1),
-                                                         (2, (2, 2, 6, 6), 2, None, 0), (2, (1, 2, 7, 5), 3, 2, 1)])
-def test_pool_gradients(kind, nd, xs, kernel, stride, padding):
-    check_op(lambda x: F._pool(x, nd, kernel, stride, padding, kind), xs)
+@pytest.mark.parametrize("name,fn,shapes", LAYER_OPS, ids=[op[0] for op in LAYER_OPS])
+def test_layer_float32_agrees_with_float64(name, fn, shapes):
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal(s) for s in shapes]
+    outs, grads = {}, {}
+    for dt in ("float32", "float64"):
+        ts = [dp.Tensor(a, requires_grad=True, dtype=dt) for a in arrays]
+        out = fn(*ts)
+        assert out.dtype == np.dtype(dt), f"{name} gave {out.dtype} for {dt} inputs"
+        out.backward(np.ones(out.shape, dtype=dt))
+        outs[dt], grads[dt] = out.data, [t.grad for t in ts]
+        assert all(g.dtype == np.dtype(dt) for g in grads[dt])
+    np.testing.assert_allclose(outs["float32"], outs["float64"], rtol=2e-4, atol=2e-5)
+    for g32, g64 in zip(grads["float32"], grads["float64"]):
+        np.testing.assert_allclose(g32, g64, rtol=2e-3, atol=2e-4)
 
 
-@pytest.mark.parametrize("xs,shape", [((4, 3, 5), (5,)), ((2, 3, 4), (3, 4))])
-def test_layer_norm_gradients(xs, shape):
-    check_op(lambda x, w, b: F.layer_norm(x, shape, w, b), xs, shape, shape)
-
-
-@pytest.mark.parametrize("approximate", ["none", "tanh"])
-def test_gelu_gradient(approximate):
-    check_op(lambda x: F.gelu(x, approximate), (3, 7))
-
-
-@pytest.mark.parametrize("causal", [True, False])
-def test_self_attention_gradient(causal):
-    check_op(lambda qkv: F.self_attention(qkv, num_heads=2, causal=causal), (2, 5, 12))
-
-
-def test_linear_over_leading_axes_gradient():
-    check_op(lambda x, w, b: F.linear(x, w, b), (2, 3, 4), (5, 4), (5,))
-
-
-def test_sequence_cross_entropy_gradient():
-    y = np.array([[0, 2, 1], [3, 3, 0]])
-    check_op(lambda z: F.cross_entropy(z, y, reduction="sum"), (2, 3, 4))
-
-
-def test_embedding_gradient_adds_repeated_indices():
-    idx = np.array([[0, 2, 2], [1, 0, 2]])
-    check_op(lambda w: F.embedding(idx, w), (4, 3))
-
-
-def test_dropout_gradient_uses_its_mask():
-    with nn.random.context(seed=1, step=3, positions=np.arange(4)):
-        check_op(lambda x: F.dropout(x, 0.3, True, key=7), (4, 6))
+def test_gelu_without_scipy_is_the_same(monkeypatch):
+    import sys
+    x = np.random.default_rng(0).standard_normal(50)
+    with_scipy = dp.backend.erf(x)
+    monkeypatch.setitem(sys.modules, "scipy.special", None)  # import fails: math.erf element-wise
+    np.testing.assert_allclose(dp.backend.erf(x), with_scipy, rtol=1e-14)
 
 
 # --------------------------------------------------------------------------- forward values
