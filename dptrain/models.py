@@ -206,6 +206,8 @@ def _load_file(path: Path, text: str, what: str):
     module = sys.modules.get(module_name)
     if module is not None:
         return module
+    if str(path.parent) not in sys.path:  # its sibling modules import as they would for a script there
+        sys.path.append(str(path.parent))
     spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
@@ -222,8 +224,9 @@ def user_modules(*fns) -> list:
     """The modules of the user's own code these callables live in, to be shipped by value to the
     workers: a module loaded from a file.py reference, or imported from a plain file (a module
     beside the user's script, a test file) that the cluster's processes may not be able to
-    import. Installed packages (site-packages), dptrain and __main__ (cloudpickle ships its
-    functions by value anyway) are left to import by name."""
+    import, and the modules imported from the same folders (its helpers). Installed packages
+    (site-packages), dptrain and __main__ (cloudpickle ships its functions by value anyway)
+    are left to import by name."""
     out = []
     for fn in fns:
         name = getattr(fn, "__module__", None) or ""
@@ -232,6 +235,12 @@ def user_modules(*fns) -> list:
             continue
         path = getattr(module, "__file__", None)
         if name.startswith("dptrain_user_") or (path and not _installed(path)):
+            out.append(module)
+    folders = {Path(m.__file__).resolve().parent for m in out if getattr(m, "__file__", None)}
+    for name, module in list(sys.modules.items()):
+        path = getattr(module, "__file__", None)
+        if (module not in out and path and name != "__main__" and name.split(".")[0] != "dptrain"
+                and Path(path).resolve().parent in folders and not _installed(path)):
             out.append(module)
     return out
 

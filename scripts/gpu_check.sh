@@ -5,7 +5,8 @@
 #
 # 1. the engine's op-gradient suite and GPU training tests (pytest -m gpu),
 # 2. the engine step on cupy against numpy (scripts/bench_gpu.py),
-# 3. a distributed training run with GPU workers (needs Ray; mnist1d from .whl/ if carried).
+# 3. distributed training runs with GPU workers, the MLP and the paper's CNN (needs Ray;
+#    mnist1d from .whl/ if carried).
 # On a machine without Ray, carry one packed by shared/device/pack-ray.sh in .device/.
 set -uo pipefail
 OUT=${OUT:-/tmp/gpu-check}
@@ -31,5 +32,9 @@ python3 scripts/bench_gpu.py --out "$OUT/gpu.json" || status=1
 echo "== distributed training on GPU workers"
 python3 scripts/train.py --dataset mnist1d --workers 2 --gpus-per-worker 0.5 --epochs 30 --cpus 4 \
   --out "$OUT/gpu-run" --no-progress --log-every 1000 2>&1 | tail -n 6
+[[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
+python3 scripts/train.py --dataset mnist1d --model cnn1d --workers 2 --gpus-per-worker 0.5 --optimizer adam \
+  --lr 0.01 --batch-size 100 --steps 2000 --cpus 4 --out "$OUT/gpu-cnn-run" --no-progress --log-every 1000 2>&1 \
+  | tail -n 4
 [[ ${PIPESTATUS[0]} -eq 0 ]] || status=1
 exit $status

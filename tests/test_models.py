@@ -151,3 +151,32 @@ def test_workers_that_build_another_model_are_refused(ray_local, in_repo):
     cfg = dp.TrainConfig(dataset="moons", workers=2, steps=2, batch_size=20, model=f"{USER}:different_on_workers")
     with pytest.raises(ConfigError, match="worker . built another model than the server"):
         dp.Trainer(cfg).fit()
+
+
+def test_a_text_file_trains_the_transformer(tmp_path):
+    path = tmp_path / "poem.txt"
+    path.write_text("the cat sat on the mat. " * 60)
+    cfg = dp.TrainConfig(data=str(path), seq_len=16, model="transformer", batch_size=32, steps=40,
+                         optimizer="adam", lr=0.01, log_every=40)
+    result = dp.train_local(cfg)
+    steps = result.metrics["steps"]
+    assert steps[-1]["loss"] < 0.5 * steps[0]["loss"]  # a repeated sentence is soon predictable
+    assert result.summary["test_accuracy"] > 0.5
+
+
+@pytest.mark.ray
+def test_a_model_file_and_its_helper_module_reach_the_workers(ray_local, tmp_path):
+    """The workers cannot import either file (it is not on their path): both travel by value."""
+    (tmp_path / "helper_blocks_for_test.py").write_text(
+        "from dptrain import nn\n\n\nclass Block(nn.Module):\n    def __init__(self, n_in, n_out):\n"
+        "        super().__init__()\n        self.lin = nn.Linear(n_in, n_out)\n\n"
+        "    def forward(self, x):\n        return self.lin(x).tanh()\n")
+    (tmp_path / "net.py").write_text(
+        "from helper_blocks_for_test import Block\nfrom dptrain import nn\n\n\n"
+        "def build(input_shape, num_outputs):\n    return nn.Sequential(Block(input_shape[0], 8), "
+        "nn.Linear(8, num_outputs))\n")
+    cfg = dp.TrainConfig(dataset="moons", model=f"{tmp_path}/net.py:build", workers=2, steps=3, batch_size=20,
+                         dtype="float64", seed=1)
+    dist = dp.Trainer(cfg).fit()
+    assert _max_rel_diff(dist.params, dp.train_local(cfg).params) < 1e-10
+    assert list(dist.params) == ["0.lin.weight", "0.lin.bias", "1.weight", "1.bias"]

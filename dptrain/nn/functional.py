@@ -27,6 +27,26 @@ def _check_reduction(reduction: str, fn: str) -> None:
         raise ValueError(f"{fn}: unknown reduction {reduction!r}; expected one of {REDUCTIONS}")
 
 
+def _weight_bias_grads(g, inputs, weight: Tensor, bias: Tensor | None) -> tuple:
+    """The gradients of weight and bias of rows = inputs @ weight.reshape(out, -1).T + bias, given
+    g (rows, out): written straight into the flat gradient buffer where it allows (claim_grad),
+    and then returned as None, else returned as new arrays."""
+    gw = gb = None
+    if weight.requires_grad:
+        dest = claim_grad(weight)
+        if dest is None:
+            gw = (g.T @ inputs).reshape(weight.shape)
+        else:
+            backend.array_module(g).matmul(g.T, inputs, out=dest.reshape(g.shape[1], -1))
+    if bias is not None and bias.requires_grad:
+        dest = claim_grad(bias)
+        if dest is None:
+            gb = g.sum(axis=0)
+        else:
+            g.sum(axis=0, out=dest)
+    return gw, gb
+
+
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ weight.T + bias for x of shape (..., in) and weight of shape (out, in).
 
@@ -43,25 +63,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     out = a2 @ w.T
     if bias is not None:
         out += bias.data
-    x_grad, w_grad = x.requires_grad, weight.requires_grad
+    x_grad = x.requires_grad
 
     def _backward(g):
         g = g.reshape(-1, w.shape[0])
         gx = (g @ w).reshape(a.shape) if x_grad else None
-        gw = gb = None
-        if w_grad:  # straight into the flat gradient buffer when possible (see claim_grad)
-            dest = claim_grad(weight)
-            if dest is None:
-                gw = g.T @ a2
-            else:
-                backend.array_module(g).matmul(g.T, a2, out=dest)
-        if bias is not None and bias.requires_grad:
-            dest = claim_grad(bias)
-            if dest is None:
-                gb = g.sum(axis=0)
-            else:
-                g.sum(axis=0, out=dest)
-        return gx, gw, gb
+        return (gx,) + _weight_bias_grads(g, a2, weight, bias)
     parents = (x, weight) if bias is None else (x, weight, bias)
     return Tensor._make(out.reshape(lead + (w.shape[0],)), parents, _backward, "linear")
 
@@ -219,23 +226,12 @@ def conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, paddin
         out += bias.data
     channels_first = (0, nd + 1) + tuple(range(1, nd + 1))
     out = out.reshape((n,) + out_sp + (c_out,)).transpose(channels_first)
-    x_grad, w_grad = x.requires_grad, weight.requires_grad
+    x_grad = x.requires_grad
 
     def _backward(g):
         gmat = g.transpose((0,) + tuple(range(2, 2 + nd)) + (1,)).reshape(n * positions, c_out)
-        gx = gw = gb = None
-        if w_grad:
-            dest = claim_grad(weight)
-            if dest is None:
-                gw = (gmat.T @ cols).reshape(w.shape)
-            else:
-                xp.matmul(gmat.T, cols, out=dest.reshape(c_out, -1))
-        if bias is not None and bias.requires_grad:
-            dest = claim_grad(bias)
-            if dest is None:
-                gb = gmat.sum(axis=0)
-            else:
-                gmat.sum(axis=0, out=dest)
+        gw, gb = _weight_bias_grads(gmat, cols, weight, bias)
+        gx = None
         if x_grad:
             gcols = (gmat @ wmat).reshape((n,) + out_sp + (c_in,) + kernel)
             gwin = gcols.transpose((0, nd + 1) + tuple(range(1, nd + 1)) + tuple(range(nd + 2, 2 * nd + 2)))
