@@ -99,3 +99,59 @@ def test_train_joins_the_cluster(cluster, tmp_path, address):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "across 2 node(s)" in r.stderr  # spread over the head and the worker node
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["nodes"] == 2
+
+
+@pytest.fixture
+def own_cluster():
+    """A head (2 CPUs) and one worker node (1 CPU) for a test that kills the node."""
+    import ray
+    ray.shutdown()
+    state = tempfile.mkdtemp(prefix="dpk-", dir="/tmp")
+    port, dash = _free_port(), _free_port()
+    start = subprocess.run([str(ROOT / "cluster/start.sh"), "--nodes", "1", "--cpus", "2", "--port", str(port),
+                            "--dashboard-port", str(dash), "--state", state],
+                           capture_output=True, text=True, env=_env(), timeout=180)
+    try:
+        assert start.returncode == 0, start.stderr + start.stdout
+        yield {"state": state, "port": port}
+    finally:
+        subprocess.run([str(ROOT / "cluster/stop.sh"), "--state", state], capture_output=True, timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
+
+
+NODE_RUN = ["--dataset", "moons", "--model", "2,256,256,2", "--batch-size", "60", "--steps", "1500", "--dtype", "float64",
+            "--seed", "3", "--log-every", "10", "--workers", "2", "--spread", "--step-timeout", "30"]
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("mode", ["restart", "shrink"])
+def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode):
+    """Every process of a worker node SIGKILLed mid-run (not Cluster.remove_node)."""
+    import signal
+    import time
+    import socket as s
+    out = tmp_path / "run"
+    address = f"{s.gethostbyname(s.gethostname())}:{own_cluster['port']}"
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", "--address", address, *NODE_RUN,
+                             "--on-worker-loss", mode, "--no-progress", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 100:
+            break
+        time.sleep(0.05)
+    sid = int(Path(own_cluster["state"], "node-1.sid").read_text())
+    subprocess.run(["pkill", "-KILL", "-s", str(sid)])  # the whole node, as a crashed machine
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "lost" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1500 and summary["failures_survived"] >= 1
+    assert summary["workers"] == (2 if mode == "restart" else 1)
+    import dptrain as dp
+    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=1500,
+                                          dtype="float64", seed=3)).params
+    with np.load(out / "params.npz", allow_pickle=False) as params:
+        for k in clean:  # the same global batch whatever the worker count: the same parameters
+            np.testing.assert_allclose(params[k], clean[k], rtol=1e-10, atol=1e-13)

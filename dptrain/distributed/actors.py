@@ -367,8 +367,8 @@ class ParameterServer:
             for rank, ref in zip(others, refs):
                 try:
                     results[rank] = ray.get(ref)
-                except ray.exceptions.RayActorError as e:
-                    raise WorkerLost(rank, step, f"its process died ({type(e).__name__})") from None
+                except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+                    raise WorkerLost(rank, step, _lost_reason(e)) from None
         for rank in sorted(self._sessions):
             results[rank] = (None, self._reply(rank, step, deadline)["metrics"])
         return results
@@ -500,8 +500,8 @@ class ParameterServer:
                            timeout=self.cfg.step_timeout)
         except ray.exceptions.GetTimeoutError:
             raise self._hung([0], self.step, "no evaluation") from None
-        except ray.exceptions.RayActorError as e:
-            raise WorkerLost(0, self.step, f"its process died ({type(e).__name__})") from None
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+            raise WorkerLost(0, self.step, _lost_reason(e)) from None
 
     def get_layout(self) -> list:
         """[name, shape, dtype] of every parameter: the model's identity in checkpoints."""
@@ -572,6 +572,15 @@ def inject_fault(fault: dict, grad: np.ndarray, rank: int, step: int) -> np.ndar
         time.sleep(fault.get("seconds", 3600))
         return grad
     raise ValueError(f"unknown fault kind {kind!r}; expected one of {FAULT_KINDS}")
+
+
+def _lost_reason(error: BaseException) -> str:
+    """Why a worker counts as lost: its process died (RayActorError), or its result lived in the
+    object store of a node that died (ObjectLostError, e.g. ObjectReconstructionFailedError)."""
+    import ray
+    if isinstance(error, ray.exceptions.ObjectLostError):
+        return f"its result was lost with its node ({type(error).__name__})"
+    return f"its process died ({type(error).__name__})"
 
 
 def _node_id() -> str:

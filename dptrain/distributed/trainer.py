@@ -317,17 +317,39 @@ class Trainer:
         if rank in self.shared:
             ray.get(self._ps.release_worker.remote(rank))
             self.shared.remove(rank)
-        # in its placement-group bundle, which Ray moves to a live node when its node is lost
-        new = self._spawn_worker(rank, len(self._workers), self._pg, faults=self._remaining_faults())
-        try:
-            self.placement[rank] = ray.get(new.ready.remote(), timeout=READY_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            ray.kill(new)
-            raise TrainingError(f"no replacement for worker {rank} could start within {READY_TIMEOUT_S:.0f} s "
-                                "(no free resources left? --on-worker-loss shrink goes on without it)") from None
+        new = self._start_replacement(rank)
         self._workers[rank] = new
         self.shared = self._connect_transport(self._ps, self._workers, ranks=[rank])
         ray.get(self._ps.set_workers.remote(self._workers, self._steps_per_epoch, self._steps))
+
+    def _start_replacement(self, rank: int):
+        """A new worker `rank`, started and answering; TrainingError if none can start in time.
+
+        It goes into the lost worker's placement-group bundle (or anywhere, without one).
+        When a whole node died, Ray may still place it there until it has noticed the node's
+        death (missed heartbeats, some seconds) and moved the bundle to a live node: such a
+        replacement dies before it runs, and another is started, until READY_TIMEOUT_S.
+        """
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        tries = 0
+        while True:
+            tries += 1
+            new = self._spawn_worker(rank, len(self._workers), self._pg, faults=self._remaining_faults())
+            try:
+                self.placement[rank] = ray.get(new.ready.remote(), timeout=max(deadline - time.monotonic(), 1.0))
+                return new
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(new)
+                raise TrainingError(f"no replacement for worker {rank} could start within {READY_TIMEOUT_S:.0f} s "
+                                    "(no free resources left? --on-worker-loss shrink goes on without it)") from None
+            except ray.exceptions.RayActorError as e:
+                ray.kill(new)
+                reason = str(e).split("The actor died because", 1)[-1].splitlines()[0].strip(" .")
+                if time.monotonic() + 1.0 > deadline:
+                    raise TrainingError(f"no replacement for worker {rank} could start within {READY_TIMEOUT_S:.0f} s "
+                                        f"({tries} tries; the last died: {reason})") from None
+                log.warning("the replacement for worker %d died before it ran (%s); trying again", rank, reason)
+                time.sleep(1.0)
 
     def _shrink(self, rank: int) -> None:
         """Go on without worker `rank`: the others take its share of every global batch."""
