@@ -7,8 +7,11 @@ A checkpoint of step s (s updates applied) is two files in one folder:
                         optimizer scalars, the run's config, and the SHA-256 and size of the .npz
 
 Each is written to a temporary file, flushed, fsynced and renamed; the JSON goes last,
-so a checkpoint exists only once both files are whole. Loading checks the JSON, the
-size and checksum of the .npz (np.load with allow_pickle=False) and the layout; a
+so a checkpoint exists only once both files are whole. The JSON carries a SHA-256 of
+its own content too (`meta_sha256`), so an edited step or config is caught like a
+corrupted array. Loading checks the JSON's checksum, its step against the file name and
+the optimizer's count of updates, the size and checksum of the .npz (np.load with
+allow_pickle=False) and the layout; a
 damaged checkpoint is skipped in favour of the one before it, a checkpoint of another
 model is refused naming the first parameter that differs. (Format 1 recorded an MLP's
 widths; it is read as the layout that MLP has.) The sampler needs no state of its own: the batch of step s
@@ -80,6 +83,7 @@ def save(folder, step: int, params: np.ndarray, optimizer_state: dict, layout: l
     meta = {"format": FORMAT, "step": step, "layout": layout, "dtype": str(params.dtype),
             "size": int(params.size), "optimizer": {k: v for k, v in optimizer_state.items() if k != "state"},
             "config": config, "npz": npz.name, "npz_bytes": npz.stat().st_size, "npz_sha256": _sha256(npz)}
+    meta["meta_sha256"] = _meta_sha256(meta)
     meta_path = folder / f"{stem}.json"
     _write_atomic(meta_path, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
     _fsync_dir(folder)
@@ -87,6 +91,12 @@ def save(folder, step: int, params: np.ndarray, optimizer_state: dict, layout: l
         for p in (old, old.with_suffix(".npz")):
             p.unlink(missing_ok=True)
     return meta_path
+
+
+def _meta_sha256(meta: dict) -> str:
+    """SHA-256 of a checkpoint's metadata (all but this checksum), in a canonical JSON form."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def list_checkpoints(folder) -> list:
@@ -122,6 +132,15 @@ def read(meta_path, layout: list | None = None, dtype: str | None = None) -> dic
         raise CheckpointError(f"{meta_path}: unreadable checkpoint metadata ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") not in (1, FORMAT):
         raise CheckpointError(f"{meta_path}: not a dptrain checkpoint of format 1 or {FORMAT}")
+    if meta["format"] == FORMAT and meta.get("meta_sha256") != _meta_sha256(meta):
+        raise CheckpointError(f"{meta_path}: metadata checksum mismatch (the file was edited or corrupted)")
+    m = _NAME.match(meta_path.name)
+    if m and int(m.group(1)) != meta.get("step"):
+        raise CheckpointError(f"{meta_path}: says step {meta.get('step')}, its name says {int(m.group(1))}")
+    updates = meta.get("optimizer", {}).get("steps")
+    if isinstance(updates, int) and updates > meta.get("step", -1):
+        raise CheckpointError(f"{meta_path}: the optimizer applied {updates} updates, more than the {meta['step']} "
+                              "steps the checkpoint claims")
     saved = meta["layout"] if meta["format"] == FORMAT else mlp_layout(meta["dims"], meta["dtype"])
     if layout is not None:
         diff = first_difference(saved, layout)
@@ -150,20 +169,39 @@ def read(meta_path, layout: list | None = None, dtype: str | None = None) -> dic
             "layout": saved, "path": str(meta_path)}
 
 
-def check_model(folder, layout: list) -> None:
-    """Raise ModelMismatch if the newest readable checkpoint in `folder` is of another model
-    (its JSON only: cheap enough for the driver to ask before any actor starts)."""
+RUN_FIELDS = ("dataset", "data", "label", "seq_len", "model", "loss", "activation", "batch_size", "epochs", "steps",
+              "lr", "optimizer", "momentum", "nesterov", "weight_decay", "schedule", "warmup", "step_size", "gamma",
+              "seed", "dtype")  # what makes a run's arithmetic (workers and placement do not)
+
+
+class RunMismatch(CheckpointError):
+    """The checkpoint was written by another run than the one resuming it."""
+
+
+def check_run(folder, config: dict, layout: list, total_steps: int) -> None:
+    """Raise ModelMismatch or RunMismatch unless the newest intact checkpoint in `folder` belongs
+    to this run: the same model layout, the same settings (RUN_FIELDS), a step within its total.
+    Reads the JSON only (cheap enough for the driver to ask before any actor starts)."""
     from .models import first_difference
     for meta_path in list_checkpoints(folder):
         try:
             meta = json.loads(meta_path.read_text())
+            if meta.get("format") == FORMAT and meta.get("meta_sha256") != _meta_sha256(meta):
+                continue  # damaged or edited: load_latest reports it and falls back
             saved = meta["layout"] if meta.get("format") == FORMAT else mlp_layout(meta["dims"], meta["dtype"])
         except (OSError, ValueError, KeyError, TypeError):
-            continue  # damaged: load_latest reports it and falls back
+            continue
         diff = first_difference(saved, layout)
         if diff is not None:
             raise ModelMismatch(f"{meta_path}: a checkpoint of another model than this run's: {diff} "
                                 "(checkpoint first, this run second)")
+        theirs = meta.get("config", {})
+        for key in RUN_FIELDS:
+            if key in theirs and theirs[key] != config.get(key):
+                raise RunMismatch(f"{meta_path}: written by another run ({key} {theirs[key]!r} there, "
+                                  f"{config.get(key)!r} here)")
+        if meta["step"] > total_steps:
+            raise RunMismatch(f"{meta_path}: a checkpoint of step {meta['step']}, beyond this run's {total_steps} steps")
         return
 
 

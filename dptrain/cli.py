@@ -16,7 +16,10 @@ import datetime
 import json
 import logging
 import os
+import signal
 import sys
+import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -112,34 +115,65 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------- output files
 
 class RunDir:
-    """The run's output folder: config.json first, metrics.jsonl as it goes, results at the end."""
+    """The run's output folder, which belongs to one run: config.json first, metrics.jsonl as
+    it goes, results at the end.
+
+    Made with the path only, checked (`check`) before anything starts; the folder and its
+    files are created by `open`, which the trainer calls once its actors are up, so a run
+    that cannot start leaves nothing behind.
+    """
 
     def __init__(self, path: str | None, append: bool = False):
         stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.path = Path(path) if path else Path("runs") / f"{stamp}-{os.getpid()}"
+        self.append = append  # a resumed run appends: records of steps replayed after the checkpoint appear again
+        self._metrics = None
+
+    def check(self) -> None:
+        """ConfigError (exit 2) for an --out that cannot be this run's folder: a file, a folder
+        that cannot be written, or (without --resume) the folder of another run."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"invalid out: {path} is a file, not a folder", field="out")
+        probe = path
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ConfigError(f"invalid out: cannot create {path} ({probe} is a file)", field="out")
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as e:
+            raise ConfigError(f"invalid out: cannot write to {probe} ({e.strerror or e})", field="out") from None
+        if not self.append and path.is_dir():
+            found = [name for name in ("config.json", "metrics.jsonl", "checkpoints", "params.npz")
+                     if (path / name).exists()]
+            if found:
+                raise ConfigError(f"invalid out: {path} already holds a run ({', '.join(found)}): "
+                                  f"--resume {path} continues it; give another --out for a new run", field="out")
+
+    def open(self, cfg: TrainConfig) -> None:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            if not self.append:
+                _atomic_write(self.path / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+            self._metrics = open(self.path / "metrics.jsonl", "a" if self.append else "w")
         except OSError as e:
-            raise ConfigError(f"invalid out: cannot create {self.path} ({e.strerror})") from None
-        # a resumed run appends: records of steps replayed after the checkpoint appear again
-        self._metrics = open(self.path / "metrics.jsonl", "a" if append else "w")
-
-    def write_config(self, cfg: TrainConfig) -> None:
-        _atomic_write(self.path / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
+            raise ConfigError(f"invalid out: cannot write to {self.path} ({e.strerror or e})", field="out") from None
 
     def record(self, rec: dict) -> None:
         self._metrics.write(json.dumps(rec) + "\n")
         self._metrics.flush()
 
     def finish(self, result) -> None:
-        self._metrics.close()
+        self.close()
         _atomic_write(self.path / "summary.json", json.dumps(result.summary, indent=2) + "\n")
         tmp = self.path / "params.tmp.npz"
         np.savez(tmp, **result.params)
         os.replace(tmp, self.path / "params.npz")
 
     def close(self) -> None:
-        if not self._metrics.closed:
+        if self._metrics is not None and not self._metrics.closed:
             self._metrics.close()
 
 
@@ -184,20 +218,23 @@ def run_train(args) -> int:
     dataset = load_data(cfg)  # bad data is reported before anything starts
     prepare(cfg, dataset)  # and so is a model or loss that does not load, run or fit the data
     run = RunDir(cfg.out, append=bool(args.resume))
+    run.check()  # and an --out that cannot be this run's folder
     cfg = cfg.replace(out=str(run.path))
-    if not args.resume:
-        run.write_config(cfg)
     from .distributed import Trainer  # imports Ray: only when needed
 
     bar, update = _progress_bar(cfg.progress, total_steps(cfg, len(dataset)))
+    def on_start():
+        _stop_on_sigterm()  # again: starting Ray may have installed its own handler
+        run.open(cfg)
+    trainer = Trainer(cfg, dataset=dataset, sink=run.record, progress=update, resume=bool(args.resume),
+                      on_start=on_start)
     try:
         if bar is not None:
             from tqdm.contrib.logging import logging_redirect_tqdm
             with logging_redirect_tqdm():
-                result = Trainer(cfg, dataset=dataset, sink=run.record, progress=update,
-                                 resume=bool(args.resume)).fit()
+                result = trainer.fit()
         else:
-            result = Trainer(cfg, dataset=dataset, sink=run.record, resume=bool(args.resume)).fit()
+            result = trainer.fit()
     finally:
         if bar is not None:
             bar.close()
@@ -226,7 +263,21 @@ def use_token_auth_for(address: str | None) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, handled as Ctrl-C is: the run stops, its actors and shared memory are released."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _stop_on_sigterm() -> None:
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_terminated)
+
+
 def main(argv=None) -> int:
+    _stop_on_sigterm()
     parser = build_parser()
     args = parser.parse_args(argv)
     use_token_auth_for(getattr(args, "address", None))
@@ -254,9 +305,11 @@ def main(argv=None) -> int:
     except TrainingError as e:
         print(f"dptrain {args.command}: training failed: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt:
-        print(f"dptrain {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, Terminated)
+        print(f"dptrain {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
+              "checkpoints, if any, are kept (--resume continues)", file=sys.stderr)
+        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import backend
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .data import BatchSampler, Dataset, load_dataset
 from .models import ModelFactory, check, count_correct, loss_function, model_factory
 from .nn import flatten, random as nn_random
@@ -47,6 +47,12 @@ def prepare(cfg: TrainConfig, dataset: Dataset, model=None, loss=None) -> tuple:
     factory = model_factory(cfg, dataset, model)
     loss_fn = loss_function(cfg, dataset, loss)
     check(factory, loss_fn, dataset, cfg.seed)
+    if cfg.device == "cuda" and not cfg.address and cfg.gpus_per_worker == 0 and not backend.gpu_available():
+        raise ConfigError("invalid device: 'cuda' (this machine has no GPU that cupy can use; pip install "
+                          "'dptrain[gpu]' on a machine with one)", field="device")
+    if cfg.batch_size > len(dataset):
+        log.warning("--batch-size %d is larger than the %d training examples: every step uses all %d",
+                    cfg.batch_size, len(dataset), len(dataset))
     return factory, loss_fn
 
 

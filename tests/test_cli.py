@@ -38,6 +38,11 @@ def dptrain(*args, timeout=300):
     (["--loss", f"{USER}:mean_loss"], "invalid --loss: mean_loss gave"),
     (["--loss", f"{USER}:vector_loss"], "invalid --loss: vector_loss returned shape (1,)"),
     (["--loss", "hinge"], "invalid --loss: 'hinge'"),
+    (["--out", "/proc"], "invalid --out: cannot write to /proc"),
+    (["--out", "/proc/version/run"], "invalid --out: cannot create /proc/version/run (/proc/version is a file)"),
+    (["--out", __file__], "is a file, not a folder"),
+    (["--gpus-per-worker", "1"], "invalid --gpus-per-worker: 1 (this machine has no GPU that cupy can use"),
+    (["--device", "cuda"], "invalid --device: 'cuda' (this machine has no GPU that cupy can use"),
     (["--epochs", "ten"], "argument --epochs: invalid int value: 'ten'"),
     (["--dataset", "moons", "--model", "3,8,2"], "takes 3 inputs but moons has 2 features"),
     (["--resume", "/nonexistent/run"], "invalid --resume: /nonexistent/run/config.json not found"),
@@ -115,6 +120,57 @@ def test_resume_with_another_model_is_refused(tmp_path):
     assert "invalid --resume:" in r.stderr and "parameter 0 is '0.weight' (8, 2) float32 in one and '0.weight' " \
         "(16, 2) float32 in the other" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.ray
+def test_a_run_folder_belongs_to_one_run(tmp_path):
+    out = tmp_path / "run"
+    first = ["train", "--dataset", "moons", "--model", "2,8,2", "--steps", "6", "--batch-size", "50",
+             "--checkpoint-every", "2", "--cpus", "2", "--out", str(out)]
+    assert dptrain(*first).returncode == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    r = dptrain(*first[:-4], "--seed", "7", "--out", str(out))  # another run into the same folder
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"invalid --out: {out} already holds a run (config.json, metrics.jsonl, checkpoints, params.npz): " \
+           f"--resume {out} continues it" in r.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # nothing lost
+    # a folder whose checkpoints another run wrote (its config.json replaced) is not resumed
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(dict(config, seed=7)))
+    r = dptrain("train", "--resume", str(out))
+    assert r.returncode == 2 and "written by another run (seed 0 there, 7 here)" in r.stderr, r.stderr
+
+
+@pytest.mark.ray
+def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
+    out = tmp_path / "never"
+    r = dptrain("train", "--dataset", "moons", "--workers", "3", "--cpus", "2", "--out", str(out))
+    assert r.returncode == 2 and "3 workers x 1 CPU = 3 CPUs, but the Ray cluster has 2 CPUs" in r.stderr, r.stderr
+    assert not out.exists()
+
+
+def test_the_python_api_does_not_restore_another_runs_checkpoints(tmp_path):
+    import dptrain as dp
+    from dptrain.config import ConfigError
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "ckpt-00000004.json").write_text("{}")
+    with pytest.raises(ConfigError, match="holds the checkpoints of another run"):
+        dp.Trainer(dp.TrainConfig(dataset="moons", out=str(tmp_path))).fit()
+
+
+def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+    import signal
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", "--dataset", "moons", "--workers", "1",
+                             "--epochs", "100000", "--cpus", "1", "--no-progress", "--out", str(tmp_path / "r")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not (tmp_path / "r" / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-2000:]
+    assert "dptrain train: terminated (SIGTERM)" in err and "Traceback" not in err
 
 
 def test_model_that_does_not_fit_the_data_file(tmp_path):

@@ -243,6 +243,37 @@ def test_checkpoints_never_unpickle(tmp_path):
     np.savez(npz, params=np.array([object()], dtype=object))  # a pickled payload in place of the arrays
     meta = json.loads((tmp_path / "ckpt-00000008.json").read_text())
     meta.update(npz_bytes=npz.stat().st_size, npz_sha256=checkpoint._sha256(npz))
+    meta["meta_sha256"] = checkpoint._meta_sha256(meta)  # a consistent forgery: only np.load can refuse it
     (tmp_path / "ckpt-00000008.json").write_text(json.dumps(meta))
     with pytest.raises(checkpoint.CheckpointError, match="unreadable"):
         checkpoint.read(tmp_path / "ckpt-00000008.json")
+
+
+@pytest.mark.parametrize("edit", ["step", "config", "step_and_name"])
+def test_an_edited_checkpoint_json_is_not_trusted(tmp_path, edit, caplog):
+    _write(tmp_path, steps=(4, 8))
+    meta_path = tmp_path / "ckpt-00000008.json"
+    meta = json.loads(meta_path.read_text())
+    if edit == "config":
+        meta["config"]["seed"] = 1
+    else:
+        meta["step"] = 6
+    meta_path.write_text(json.dumps(meta))
+    if edit == "step_and_name":  # renamed to match, and its checksum recomputed: the optimizer's count disagrees
+        meta["optimizer"]["steps"] = 8
+        meta["meta_sha256"] = checkpoint._meta_sha256(meta)
+        (tmp_path / "ckpt-00000006.json").write_text(json.dumps(meta))
+        meta_path.unlink()
+    state = checkpoint.load_latest(tmp_path, _layout([2, 3, 2]))
+    assert state["step"] == 4 and "skipping checkpoint" in caplog.text
+
+
+def test_check_run_compares_the_model_the_settings_and_the_step(tmp_path):
+    _write(tmp_path, steps=(4, 8))  # config {"seed": 0}
+    checkpoint.check_run(tmp_path, {"seed": 0, "lr": 1.0}, _layout([2, 3, 2]), total_steps=8)  # its own run
+    with pytest.raises(checkpoint.RunMismatch, match=r"written by another run \(seed 0 there, 3 here\)"):
+        checkpoint.check_run(tmp_path, {"seed": 3}, _layout([2, 3, 2]), total_steps=8)
+    with pytest.raises(checkpoint.RunMismatch, match="a checkpoint of step 8, beyond this run's 5 steps"):
+        checkpoint.check_run(tmp_path, {"seed": 0}, _layout([2, 3, 2]), total_steps=5)
+    with pytest.raises(checkpoint.ModelMismatch, match="'0.weight'"):
+        checkpoint.check_run(tmp_path, {"seed": 0}, _layout([2, 5, 2]), total_steps=8)

@@ -74,6 +74,10 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
             raise ClusterError(f"--address {address}: could not join the Ray cluster at {target}: "
                                f"{type(e).__name__}: {e}.{hint}") from None
         return True
+    cores = os.cpu_count() or 1
+    if num_cpus is not None and num_cpus > 2 * cores:
+        log.warning("starting a local Ray with %d logical CPUs on this machine's %d cores: the workers share them, "
+                    "so a step takes about as long as all of theirs together", num_cpus, cores)
     ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **common)
     return True
 
@@ -93,9 +97,14 @@ def check_resources(workers: int, cpus_per_worker: float, gpus_per_worker: float
         have = total.get(kind, 0.0)
         if need > have + 1e-9:
             flag = "--cpus-per-worker" if kind == "CPU" else "--gpus-per-worker"
-            raise ClusterError(f"{workers} workers x {per:g} {kind} = {need:g} {kind}s, but the Ray cluster has "
-                               f"{have:g}: lower {flag} or --workers, or add nodes"
+            raise ClusterError(f"{_n(workers, 'worker')} x {_n(per, kind)} = {_n(need, kind)}, but the Ray cluster "
+                               f"has {_n(have, kind)}: lower {flag} or --workers, or add nodes"
                                + (" (or raise --cpus for the embedded Ray)" if kind == "CPU" else ""))
+
+
+def _n(count: float, what: str) -> str:
+    """"1 GPU", "2 GPUs", "0.5 GPU", "3 workers"."""
+    return f"{count:g} {what}" + ("" if count <= 1 else "s")
 
 
 def head_node_id() -> str | None:

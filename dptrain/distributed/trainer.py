@@ -36,7 +36,7 @@ from ..data import BatchSampler, Dataset
 from ..config import ConfigError
 from ..loop import (MetricsLog, TrainResult, epoch_record, load_data, prepare, reached_target, summary_record,
                     total_steps)
-from .. import checkpoint
+from .. import backend, checkpoint
 from ..models import first_difference, layout, user_modules
 from ..tensor import as_dtype
 from .actors import NonFiniteError, ParameterServer, Worker, WorkerError, WorkerLost
@@ -46,6 +46,7 @@ from .cluster import ClusterError, check_resources, connect, embedded_cpus, head
 log = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 120.0  # actors (and placement groups) that cannot start within this are an error
+WAIT_NOTICE_S = 5.0  # after this long waiting for them, say so
 
 
 class TrainingError(RuntimeError):
@@ -104,9 +105,10 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None,
-                 faults: list | None = None, resume: bool = False, *, model=None, loss=None):
+                 faults: list | None = None, resume: bool = False, *, model=None, loss=None, on_start=None):
         self.cfg = config
         self.model, self.loss = model, loss
+        self.on_start = on_start  # called once the actors are up, before step 0 (the CLI makes the run folder)
         self.resume = resume  # continue from the newest checkpoint in <out>/checkpoints
         self.faults = faults  # fault injection (tests, scripts/soak.py): see actors.inject_fault
         self.dataset = dataset
@@ -144,11 +146,15 @@ class Trainer:
                 bundle["GPU"] = cfg.gpus_per_worker
             pg = placement_group([dict(bundle) for _ in range(cfg.workers)], strategy="SPREAD")
             try:
-                ray.get(pg.ready(), timeout=READY_TIMEOUT_S)
+                ready, _ = ray.wait([pg.ready()], timeout=WAIT_NOTICE_S)
+                if not ready:
+                    log.warning("waiting for the cluster to reserve %d x %s across its nodes; giving up after %.0f s",
+                                cfg.workers, bundle, READY_TIMEOUT_S)
+                ray.get(pg.ready(), timeout=READY_TIMEOUT_S - WAIT_NOTICE_S)
             except ray.exceptions.GetTimeoutError:
                 remove_placement_group(pg)
-                raise ClusterError(f"could not reserve {cfg.workers} x {bundle} across the cluster's nodes "
-                                   f"within {READY_TIMEOUT_S:.0f} s") from None
+                raise TrainingError(f"could not reserve {cfg.workers} x {bundle} across the cluster's nodes "
+                                    f"within {READY_TIMEOUT_S:.0f} s (its resources are taken?)") from None
         workers = [self._spawn_worker(rank, cfg.workers, pg, self.faults) for rank in range(cfg.workers)]
         ps = self._spawn_server(self.faults)
         return ps, workers, pg
@@ -192,11 +198,16 @@ class Trainer:
     def _wait_ready(ps, workers) -> list:
         refs = [w.ready.remote() for w in workers]
         ps_ref = ps.node_id.remote()  # any small call: the server has started once it answers
-        ready, pending = ray.wait(refs + [ps_ref], num_returns=len(refs) + 1, timeout=READY_TIMEOUT_S)
+        everything = refs + [ps_ref]
+        ready, pending = ray.wait(everything, num_returns=len(everything), timeout=WAIT_NOTICE_S)
+        if pending:  # a busy cluster: say so while waiting
+            log.warning("waiting for the cluster to start %d of %d actors (its resources are taken?); giving up "
+                        "after %.0f s", len(pending), len(everything), READY_TIMEOUT_S)
+            ready, pending = ray.wait(everything, num_returns=len(everything), timeout=READY_TIMEOUT_S - WAIT_NOTICE_S)
         if pending:
             names = [f"worker {refs.index(r)}" if r in refs else "parameter server" for r in pending]
-            raise ClusterError(f"{', '.join(names)} did not start within {READY_TIMEOUT_S:.0f} s "
-                               "(not enough free resources in the cluster?)")
+            raise TrainingError(f"{', '.join(names)} did not start within {READY_TIMEOUT_S:.0f} s: the cluster "
+                                "has no free resources for them (cluster/status.sh shows what is running)")
         try:
             placement = ray.get(refs)
         except ray.exceptions.RayError as e:
@@ -223,11 +234,21 @@ class Trainer:
         cfg = self.cfg
         dataset = self.dataset if self.dataset is not None else load_data(cfg)  # bad data fails before Ray starts
         self._factory, self._loss_fn = prepare(cfg, dataset, self.model, self.loss)  # so does a bad model or loss
-        if self.resume and cfg.out:  # and a resume with another model than the checkpoint's
+        folder = os.path.join(cfg.out, "checkpoints") if cfg.out else None
+        if folder and self.resume:  # and a resume of a checkpoint of another model or run
             try:
-                checkpoint.check_model(os.path.join(cfg.out, "checkpoints"), layout(self._factory.on("cpu")()))
-            except checkpoint.ModelMismatch as e:
+                checkpoint.check_run(folder, cfg.to_dict(), layout(self._factory.on("cpu")()),
+                                     total_steps(cfg, len(dataset)))
+            except checkpoint.CheckpointError as e:
                 raise ConfigError(f"invalid resume: {e}", field="resume") from None
+        elif folder and checkpoint.list_checkpoints(folder):  # a new run must not restore an old one's
+            raise ConfigError(f"invalid out: {cfg.out} holds the checkpoints of another run: resume it, or give "
+                              "another out for a new run", field="out")
+        if cfg.device == "cuda" and not (cfg.address or os.environ.get("RAY_ADDRESS")) \
+                and not backend.gpu_available():  # an embedded Ray has this machine's GPUs only
+            raise ConfigError(f"invalid gpus_per_worker: {cfg.gpus_per_worker:g} (this machine has no GPU that cupy "
+                              "can use; pip install 'dptrain[gpu]' on a machine with one, or join a cluster "
+                              "with GPUs: --address)", field="gpus_per_worker")
         steps = total_steps(cfg, len(dataset))
         self._steps_per_epoch = BatchSampler(len(dataset), cfg.batch_size).steps_per_epoch
         started = connect(cfg.address,
@@ -254,8 +275,10 @@ class Trainer:
                      "(%s parameters), %d steps, global batch %d", dataset.name, cfg.workers,
                      len({p["node_id"] for p in self.placement}), len(self.shared), self._factory.name,
                      f"{sum(int(np.prod(p[1])) for p in ray.get(self._ps.get_layout.remote())):,}", steps,
-                     cfg.batch_size)
+                     min(cfg.batch_size, len(dataset)))
             ray.get(self._ps.set_workers.remote(self._workers, self._steps_per_epoch, steps))
+            if self.on_start is not None:
+                self.on_start()
             yield dataset, steps
         finally:
             self._close(self._workers + ([self._ps] if self._ps is not None else []))
