@@ -89,6 +89,42 @@ def test_submit_a_user_model_file(cluster, tmp_path):
         assert params["conv.weight"].shape == (6, 1, 3)
 
 
+def test_auto_joins_the_started_cluster_beside_another_ray(cluster, tmp_path):
+    """Another Ray instance runs on the machine (a plain `dptrain train`, say): `--address auto`
+    joins the cluster cluster/start.sh started, says so, and never the other instance."""
+    other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(num_cpus=1, include_dashboard=False); "
+                              "print('up', flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True,
+                             env=_env())
+    try:
+        assert other.stdout.readline().strip() == "up"
+        env = dict(_env(), DPTRAIN_RAY_STATE=cluster["state"])
+        for attempt in range(3):
+            r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--address", "auto", "--dataset",
+                                "moons", "--workers", "2", "--spread", "--epochs", "1", "--out",
+                                str(tmp_path / f"run{attempt}")], capture_output=True, text=True, env=env, timeout=300)
+            assert r.returncode == 0, r.stderr[-3000:]
+            assert f":{cluster['port']} (--address auto: cluster/start.sh): 2 node(s)" in r.stderr
+            assert "across 2 node(s)" in r.stderr
+        # without knowing which cluster start.sh started, two instances are ambiguous: refused, naming both
+        r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--address", "auto", "--dataset", "moons"],
+                           capture_output=True, text=True, env=_env(), timeout=120)
+        assert r.returncode == 2 and "2 Ray instances run on this machine" in r.stderr, r.stderr[-2000:]
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_a_missing_token_is_named_at_once(cluster, tmp_path):
+    import time
+    env = dict(_env(), DPTRAIN_RAY_STATE=cluster["state"], HOME=str(tmp_path))  # a user without the token
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--address", "auto", "--dataset", "moons"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr[-2000:]
+    assert "needs its authentication token" in r.stderr and "~/.ray/auth_token" in r.stderr
+    assert time.monotonic() - start < 15
+
+
 @pytest.mark.parametrize("address", ["auto", "port"])
 def test_train_joins_the_cluster(cluster, tmp_path, address):
     import socket as s

@@ -14,20 +14,97 @@ class ClusterError(RuntimeError):
     """Ray cannot be reached or cannot run this job; the message says why and what to do."""
 
 
-def resolve_address(address: str) -> str:
-    """"auto" or HOST:PORT -> HOST:PORT of the cluster's GCS, or a ClusterError."""
+STATE_DIR = "/tmp/dptrain-ray"  # cluster/start.sh's default --state (DPTRAIN_RAY_STATE overrides)
+
+
+def started_cluster() -> str | None:
+    """The GCS address of the cluster cluster/start.sh started (its state folder's env file), if
+    it is running; else None."""
+    state = os.environ.get("DPTRAIN_RAY_STATE") or STATE_DIR
     try:
-        from ray._private.services import canonicalize_bootstrap_address  # how ray.init resolves it
-        resolved = canonicalize_bootstrap_address(address)
-    except ConnectionError as e:
-        raise ClusterError(f"--address {address}: no running Ray cluster found ({e}). Start one with "
-                           "cluster/start.sh (or `ray start --head`), or leave out --address to run on "
-                           "an embedded local Ray") from None
+        text = open(os.path.join(state, "env")).read()
+        sid = int(open(os.path.join(state, "head.sid")).read().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.killpg(sid, 0)  # the head node's processes are alive
+    except (ProcessLookupError, PermissionError):
+        return None
+    for line in text.splitlines():
+        if line.startswith("export RAY_ADDRESS="):
+            return line.split("=", 1)[1].strip() or None
+    return None
+
+
+def resolve_address(address: str) -> tuple[str, str]:
+    """"auto" or HOST:PORT -> (HOST:PORT of the cluster's GCS, how it was found), or a ClusterError.
+
+    "auto", in this order: RAY_ADDRESS; the cluster cluster/start.sh started (its state
+    folder: $DPTRAIN_RAY_STATE or /tmp/dptrain-ray); the cluster of the last `ray start`
+    (Ray's own hint file); the one Ray instance running on this machine. Several instances
+    and no hint is an error naming them: Ray alone would pick one of them.
+    """
+    from ray._private import services
+    how = "given"
+    if address == "auto":
+        found = os.environ.get("RAY_ADDRESS") or None
+        how = "RAY_ADDRESS"
+        if found is None:
+            found, how = started_cluster(), "cluster/start.sh"
+        if found is None:
+            hint = services.find_bootstrap_address(None)
+            if hint and _answers(hint):  # the file outlives the cluster that wrote it
+                found, how = hint, "the last ray start"
+        if found is None:
+            running = sorted(services.find_gcs_addresses())
+            if len(running) > 1:
+                raise ClusterError(f"--address auto: {len(running)} Ray instances run on this machine "
+                                   f"({', '.join(running)}) and none was started by cluster/start.sh: give "
+                                   "--address HOST:PORT")
+            if not running:
+                raise ClusterError("--address auto: no running Ray cluster found. Start one with cluster/start.sh "
+                                   "(or `ray start --head`), or leave out --address to run on an embedded local Ray")
+            found, how = running[0], "the only Ray instance running here"
+        address = found
+    try:
+        resolved = services.canonicalize_bootstrap_address(address)
     except Exception as e:
         raise ClusterError(f"--address {address!r} is not a valid Ray address ({e}); expected auto or HOST:PORT") from None
     if resolved is None:
         raise ClusterError(f"--address {address}: no running Ray cluster found")
-    return resolved
+    return resolved, how
+
+
+def _answers(address: str, timeout_s: float = 1.0) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+TOKEN_FILE = "~/.ray/auth_token"
+
+
+def _token_auth_as_for_auto() -> None:
+    """What ray.init does for an address it discovers itself: token authentication on when
+    RAY_AUTH_MODE is unset and a token exists. Ray counts RAY_ADDRESS as an explicit address,
+    for which it does not; dptrain resolves "auto" and pins RAY_ADDRESS, so it asks for it."""
+    try:
+        from ray._private.authentication.authentication_token_setup import (
+            maybe_enable_token_auth_if_token_available)
+    except ImportError:  # a Ray without token authentication
+        return
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def _token_found() -> bool:
+    """Whether Ray will find an authentication token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return True
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser(TOKEN_FILE)
+    return os.path.isfile(path)
 
 
 def check_reachable(address: str, timeout_s: float = 3.0, given: str | None = None) -> None:
@@ -62,8 +139,17 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     address = address or os.environ.get("RAY_ADDRESS") or None
     common = {"log_to_driver": True, "logging_level": logging.WARNING, "configure_logging": True}
     if address:
-        target = resolve_address(address)
+        target, how = resolve_address(address)
         check_reachable(target, given=address)
+        mode = os.environ.get("RAY_AUTH_MODE")
+        if (mode == "token" or (address == "auto" and mode != "disabled")) and not _token_found():
+            raise ClusterError(f"--address {address}: the cluster at {target} needs its authentication token, and "
+                               f"there is none here: copy the head's {TOKEN_FILE} to this user's {TOKEN_FILE} (or "
+                               "set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH); RAY_AUTH_MODE=disabled for a cluster "
+                               "without tokens")
+        if address == "auto":  # Ray resolves "auto" again in ray.init: make it find this cluster
+            os.environ["RAY_ADDRESS"] = target
+            _token_auth_as_for_auto()
         try:
             ray.init(address=address, **common)  # "auto" as such: Ray turns token auth on only for it
         except Exception as e:
@@ -73,7 +159,16 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
                         "RAY_AUTH_MODE=token before starting Python (the dptrain CLI does this itself).")
             raise ClusterError(f"--address {address}: could not join the Ray cluster at {target}: "
                                f"{type(e).__name__}: {e}.{hint}") from None
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        total = ray.cluster_resources()
+        log.info("joined the Ray cluster at %s (%s): %d node(s), %g CPUs, %g GPUs", target,
+                 "--address" if how == "given" else f"--address auto: {how}", len(nodes), total.get("CPU", 0),
+                 total.get("GPU", 0))
         return True
+    running = started_cluster()
+    if running:
+        log.info("no --address: starting a private local Ray (the cluster cluster/start.sh started, at %s, is not "
+                 "used; --address auto joins it)", running)
     cores = os.cpu_count() or 1
     if num_cpus is not None and num_cpus > 2 * cores:
         log.warning("starting a local Ray with %d logical CPUs on this machine's %d cores: the workers share them, "
