@@ -65,8 +65,22 @@ start_node() {  # name, then ray start arguments
   fi
 }
 
+# The head's agents get ports found free now, not Ray's defaults: if anything holds the default
+# job-agent port (another Ray instance, an orphaned agent), Ray would start the cluster with job
+# submission disabled and say so only in a log file.
+read -r agent_port agent_grpc metrics_port env_agent_port < <(python3 - <<'PY'
+import socket
+socks = [socket.socket() for _ in range(4)]
+for s in socks:
+    s.bind(("", 0))
+print(*[s.getsockname()[1] for s in socks])
+PY
+)
+echo "$agent_port" > "$state/agent_port"
 start_node head --head --port "$port" --temp-dir "$state/ray" --num-cpus "$cpus" \
-  --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" --disable-usage-stats
+  --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" --disable-usage-stats \
+  --dashboard-agent-listen-port "$agent_port" --dashboard-agent-grpc-port "$agent_grpc" \
+  --metrics-export-port "$metrics_port" --runtime-env-agent-port "$env_agent_port"
 ip=$(grep -o "ray start --address='[^']*'" "$state/head.log" | head -n 1 | sed "s/.*='\(.*\)'/\1/")
 [[ -n "$ip" ]] || ip="$(hostname -I | awk '{print $1}'):$port"
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}
@@ -78,6 +92,18 @@ for k in $(seq 1 "$nodes"); do
     --metrics-export-port $((base + 4)) --runtime-env-agent-port $((base + 5)) \
     --min-worker-port $((20000 + 1000 * k)) --max-worker-port $((20000 + 1000 * k + 999)) --disable-usage-stats
 done
+
+# the cluster is up only once its job agent serves (scripts/submit.sh needs it)
+for _ in $(seq 1 60); do
+  "$here/status.sh" --state "$state" --agent-only && break
+  sleep 0.5
+done
+if ! "$here/status.sh" --state "$state" --agent-only; then
+  echo "start.sh: the head's job agent is not serving on port $agent_port after 30 s, so jobs could not be" \
+       "submitted; its log: $state/ray/session_latest/logs/dashboard_agent.log. Stopping the cluster." >&2
+  "$here/stop.sh" --state "$state" >/dev/null 2>&1 || true
+  exit 1
+fi
 
 cat > "$state/env" <<ENV
 export RAY_ADDRESS=$ip

@@ -97,7 +97,13 @@ if [[ ${#wait_flag[@]} -gt 0 ]]; then
   echo "results will be in $out on the head node"
   exit $status
 fi
-job_status=$(ray job status --address "$address" "$id" 2>&1 | grep -io "succeeded\|failed\|stopped" | tail -n 1 | tr a-z A-Z || true)
+status_text=$(ray job status --address "$address" "$id" 2>&1 || true)
+if [[ $status -ne 0 ]] && grep -q "does not exist" <<<"$status_text"; then
+  echo "submit.sh: the cluster at $address did not accept job $id (the error is above): nothing ran, no results." >&2
+  echo "  Is its job agent serving? cluster/status.sh tells, for a cluster from cluster/start.sh." >&2
+  exit 1
+fi
+job_status=$(grep -io "succeeded\|failed\|stopped" <<<"$status_text" | tail -n 1 | tr a-z A-Z || true)
 echo "job $id: ${job_status:-unknown}"
 echo "results: $out"
 if [[ $status -eq 0 && "$job_status" != "SUCCEEDED" ]]; then

@@ -191,3 +191,36 @@ def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode):
     with np.load(out / "params.npz", allow_pickle=False) as params:
         for k in clean:  # the same global batch whatever the worker count: the same parameters
             np.testing.assert_allclose(params[k], clean[k], rtol=1e-10, atol=1e-13)
+
+
+def test_submit_works_when_the_default_agent_port_was_taken(tmp_path):
+    """Something holds Ray's default job-agent port (52365) when the cluster starts: start.sh
+    must still give a cluster that takes jobs (or refuse to report it up)."""
+    import socket as s
+    import ray
+    ray.shutdown()
+    holder = s.socket()
+    holder.setsockopt(s.SOL_SOCKET, s.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("0.0.0.0", 52365))
+        holder.listen(1)
+    except OSError:
+        pass  # already held by something else: the situation under test all the same
+    state = tempfile.mkdtemp(prefix="dpa-", dir="/tmp")
+    port, dash = _free_port(), _free_port()
+    try:
+        start = subprocess.run([str(ROOT / "cluster/start.sh"), "--port", str(port), "--dashboard-port", str(dash),
+                                "--cpus", "2", "--state", state], capture_output=True, text=True, env=_env(),
+                               timeout=180)
+        assert start.returncode == 0, start.stderr + start.stdout
+        status = subprocess.run([str(ROOT / "cluster/status.sh"), "--state", state], capture_output=True, text=True,
+                                env=_env(), timeout=60)
+        assert status.returncode == 0 and "job agent: serving" in status.stdout, status.stdout + status.stderr
+        r = subprocess.run([str(ROOT / "scripts/submit.sh"), "--address", f"http://127.0.0.1:{dash}", "--results",
+                            str(tmp_path / "results"), "--id", "dptrain-agent-job", "--", "--dataset", "moons",
+                            "--epochs", "1"], capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
+        assert r.returncode == 0 and "SUCCEEDED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    finally:
+        holder.close()
+        subprocess.run([str(ROOT / "cluster/stop.sh"), "--state", state], capture_output=True, timeout=60)
+        shutil.rmtree(state, ignore_errors=True)
