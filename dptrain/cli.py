@@ -162,8 +162,49 @@ class RunDir:
             raise ConfigError(f"invalid out: cannot write to {self.path} ({e.strerror or e})", field="out") from None
 
     def record(self, rec: dict) -> None:
+        """Append a record. A run that goes back to an earlier step (a recovery, a resume) first
+        drops the step and epoch records from that step on: they are about to be run again, so
+        every step appears once in metrics.jsonl."""
+        if rec.get("kind") in ("recovery", "resume"):
+            self._drop_from(rec["resume_step"])
         self._metrics.write(json.dumps(rec) + "\n")
         self._metrics.flush()
+
+    def steps_logged(self) -> int | None:
+        """How many steps metrics.jsonl records without a gap (a resume takes a checkpoint of at most
+        that step, so that every step stays logged: the server checkpoints ahead of the log); None
+        when it records none."""
+        path = self.path / "metrics.jsonl"
+        steps = set()
+        try:
+            lines = path.read_text().splitlines()
+        except OSError:
+            return None
+        for line in lines:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue
+            if r.get("kind") == "step":
+                steps.add(r["step"])
+        n = 0
+        while n in steps:
+            n += 1
+        return n or None
+
+    def _drop_from(self, step: int) -> None:
+        path = self.path / "metrics.jsonl"
+        self._metrics.close()
+        kept = []
+        for line in path.read_text().splitlines():
+            try:
+                r = json.loads(line)
+            except ValueError:  # a line cut short by a killed run
+                continue
+            if not (r.get("kind") in ("step", "epoch") and r.get("step", -1) >= step):
+                kept.append(line)
+        _atomic_write(path, "".join(line + "\n" for line in kept))
+        self._metrics = open(path, "a")
 
     def finish(self, result) -> None:
         self.close()
@@ -227,7 +268,7 @@ def run_train(args) -> int:
         _stop_on_sigterm()  # again: starting Ray may have installed its own handler
         run.open(cfg)
     trainer = Trainer(cfg, dataset=dataset, sink=run.record, progress=update, resume=bool(args.resume),
-                      on_start=on_start)
+                      on_start=on_start, resume_at_most=run.steps_logged() if args.resume else None)
     try:
         if bar is not None:
             from tqdm.contrib.logging import logging_redirect_tqdm

@@ -131,3 +131,28 @@ def test_a_new_session_reloads_parameters(served_worker):
     chan.close()  # the server goes away: serve returns
     thread.join(5)
     assert not thread.is_alive()
+
+
+def test_orphaned_segments_are_swept_and_live_ones_kept():
+    """A killed run's segments (mapped by no process, older than a minute) are removed; segments a
+    process maps, or that were made a moment ago, are kept."""
+    import os
+    import time
+    from dptrain.distributed import shm
+    live = shm.SharedArray.create(10, np.float64, "sweeptest")
+    orphan = shm.SharedArray.create(10, np.float64, "sweeptest")
+    orphan.array = None
+    orphan.shm.close()  # its owner is gone: nobody maps it
+    young = shm.SharedArray.create(10, np.float64, "sweeptest")
+    young.array = None
+    young.shm.close()
+    old = time.time() - 120
+    for seg in (live, orphan):
+        os.utime(f"/dev/shm/{seg.name}", (old, old))
+    try:
+        assert shm.sweep_orphans("dptrain-sweeptest") == [orphan.name]
+        assert os.path.exists(f"/dev/shm/{live.name}") and os.path.exists(f"/dev/shm/{young.name}")
+    finally:
+        live.close()
+        shm.unlink(young.name)
+        shm.unlink(orphan.name)

@@ -168,6 +168,10 @@ def test_driver_killed_and_resumed(tmp_path, model):
     clean = dp.train_local(dp.TrainConfig(workers=3, **settings)).params
     with np.load(out / "params.npz", allow_pickle=False) as params:
         _same(dict(params), clean)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(600))  # each step once
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 600 and 0 < summary["resumed_from_step"] <= killed_at  # the newest the log covers
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("dptrain-")]  # the killed run's too
 
 
@@ -277,3 +281,19 @@ def test_check_run_compares_the_model_the_settings_and_the_step(tmp_path):
         checkpoint.check_run(tmp_path, {"seed": 0}, _layout([2, 3, 2]), total_steps=5)
     with pytest.raises(checkpoint.ModelMismatch, match="'0.weight'"):
         checkpoint.check_run(tmp_path, {"seed": 0}, _layout([2, 5, 2]), total_steps=8)
+
+
+def test_metrics_file_keeps_each_step_once_across_a_recovery(tmp_path):
+    from dptrain.cli import RunDir
+    run = RunDir(str(tmp_path / "run"))
+    run.open(dp.TrainConfig(dataset="moons"))
+    for step in range(10):
+        run.record({"kind": "step", "step": step})
+    run.record({"kind": "epoch", "epoch": 0, "step": 7})
+    run.record({"kind": "recovery", "error": "worker 1 lost", "resume_step": 6})
+    for step in range(6, 12):
+        run.record({"kind": "step", "step": step})
+    run.close()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(12))
+    assert [r["kind"] for r in records].count("epoch") == 0 and records[6]["kind"] == "recovery"

@@ -70,6 +70,36 @@ def names(prefix: str) -> list:
         return []
 
 
+def sweep_orphans(prefix: str = "dptrain-", min_age_s: float = 60.0) -> list:
+    """Remove this node's segments that no living process maps and that are older than
+    `min_age_s` (a run killed with SIGKILL, its actors with it, leaves its segments behind);
+    returns their names. Linux only (/proc); elsewhere nothing is removed."""
+    import time
+    candidates = []
+    now = time.time()
+    for name in names(prefix):
+        try:
+            if now - os.stat(f"/dev/shm/{name}").st_mtime >= min_age_s:
+                candidates.append(name)
+        except OSError:
+            pass
+    if not candidates or not os.path.isdir("/proc/self/map_files"):
+        return []
+    in_use = set()
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            with open(f"/proc/{pid}/maps") as f:
+                for line in f:
+                    if "/dev/shm/" + prefix in line:
+                        in_use.add(line.rsplit("/dev/shm/", 1)[1].split()[0])
+        except OSError:  # gone, or not readable (not one of ours: our actors are our own processes)
+            continue
+    removed = [n for n in candidates if n not in in_use and unlink(n)]
+    return removed
+
+
 def _untrack(shm) -> None:
     """Before Python 3.13 attaching registers the segment with this process's resource
     tracker, which would unlink it when this process exits: the owner decides instead."""

@@ -105,10 +105,12 @@ class Trainer:
     """
 
     def __init__(self, config: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None,
-                 faults: list | None = None, resume: bool = False, *, model=None, loss=None, on_start=None):
+                 faults: list | None = None, resume: bool = False, *, model=None, loss=None, on_start=None,
+                 resume_at_most: int | None = None):
         self.cfg = config
         self.model, self.loss = model, loss
         self.on_start = on_start  # called once the actors are up, before step 0 (the CLI makes the run folder)
+        self.resume_at_most = resume_at_most  # resume from a checkpoint of at most this step (the last one logged)
         self.resume = resume  # continue from the newest checkpoint in <out>/checkpoints
         self.faults = faults  # fault injection (tests, scripts/soak.py): see actors.inject_fault
         self.dataset = dataset
@@ -169,6 +171,11 @@ class Trainer:
         todo = range(len(workers)) if ranks is None else ranks
         local = [r for r in todo if self.placement[r]["node_id"] == ps_node and self.placement[r]["device"] == "cpu"]
         shared = [r for r in self.shared if ranks is not None and r not in ranks and r < len(workers)]
+        if ranks is None:  # a new server: workers that shared memory with the old one on another node go back
+            moved = [r for r in self.shared if r < len(workers) and r not in local]  # to the object store
+            if moved:
+                log.info("parameter server now on another node than worker(s) %s: they use the object store", moved)
+                ray.get([workers[r].close.remote() for r in moved])
         if self.cfg.transport == "auto" and local:
             try:
                 segment = ray.get(ps.enable_shared_memory.remote(self._run_key))
@@ -260,6 +267,9 @@ class Trainer:
         if cfg.out:  # segments left in this node's /dev/shm by an earlier, killed run of this folder
             for name in shm.names(f"dptrain-{self._run_key}-"):
                 shm.unlink(name)
+        orphans = shm.sweep_orphans()  # and by any killed run: segments no living process maps
+        if orphans:
+            log.info("removed %d shared-memory segment(s) that killed runs left in /dev/shm", len(orphans))
         for module in user_modules(self._factory.builder, self._loss_fn):  # their files may exist here only
             ray.cloudpickle.register_pickle_by_value(module)
         try:
@@ -269,7 +279,7 @@ class Trainer:
             self._pg = pg
             self.placement = self._wait_ready(self._ps, self._workers)
             if self.resume:
-                self._restore(self._ps, required=True)
+                self._restore(self._ps, required=True, max_step=self.resume_at_most)
             self.shared = self._connect_transport(self._ps, self._workers)
             log.info("training %s on %d worker(s) across %d node(s) (%d through shared memory): model %s "
                      "(%s parameters), %d steps, global batch %d", dataset.name, cfg.workers,
@@ -454,6 +464,9 @@ class Trainer:
         # idles -- unless a target accuracy is set: then each epoch's verdict comes first.
         lookahead = 0 if cfg.target_accuracy is not None else 1
         first = self._get(self._ps.current_step.remote(), -1)
+        resumed_from = first
+        if first > 0 and self.sink:  # a resumed run: what the killed one logged from here on is run again
+            self.sink({"kind": "resume", "resume_step": first})
         while not stop:
             mlog.truncate(first)
             window[:] = [r for r in window if r["step"] < first]
@@ -494,6 +507,9 @@ class Trainer:
         summary["nodes"] = len({p["node_id"] for p in self.placement})
         summary["shared_memory_workers"] = len(self.shared)
         summary["failures_survived"] = failures
+        if resumed_from > 0:  # the run's steps in all, this session's from resumed_from on
+            summary["resumed_from_step"] = resumed_from
+            summary["steps"] = last + 1
         state_dict = self._get(self._ps.state_dict.remote(), last)
         return TrainResult(cfg, {"steps": mlog.steps, "epochs": mlog.epochs, "summary": summary,
                                  "placement": self.placement}, state_dict)
