@@ -51,6 +51,9 @@ if [[ -f "$state/env" ]] && "$here/status.sh" --state "$state" --quiet; then
 fi
 mkdir -p "$state"
 rm -f "$state"/*.sid "$state/env"
+# Ray writes a session folder of logs at every start: keep the last stopped cluster's (for a
+# post-mortem), not the ones before it, so the state folder does not grow start after start.
+{ ls -dt "$state"/ray/session_2* 2>/dev/null || true; } | tail -n +2 | xargs -r rm -rf
 
 # Run `ray start` as the leader of a new session and record the session id: every Ray process
 # of that node inherits it, which is how stop.sh finds them (and nothing else).

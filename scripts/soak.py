@@ -10,7 +10,8 @@ the workers spread over them): every --kill-every steps a fault. Most are a rand
 worker's process exiting in the middle of its step; every --server-every-th hits the
 server instead; every --node-every-th kills a worker's whole node from outside, as a
 crashed machine dies (SIGKILL of its worker processes, raylet and object store), and a
-fresh node joins, as an autoscaler would add one. The run checkpoints every
+fresh node joins, as an autoscaler would add one. A node can take the server with it
+(and so count as two failures). The run checkpoints every
 --checkpoint-every steps, so a lost server restarts from its newest checkpoint. It
 reports steps completed, faults injected and survived, and whether the final parameters
 equal those of the same run without faults (float64, 1e-10 relative).
@@ -89,7 +90,7 @@ def main(argv=None) -> int:
     work = tempfile.mkdtemp(prefix="dptrain-soak-")
     cfg = dp.TrainConfig(dataset="spirals", model=[2, 64, 64, 3], workers=args.workers, batch_size=128,
                          steps=args.steps, dtype="float64", lr=0.05, momentum=0.9, seed=args.seed, log_every=10,
-                         checkpoint_every=args.checkpoint_every, max_failures=len(faults) + 1, step_timeout=60,
+                         checkpoint_every=args.checkpoint_every, max_failures=2 * len(faults) + 1, step_timeout=60,
                          spread=True, out=work)
     import ray
     from ray.cluster_utils import Cluster

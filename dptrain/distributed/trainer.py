@@ -111,6 +111,7 @@ class Trainer:
         self.model, self.loss = model, loss
         self.on_start = on_start  # called once the actors are up, before step 0 (the CLI makes the run folder)
         self.resume_at_most = resume_at_most  # resume from a checkpoint of at most this step (the last one logged)
+        self._submitted = -1  # the last step handed to the server (fault injection bookkeeping)
         self.resume = resume  # continue from the newest checkpoint in <out>/checkpoints
         self.faults = faults  # fault injection (tests, scripts/soak.py): see actors.inject_fault
         self.dataset = dataset
@@ -175,13 +176,15 @@ class Trainer:
             moved = [r for r in self.shared if r < len(workers) and r not in local]  # to the object store
             if moved:
                 log.info("parameter server now on another node than worker(s) %s: they use the object store", moved)
-                ray.get([workers[r].close.remote() for r in moved])
+                for r in moved:
+                    self._from_worker(r, workers[r].close.remote())
         if self.cfg.transport == "auto" and local:
             try:
                 segment = ray.get(ps.enable_shared_memory.remote(self._run_key))
                 self._segments.add(segment)
                 for rank in local:
-                    grad_segment = ray.get(workers[rank].use_shared_memory.remote(segment, self._run_key))
+                    grad_segment = self._from_worker(rank, workers[rank].use_shared_memory.remote(segment,
+                                                                                                 self._run_key))
                     self._segments.add(grad_segment)
                     ray.get(ps.register_shared_worker.remote(rank, grad_segment))
                     shared.append(rank)
@@ -280,7 +283,10 @@ class Trainer:
             self.placement = self._wait_ready(self._ps, self._workers)
             if self.resume:
                 self._restore(self._ps, required=True, max_step=self.resume_at_most)
-            self.shared = self._connect_transport(self._ps, self._workers)
+            try:
+                self.shared = self._connect_transport(self._ps, self._workers)
+            except WorkerLost as e:
+                raise TrainingError(f"{e} while the run was starting") from None
             log.info("training %s on %d worker(s) across %d node(s) (%d through shared memory): model %s "
                      "(%s parameters), %d steps, global batch %d", dataset.name, cfg.workers,
                      len({p["node_id"] for p in self.placement}), len(self.shared), self._factory.name,
@@ -355,6 +361,17 @@ class Trainer:
         self.shared = self._connect_transport(self._ps, self._workers, ranks=[rank])
         ray.get(self._ps.set_workers.remote(self._workers, self._steps_per_epoch, self._steps))
 
+    def _from_worker(self, rank: int, ref):
+        """ray.get of a call to worker `rank` during setup or recovery: a dead or hung worker is
+        WorkerLost (recovered like one lost in a step), not an escaping Ray error."""
+        try:
+            return ray.get(ref, timeout=READY_TIMEOUT_S)
+        except ray.exceptions.RayActorError as e:
+            raise WorkerLost(rank, self._submitted, f"its process died ({type(e).__name__})") from None
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self._workers[rank])
+            raise WorkerLost(rank, self._submitted, f"no answer within {READY_TIMEOUT_S:.0f} s") from None
+
     def _start_replacement(self, rank: int):
         """A new worker `rank`, started and answering; TrainingError if none can start in time.
 
@@ -392,7 +409,7 @@ class Trainer:
         n = len(self._workers)
         shared = []
         for new_rank, w in enumerate(self._workers):
-            segment = ray.get(w.set_rank.remote(new_rank, n))
+            segment = self._from_worker(new_rank, w.set_rank.remote(new_rank, n))
             self.placement[new_rank]["rank"] = new_rank
             if segment is not None:
                 ray.get(self._ps.register_shared_worker.remote(new_rank, segment))
@@ -490,12 +507,19 @@ class Trainer:
                         ray.get(ref, timeout=60)
                     except Exception:
                         pass
-                if isinstance(e, WorkerLost):  # the steps the failed chunk did complete
-                    stop = record(self._get(self._ps.take_unreported.remote(), e.step))
-                failures = self._recover(e, failures, recorded=len(mlog.steps) and mlog.steps[-1]["step"] + 1)
-                first = self._get(self._ps.current_step.remote(), -1)
+                error = e
+                while True:  # recovery may find more lost (a dead node can take the server and workers)
+                    try:
+                        if isinstance(error, WorkerLost):  # the steps the failed chunk did complete
+                            stop = record(self._get(self._ps.take_unreported.remote(), error.step)) or stop
+                        failures = self._recover(error, failures,
+                                                 recorded=len(mlog.steps) and mlog.steps[-1]["step"] + 1)
+                        first = self._get(self._ps.current_step.remote(), -1)
+                        break
+                    except (WorkerLost, ServerLost) as again:
+                        error = again
                 if self.sink:
-                    self.sink({"kind": "recovery", "error": str(e), "resume_step": first, "failures": failures})
+                    self.sink({"kind": "recovery", "error": str(error), "resume_step": first, "failures": failures})
         last = mlog.steps[-1]["step"] if mlog.steps else -1
         wall = time.perf_counter() - start
         if cfg.out:
