@@ -373,32 +373,40 @@ class Trainer:
             raise WorkerLost(rank, self._submitted, f"no answer within {READY_TIMEOUT_S:.0f} s") from None
 
     def _start_replacement(self, rank: int):
-        """A new worker `rank`, started and answering; TrainingError if none can start in time.
+        """A new worker `rank`, started and answering (its placement recorded)."""
+        new, self.placement[rank] = self._start_actor(
+            f"worker {rank}", lambda: self._spawn_worker(rank, len(self._workers), self._pg,
+                                                         faults=self._remaining_faults()),
+            lambda actor: actor.ready.remote(), "no free resources left? --on-worker-loss shrink goes on without it")
+        return new
 
-        It goes into the lost worker's placement-group bundle (or anywhere, without one).
-        When a whole node died, Ray may still place it there until it has noticed the node's
-        death (missed heartbeats, some seconds) and moved the bundle to a live node: such a
-        replacement dies before it runs, and another is started, until READY_TIMEOUT_S.
+    def _start_actor(self, what: str, spawn, probe, hint: str = ""):
+        """(actor, answer to `probe`) of a replacement actor that started; TrainingError if none can in time.
+
+        A worker goes into the lost one's placement-group bundle (or anywhere, without one), the
+        server next to the driver where it can. When a whole node died, Ray may still place the
+        replacement there until it has noticed the node's death (missed heartbeats, some seconds)
+        and moved the bundle to a live node: such a replacement dies before it runs, and another
+        is started, until READY_TIMEOUT_S.
         """
         deadline = time.monotonic() + READY_TIMEOUT_S
         tries = 0
         while True:
             tries += 1
-            new = self._spawn_worker(rank, len(self._workers), self._pg, faults=self._remaining_faults())
+            actor = spawn()
             try:
-                self.placement[rank] = ray.get(new.ready.remote(), timeout=max(deadline - time.monotonic(), 1.0))
-                return new
+                return actor, ray.get(probe(actor), timeout=max(deadline - time.monotonic(), 1.0))
             except ray.exceptions.GetTimeoutError:
-                ray.kill(new)
-                raise TrainingError(f"no replacement for worker {rank} could start within {READY_TIMEOUT_S:.0f} s "
-                                    "(no free resources left? --on-worker-loss shrink goes on without it)") from None
+                ray.kill(actor)
+                raise TrainingError(f"no replacement for {what} could start within {READY_TIMEOUT_S:.0f} s"
+                                    + (f" ({hint})" if hint else "")) from None
             except ray.exceptions.RayActorError as e:
-                ray.kill(new)
+                ray.kill(actor)
                 reason = str(e).split("The actor died because", 1)[-1].splitlines()[0].strip(" .")
                 if time.monotonic() + 1.0 > deadline:
-                    raise TrainingError(f"no replacement for worker {rank} could start within {READY_TIMEOUT_S:.0f} s "
+                    raise TrainingError(f"no replacement for {what} could start within {READY_TIMEOUT_S:.0f} s "
                                         f"({tries} tries; the last died: {reason})") from None
-                log.warning("the replacement for worker %d died before it ran (%s); trying again", rank, reason)
+                log.warning("the replacement for %s died before it ran (%s); trying again", what, reason)
                 time.sleep(1.0)
 
     def _shrink(self, rank: int) -> None:
@@ -425,11 +433,9 @@ class Trainer:
         again, so their metrics reach the log even if the old server died before sending them.
         """
         ray.kill(self._ps)
-        self._ps = self._spawn_server(self._remaining_faults())
-        try:
-            ray.get(self._ps.node_id.remote(), timeout=READY_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            raise TrainingError(f"no replacement server could start within {READY_TIMEOUT_S:.0f} s") from None
+        self._ps, node = self._start_actor("the parameter server", lambda: self._spawn_server(self._remaining_faults()),
+                                           lambda actor: actor.node_id.remote())
+        log.info("a new parameter server runs on node %s", node[:8])
         self._restore(self._ps, required=False, max_step=recorded)
         self.shared = self._connect_transport(self._ps, self._workers)
         ray.get(self._ps.set_workers.remote(self._workers, self._steps_per_epoch, self._steps))
