@@ -1,7 +1,9 @@
 """A real `ray start` cluster (cluster/start.sh): job submission with scripts/submit.sh, and --address."""
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -30,26 +32,33 @@ def _env():
     return env
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextlib.contextmanager
+def started_cluster(nodes: int = 1, prefix: str = "dpt-"):
+    """A cluster/start.sh cluster (head of 2 CPUs, `nodes` worker nodes of 1 CPU), stopped after."""
     import ray
-    ray.shutdown()  # only the cluster under test runs while this module does
-    state = tempfile.mkdtemp(prefix="dpt-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    ray.shutdown()  # only the cluster under test runs while it does
+    state = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths have a length limit
     port, dash = _free_port(), _free_port()
-    start = subprocess.run([str(ROOT / "cluster/start.sh"), "--nodes", "1", "--cpus", "2", "--port", str(port),
-                            "--dashboard-port", str(dash), "--state", state],
-                           capture_output=True, text=True, env=_env(), timeout=180)
     try:
+        start = subprocess.run([str(ROOT / "cluster/start.sh"), "--nodes", str(nodes), "--cpus", "2", "--port",
+                                str(port), "--dashboard-port", str(dash), "--state", state],
+                               capture_output=True, text=True, env=_env(), timeout=180)
         assert start.returncode == 0, start.stderr + start.stdout
-        status = subprocess.run([str(ROOT / "cluster/status.sh"), "--state", state], capture_output=True,
-                                text=True, env=_env(), timeout=60)
-        assert status.returncode == 0 and "node-1" in status.stdout
         yield {"state": state, "port": port, "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
         stop = subprocess.run([str(ROOT / "cluster/stop.sh"), "--state", state], capture_output=True, text=True,
                               timeout=60)
         shutil.rmtree(state, ignore_errors=True)
         assert stop.returncode == 0, stop.stderr
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    with started_cluster() as c:
+        status = subprocess.run([str(ROOT / "cluster/status.sh"), "--state", c["state"]], capture_output=True,
+                                text=True, env=_env(), timeout=60)
+        assert status.returncode == 0 and "node-1" in status.stdout
+        yield c
 
 
 def test_submit_job_and_read_its_results(cluster, tmp_path):
@@ -108,7 +117,7 @@ def test_auto_joins_the_started_cluster_beside_another_ray(cluster, tmp_path):
         # without knowing which cluster start.sh started, two instances are ambiguous: refused, naming both
         r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--address", "auto", "--dataset", "moons"],
                            capture_output=True, text=True, env=_env(), timeout=120)
-        assert r.returncode == 2 and "2 Ray instances run on this machine" in r.stderr, r.stderr[-2000:]
+        assert r.returncode == 2 and re.search(r"[2-9]\d* Ray instances run on this machine", r.stderr), r.stderr[-2000:]
     finally:
         other.kill()
         other.wait()
@@ -140,19 +149,8 @@ def test_train_joins_the_cluster(cluster, tmp_path, address):
 @pytest.fixture
 def own_cluster():
     """A head (2 CPUs) and one worker node (1 CPU) for a test that kills the node."""
-    import ray
-    ray.shutdown()
-    state = tempfile.mkdtemp(prefix="dpk-", dir="/tmp")
-    port, dash = _free_port(), _free_port()
-    start = subprocess.run([str(ROOT / "cluster/start.sh"), "--nodes", "1", "--cpus", "2", "--port", str(port),
-                            "--dashboard-port", str(dash), "--state", state],
-                           capture_output=True, text=True, env=_env(), timeout=180)
-    try:
-        assert start.returncode == 0, start.stderr + start.stdout
-        yield {"state": state, "port": port}
-    finally:
-        subprocess.run([str(ROOT / "cluster/stop.sh"), "--state", state], capture_output=True, timeout=60)
-        shutil.rmtree(state, ignore_errors=True)
+    with started_cluster(prefix="dpk-") as c:
+        yield c
 
 
 NODE_RUN = ["--dataset", "moons", "--model", "2,256,256,2", "--batch-size", "60", "--steps", "1500", "--dtype", "float64",
@@ -163,7 +161,6 @@ NODE_RUN = ["--dataset", "moons", "--model", "2,256,256,2", "--batch-size", "60"
 @pytest.mark.parametrize("mode", ["restart", "shrink"])
 def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode):
     """Every process of a worker node SIGKILLed mid-run (not Cluster.remove_node)."""
-    import signal
     import time
     import socket as s
     out = tmp_path / "run"
@@ -197,8 +194,6 @@ def test_submit_works_when_the_default_agent_port_was_taken(tmp_path):
     """Something holds Ray's default job-agent port (52365) when the cluster starts: start.sh
     must still give a cluster that takes jobs (or refuse to report it up)."""
     import socket as s
-    import ray
-    ray.shutdown()
     holder = s.socket()
     holder.setsockopt(s.SOL_SOCKET, s.SO_REUSEADDR, 1)
     try:
@@ -206,21 +201,15 @@ def test_submit_works_when_the_default_agent_port_was_taken(tmp_path):
         holder.listen(1)
     except OSError:
         pass  # already held by something else: the situation under test all the same
-    state = tempfile.mkdtemp(prefix="dpa-", dir="/tmp")
-    port, dash = _free_port(), _free_port()
     try:
-        start = subprocess.run([str(ROOT / "cluster/start.sh"), "--port", str(port), "--dashboard-port", str(dash),
-                                "--cpus", "2", "--state", state], capture_output=True, text=True, env=_env(),
-                               timeout=180)
-        assert start.returncode == 0, start.stderr + start.stdout
-        status = subprocess.run([str(ROOT / "cluster/status.sh"), "--state", state], capture_output=True, text=True,
-                                env=_env(), timeout=60)
-        assert status.returncode == 0 and "job agent: serving" in status.stdout, status.stdout + status.stderr
-        r = subprocess.run([str(ROOT / "scripts/submit.sh"), "--address", f"http://127.0.0.1:{dash}", "--results",
-                            str(tmp_path / "results"), "--id", "dptrain-agent-job", "--", "--dataset", "moons",
-                            "--epochs", "1"], capture_output=True, text=True, env=_env(), timeout=300, cwd=tmp_path)
-        assert r.returncode == 0 and "SUCCEEDED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+        with started_cluster(nodes=0, prefix="dpa-") as c:
+            status = subprocess.run([str(ROOT / "cluster/status.sh"), "--state", c["state"]], capture_output=True,
+                                    text=True, env=_env(), timeout=60)
+            assert status.returncode == 0 and "job agent: serving" in status.stdout, status.stdout + status.stderr
+            r = subprocess.run([str(ROOT / "scripts/submit.sh"), "--address", c["dashboard"], "--results",
+                                str(tmp_path / "results"), "--id", "dptrain-agent-job", "--", "--dataset", "moons",
+                                "--epochs", "1"], capture_output=True, text=True, env=_env(), timeout=300,
+                               cwd=tmp_path)
+            assert r.returncode == 0 and "SUCCEEDED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
     finally:
         holder.close()
-        subprocess.run([str(ROOT / "cluster/stop.sh"), "--state", state], capture_output=True, timeout=60)
-        shutil.rmtree(state, ignore_errors=True)

@@ -41,7 +41,7 @@ from ..models import first_difference, layout, user_modules
 from ..tensor import as_dtype
 from .actors import NonFiniteError, ParameterServer, Worker, WorkerError, WorkerLost
 from . import shm
-from .cluster import ClusterError, check_resources, connect, embedded_cpus, head_node_id
+from .cluster import check_resources, connect, embedded_cpus, head_node_id
 
 log = logging.getLogger(__name__)
 
