@@ -1,6 +1,7 @@
 """`dptrain train` as a user runs it: flags, output files, and one-line errors with exit status 2."""
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -158,7 +159,8 @@ def test_the_python_api_does_not_restore_another_runs_checkpoints(tmp_path):
         dp.Trainer(dp.TrainConfig(dataset="moons", out=str(tmp_path))).fit()
 
 
-def test_sigterm_is_handled_like_ctrl_c(tmp_path):
+@pytest.mark.parametrize("sig,code,said", [("SIGTERM", 143, "terminated (SIGTERM)"), ("SIGINT", 130, "interrupted")])
+def test_sigterm_and_ctrl_c_stop_the_run_with_one_line(tmp_path, sig, code, said):
     import signal
     proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", "--dataset", "moons", "--workers", "1",
                              "--epochs", "100000", "--cpus", "1", "--no-progress", "--out", str(tmp_path / "r")],
@@ -167,10 +169,13 @@ def test_sigterm_is_handled_like_ctrl_c(tmp_path):
     while time.monotonic() < deadline and not (tmp_path / "r" / "metrics.jsonl").exists():
         time.sleep(0.1)
     time.sleep(1.0)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(getattr(signal, sig))
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err[-2000:]
-    assert "dptrain train: terminated (SIGTERM)" in err and "Traceback" not in err
+    assert proc.returncode == code, err[-2000:]
+    assert f"dptrain train: {said}" in err and "Traceback" not in err
+    from dptrain.distributed.trainer import run_key
+    mine = f"dptrain-{run_key(str(tmp_path / 'r'))}-"
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(mine)]  # its shared memory released
 
 
 def test_model_that_does_not_fit_the_data_file(tmp_path):
