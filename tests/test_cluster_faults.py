@@ -1,0 +1,84 @@
+"""Tests that need a `cluster/start.sh` cluster of their own: a node killed as a crashed machine
+dies, and a cluster started while Ray's default job-agent port is taken. In a module of their own,
+so that test_real_cluster.py's shared cluster is stopped before these start theirs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_real_cluster import ROOT, _env, started_cluster
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
+
+@pytest.fixture
+def own_cluster():
+    """A head (2 CPUs) and one worker node (1 CPU) for a test that kills the node."""
+    with started_cluster(prefix="dpk-") as c:
+        yield c
+
+
+NODE_RUN = ["--dataset", "moons", "--model", "2,256,256,2", "--batch-size", "60", "--steps", "1500", "--dtype", "float64",
+            "--seed", "3", "--log-every", "10", "--workers", "2", "--spread", "--step-timeout", "30"]
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("mode", ["restart", "shrink"])
+def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode):
+    """Every process of a worker node SIGKILLed mid-run (not Cluster.remove_node)."""
+    import time
+    import socket as s
+    out = tmp_path / "run"
+    address = f"{s.gethostbyname(s.gethostname())}:{own_cluster['port']}"
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", "--address", address, *NODE_RUN,
+                             "--on-worker-loss", mode, "--no-progress", "--out", str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 100:
+            break
+        time.sleep(0.05)
+    sid = int(Path(own_cluster["state"], "node-1.sid").read_text())
+    subprocess.run(["pkill", "-KILL", "-s", str(sid)])  # the whole node, as a crashed machine
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "lost" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1500 and summary["failures_survived"] >= 1
+    assert summary["workers"] == (2 if mode == "restart" else 1)
+    import dptrain as dp
+    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=1500,
+                                          dtype="float64", seed=3)).params
+    with np.load(out / "params.npz", allow_pickle=False) as params:
+        for k in clean:  # the same global batch whatever the worker count: the same parameters
+            np.testing.assert_allclose(params[k], clean[k], rtol=1e-10, atol=1e-13)
+
+
+def test_submit_works_when_the_default_agent_port_was_taken(tmp_path):
+    """Something holds Ray's default job-agent port (52365) when the cluster starts: start.sh
+    must still give a cluster that takes jobs (or refuse to report it up)."""
+    import socket as s
+    holder = s.socket()
+    holder.setsockopt(s.SOL_SOCKET, s.SO_REUSEADDR, 1)
+    try:
+        holder.bind(("0.0.0.0", 52365))
+        holder.listen(1)
+    except OSError:
+        pass  # already held by something else: the situation under test all the same
+    try:
+        with started_cluster(nodes=0, prefix="dpa-") as c:
+            status = subprocess.run([str(ROOT / "cluster/status.sh"), "--state", c["state"]], capture_output=True,
+                                    text=True, env=_env(), timeout=60)
+            assert status.returncode == 0 and "job agent: serving" in status.stdout, status.stdout + status.stderr
+            r = subprocess.run([str(ROOT / "scripts/submit.sh"), "--address", c["dashboard"], "--results",
+                                str(tmp_path / "results"), "--id", "dptrain-agent-job", "--", "--dataset", "moons",
+                                "--epochs", "1"], capture_output=True, text=True, env=_env(), timeout=300,
+                               cwd=tmp_path)
+            assert r.returncode == 0 and "SUCCEEDED" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    finally:
+        holder.close()
