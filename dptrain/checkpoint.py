@@ -108,6 +108,11 @@ def list_checkpoints(folder) -> list:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def _candidates(folder, max_step: int | None) -> list:
+    """Checkpoints in `folder` of at most `max_step` steps (all without it), newest first."""
+    return [p for p in list_checkpoints(folder) if max_step is None or int(_NAME.match(p.name).group(1)) <= max_step]
+
+
 def mlp_layout(dims: list, dtype: str) -> list:
     """The layout of dp.nn.MLP(dims): what a format-1 checkpoint's widths stand for."""
     out = []
@@ -120,12 +125,10 @@ class ModelMismatch(CheckpointError):
     """The checkpoint is of another model: resuming it would be wrong."""
 
 
-def read(meta_path, layout: list | None = None, dtype: str | None = None) -> dict:
-    """A verified checkpoint: {"step", "params", "optimizer" (state_dict form), "config", "layout", ...}.
-
-    With `layout` (see dptrain.models.layout) a checkpoint of another model raises ModelMismatch."""
-    from .models import first_difference
-    meta_path = Path(meta_path)
+def _read_meta(meta_path: Path) -> tuple[dict, list]:
+    """A checkpoint's verified metadata and the model layout it records: CheckpointError if the JSON
+    is unreadable, of an unknown format, edited (its own checksum), or inconsistent (its step
+    against its file name and the optimizer's count of updates)."""
     try:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as e:
@@ -141,12 +144,29 @@ def read(meta_path, layout: list | None = None, dtype: str | None = None) -> dic
     if isinstance(updates, int) and updates > meta.get("step", -1):
         raise CheckpointError(f"{meta_path}: the optimizer applied {updates} updates, more than the {meta['step']} "
                               "steps the checkpoint claims")
-    saved = meta["layout"] if meta["format"] == FORMAT else mlp_layout(meta["dims"], meta["dtype"])
+    try:
+        saved = meta["layout"] if meta["format"] == FORMAT else mlp_layout(meta["dims"], meta["dtype"])
+    except (KeyError, TypeError) as e:
+        raise CheckpointError(f"{meta_path}: no model layout ({type(e).__name__}: {e})") from None
+    return meta, saved
+
+
+def _check_layout(meta_path: Path, saved: list, layout: list) -> None:
+    from .models import first_difference
+    diff = first_difference(saved, layout)
+    if diff is not None:
+        raise ModelMismatch(f"{meta_path}: a checkpoint of another model than this run's: {diff} "
+                            "(checkpoint first, this run second)")
+
+
+def read(meta_path, layout: list | None = None, dtype: str | None = None) -> dict:
+    """A verified checkpoint: {"step", "params", "optimizer" (state_dict form), "config", "layout", ...}.
+
+    With `layout` (see dptrain.models.layout) a checkpoint of another model raises ModelMismatch."""
+    meta_path = Path(meta_path)
+    meta, saved = _read_meta(meta_path)
     if layout is not None:
-        diff = first_difference(saved, layout)
-        if diff is not None:
-            raise ModelMismatch(f"{meta_path}: a checkpoint of another model than this run's: {diff} "
-                                "(checkpoint first, this run second)")
+        _check_layout(meta_path, saved, layout)
     if dtype is not None and meta["dtype"] != dtype:
         raise ModelMismatch(f"{meta_path}: a {meta['dtype']} checkpoint, this run is {dtype}")
     npz = meta_path.with_name(meta["npz"])
@@ -178,23 +198,17 @@ class RunMismatch(CheckpointError):
     """The checkpoint was written by another run than the one resuming it."""
 
 
-def check_run(folder, config: dict, layout: list, total_steps: int) -> None:
-    """Raise ModelMismatch or RunMismatch unless the newest intact checkpoint in `folder` belongs
-    to this run: the same model layout, the same settings (RUN_FIELDS), a step within its total.
-    Reads the JSON only (cheap enough for the driver to ask before any actor starts)."""
-    from .models import first_difference
-    for meta_path in list_checkpoints(folder):
+def check_run(folder, config: dict, layout: list, total_steps: int, max_step: int | None = None) -> None:
+    """Raise ModelMismatch or RunMismatch unless the checkpoint a resume would restore (the newest
+    intact one in `folder`, of at most `max_step` steps) belongs to this run: the same model layout,
+    the same settings (RUN_FIELDS), a step within its total. Reads the JSON only (cheap enough for
+    the driver to ask before any actor starts)."""
+    for meta_path in _candidates(folder, max_step):
         try:
-            meta = json.loads(meta_path.read_text())
-            if meta.get("format") == FORMAT and meta.get("meta_sha256") != _meta_sha256(meta):
-                continue  # damaged or edited: load_latest reports it and falls back
-            saved = meta["layout"] if meta.get("format") == FORMAT else mlp_layout(meta["dims"], meta["dtype"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        diff = first_difference(saved, layout)
-        if diff is not None:
-            raise ModelMismatch(f"{meta_path}: a checkpoint of another model than this run's: {diff} "
-                                "(checkpoint first, this run second)")
+            meta, saved = _read_meta(meta_path)
+        except CheckpointError:
+            continue  # damaged or edited: load_latest reports it and falls back
+        _check_layout(meta_path, saved, layout)
         theirs = meta.get("config", {})
         for key in RUN_FIELDS:
             if key in theirs and theirs[key] != config.get(key):
@@ -212,9 +226,7 @@ def load_latest(folder, layout: list | None = None, dtype: str | None = None,
     Damaged ones (truncated, corrupted, incomplete) are reported and skipped; one of
     another model or dtype raises ModelMismatch: resuming it would be wrong.
     """
-    for meta_path in list_checkpoints(folder):
-        if max_step is not None and int(meta_path.name[5:13]) > max_step:
-            continue
+    for meta_path in _candidates(folder, max_step):
         try:
             return read(meta_path, layout, dtype)
         except ModelMismatch:

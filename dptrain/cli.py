@@ -170,39 +170,35 @@ class RunDir:
         self._metrics.write(json.dumps(rec) + "\n")
         self._metrics.flush()
 
+    def _records(self) -> list:
+        """(line, record) of every whole line of metrics.jsonl (a killed run may leave the last one cut short)."""
+        out = []
+        try:
+            lines = (self.path / "metrics.jsonl").read_text().splitlines()
+        except OSError:
+            return out
+        for line in lines:
+            try:
+                out.append((line, json.loads(line)))
+            except ValueError:
+                continue
+        return out
+
     def steps_logged(self) -> int | None:
         """How many steps metrics.jsonl records without a gap (a resume takes a checkpoint of at most
         that step, so that every step stays logged: the server checkpoints ahead of the log); None
         when it records none."""
-        path = self.path / "metrics.jsonl"
-        steps = set()
-        try:
-            lines = path.read_text().splitlines()
-        except OSError:
-            return None
-        for line in lines:
-            try:
-                r = json.loads(line)
-            except ValueError:
-                continue
-            if r.get("kind") == "step":
-                steps.add(r["step"])
+        steps = {r["step"] for _, r in self._records() if r.get("kind") == "step"}
         n = 0
         while n in steps:
             n += 1
         return n or None
 
     def _drop_from(self, step: int) -> None:
-        path = self.path / "metrics.jsonl"
         self._metrics.close()
-        kept = []
-        for line in path.read_text().splitlines():
-            try:
-                r = json.loads(line)
-            except ValueError:  # a line cut short by a killed run
-                continue
-            if not (r.get("kind") in ("step", "epoch") and r.get("step", -1) >= step):
-                kept.append(line)
+        kept = [line for line, r in self._records()
+                if not (r.get("kind") in ("step", "epoch") and r.get("step", -1) >= step)]
+        path = self.path / "metrics.jsonl"
         _atomic_write(path, "".join(line + "\n" for line in kept))
         self._metrics = open(path, "a")
 
@@ -254,16 +250,16 @@ def _resumed_config(folder: str) -> TrainConfig:
 
 def run_train(args) -> int:
     cfg = _resumed_config(args.resume) if args.resume else config_from_args(args)
-    from .loop import load_data, prepare, total_steps
+    from .loop import load_data, total_steps
 
     dataset = load_data(cfg)  # bad data is reported before anything starts
-    prepare(cfg, dataset)  # and so is a model or loss that does not load, run or fit the data
     run = RunDir(cfg.out, append=bool(args.resume))
-    run.check()  # and an --out that cannot be this run's folder
+    run.check()  # and an --out that cannot be this run's folder (a bad model or loss: the trainer, before Ray)
     cfg = cfg.replace(out=str(run.path))
     from .distributed import Trainer  # imports Ray: only when needed
 
     bar, update = _progress_bar(cfg.progress, total_steps(cfg, len(dataset)))
+
     def on_start():
         _stop_on_sigterm()  # again: starting Ray may have installed its own handler
         run.open(cfg)

@@ -40,16 +40,19 @@ def load_data(cfg: TrainConfig) -> Dataset:
     return load_dataset(cfg.dataset)
 
 
-def prepare(cfg: TrainConfig, dataset: Dataset, model=None, loss=None) -> tuple:
+def prepare(cfg: TrainConfig, dataset: Dataset, model=None, loss=None, gpus_on_cluster: bool = False) -> tuple:
     """The run's model factory and loss function, checked on the data before anything starts
     (models.check: a failing builder, outputs that do not fit the labels, a loss that is not a
-    scalar sum are one ConfigError)."""
+    scalar sum are one ConfigError); so is a GPU run on a machine without one, unless the GPUs
+    are a cluster's (`gpus_on_cluster`: the trainer joins one)."""
     factory = model_factory(cfg, dataset, model)
     loss_fn = loss_function(cfg, dataset, loss)
     check(factory, loss_fn, dataset, cfg.seed)
-    if cfg.device == "cuda" and not cfg.address and cfg.gpus_per_worker == 0 and not backend.gpu_available():
-        raise ConfigError("invalid device: 'cuda' (this machine has no GPU that cupy can use; pip install "
-                          "'dptrain[gpu]' on a machine with one)", field="device")
+    if cfg.device == "cuda" and not gpus_on_cluster and not backend.gpu_available():
+        field, value = ("gpus_per_worker", f"{cfg.gpus_per_worker:g}") if cfg.gpus_per_worker > 0 else \
+            ("device", "'cuda'")
+        raise ConfigError(f"invalid {field}: {value} (this machine has no GPU that cupy can use; pip install "
+                          "'dptrain[gpu]' on a machine with one, or join a cluster with GPUs: --address)", field=field)
     if cfg.batch_size > len(dataset):
         log.warning("--batch-size %d is larger than the %d training examples: every step uses all %d",
                     cfg.batch_size, len(dataset), len(dataset))

@@ -51,6 +51,11 @@ class BatchSampler:
 
     def shard(self, step: int, num_shards: int, rank: int) -> np.ndarray:
         """Worker `rank`'s contiguous slice of the step's global batch."""
+        return self.shard_at(step, num_shards, rank)[0]
+
+    def shard_at(self, step: int, num_shards: int, rank: int) -> tuple[np.ndarray, int]:
+        """Worker `rank`'s slice of the step's global batch and the position in the batch where it
+        starts (what per-example randomness, dropout's, is keyed by)."""
         idx = self.indices(step)
         start, stop = shard_bounds(len(idx), num_shards, rank)
-        return idx[start:stop]
+        return idx[start:stop], start

@@ -14,7 +14,6 @@ import numpy as np
 from .. import backend
 from ..config import TrainConfig
 from ..data import BatchSampler, Dataset
-from ..data.sampler import shard_bounds
 from ..loop import Replica, build_optimizer, build_schedule
 from ..models import ModelFactory, layout
 from ..nn import flatten
@@ -123,9 +122,8 @@ class Worker:
                 self._loaded = 0  # the server's next update changes them
             else:
                 self.replica.load_parameters(params)
-            batch = self.sampler.indices(step)
-            start, stop = shard_bounds(len(batch), self.num_workers, self.rank)
-            loss_sum, correct, count = self.replica.compute_gradients(batch[start:stop], step, start)
+            indices, first_position = self.sampler.shard_at(step, self.num_workers, self.rank)
+            loss_sum, correct, count = self.replica.compute_gradients(indices, step, first_position)
             grad = backend.to_numpy(self.replica.flat.grad)
             for fault in self.faults:
                 if fault["step"] == step:

@@ -76,11 +76,10 @@ def resolve_address(address: str) -> tuple[str, str]:
 
 
 def _answers(address: str, timeout_s: float = 1.0) -> bool:
-    host, _, port = address.rpartition(":")
     try:
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
-            return True
-    except (OSError, ValueError):
+        check_reachable(address, timeout_s)
+        return True
+    except ClusterError:
         return False
 
 

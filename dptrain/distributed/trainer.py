@@ -31,12 +31,11 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
-from ..config import TrainConfig
+from ..config import ConfigError, TrainConfig
 from ..data import BatchSampler, Dataset
-from ..config import ConfigError
 from ..loop import (MetricsLog, TrainResult, epoch_record, load_data, prepare, reached_target, summary_record,
                     total_steps)
-from .. import backend, checkpoint
+from .. import checkpoint
 from ..models import first_difference, layout, user_modules
 from ..tensor import as_dtype
 from .actors import NonFiniteError, ParameterServer, Worker, WorkerError, WorkerLost
@@ -205,7 +204,7 @@ class Trainer:
             ray.kill(actor)
 
     @staticmethod
-    def _wait_ready(ps, workers) -> list:
+    def _wait_ready(ps, workers) -> tuple:
         refs = [w.ready.remote() for w in workers]
         ps_ref = ps.node_id.remote()  # any small call: the server has started once it answers
         everything = refs + [ps_ref]
@@ -229,7 +228,7 @@ class Trainer:
                 raise ConfigError(f"invalid model: worker {rank} built another model than the server ({diff}, the "
                                   "server's first): the builder must give the same names and shapes every time",
                                   field="model")
-        return placement
+        return placement, server
 
     # ------------------------------------------------------------------ fit
 
@@ -243,23 +242,20 @@ class Trainer:
         (dataset, total steps). `fit` trains inside it; `run_block` drives steps in it."""
         cfg = self.cfg
         dataset = self.dataset if self.dataset is not None else load_data(cfg)  # bad data fails before Ray starts
-        self._factory, self._loss_fn = prepare(cfg, dataset, self.model, self.loss)  # so does a bad model or loss
+        # so does a bad model or loss, and a GPU run on an embedded Ray (this machine's GPUs) without a GPU
+        self._factory, self._loss_fn = prepare(cfg, dataset, self.model, self.loss,
+                                               gpus_on_cluster=bool(cfg.address or os.environ.get("RAY_ADDRESS")))
+        steps = total_steps(cfg, len(dataset))
         folder = os.path.join(cfg.out, "checkpoints") if cfg.out else None
         if folder and self.resume:  # and a resume of a checkpoint of another model or run
             try:
-                checkpoint.check_run(folder, cfg.to_dict(), layout(self._factory.on("cpu")()),
-                                     total_steps(cfg, len(dataset)))
+                checkpoint.check_run(folder, cfg.to_dict(), layout(self._factory.on("cpu")()), steps,
+                                     self.resume_at_most)
             except checkpoint.CheckpointError as e:
                 raise ConfigError(f"invalid resume: {e}", field="resume") from None
         elif folder and checkpoint.list_checkpoints(folder):  # a new run must not restore an old one's
             raise ConfigError(f"invalid out: {cfg.out} holds the checkpoints of another run: resume it, or give "
                               "another out for a new run", field="out")
-        if cfg.device == "cuda" and not (cfg.address or os.environ.get("RAY_ADDRESS")) \
-                and not backend.gpu_available():  # an embedded Ray has this machine's GPUs only
-            raise ConfigError(f"invalid gpus_per_worker: {cfg.gpus_per_worker:g} (this machine has no GPU that cupy "
-                              "can use; pip install 'dptrain[gpu]' on a machine with one, or join a cluster "
-                              "with GPUs: --address)", field="gpus_per_worker")
-        steps = total_steps(cfg, len(dataset))
         self._steps_per_epoch = BatchSampler(len(dataset), cfg.batch_size).steps_per_epoch
         started = connect(cfg.address,
                           num_cpus=embedded_cpus(cfg.workers, cfg.cpus_per_worker, cfg.cpus),
@@ -280,7 +276,7 @@ class Trainer:
             data_ref = ray.put(prepare_dataset(dataset, cfg.dtype))
             self._ps, self._workers, pg = self._spawn(data_ref, steps)
             self._pg = pg
-            self.placement = self._wait_ready(self._ps, self._workers)
+            self.placement, model_layout = self._wait_ready(self._ps, self._workers)
             if self.resume:
                 self._restore(self._ps, required=True, max_step=self.resume_at_most)
             try:
@@ -290,7 +286,7 @@ class Trainer:
             log.info("training %s on %d worker(s) across %d node(s) (%d through shared memory): model %s "
                      "(%s parameters), %d steps, global batch %d", dataset.name, cfg.workers,
                      len({p["node_id"] for p in self.placement}), len(self.shared), self._factory.name,
-                     f"{sum(int(np.prod(p[1])) for p in ray.get(self._ps.get_layout.remote())):,}", steps,
+                     f"{sum(int(np.prod(p[1])) for p in model_layout):,}", steps,
                      min(cfg.batch_size, len(dataset)))
             ray.get(self._ps.set_workers.remote(self._workers, self._steps_per_epoch, steps))
             if self.on_start is not None:
