@@ -305,10 +305,21 @@ class ParameterServer:
 
         A worker that dies, or does not answer within cfg.step_timeout, raises WorkerLost
         with the server's state still that of before the step: the step can be run again.
+        (Lost during an epoch's evaluation, the step itself is done: its record, without the
+        evaluation, is among the unreported.) The steps a failed call completed wait in
+        `take_unreported`, also when a call queued behind it fails in turn.
         """
         if first != self.step:
             raise RuntimeError(f"parameter server at step {self.step} was asked to run from step {first}")
-        out = self._unreported = []
+        out = []
+        try:
+            self._run(first, count, out)
+        except BaseException:
+            self._unreported.extend(out)
+            raise
+        return out
+
+    def _run(self, first: int, count: int, out: list) -> None:
         for step in range(first, first + count):
             t0 = time.perf_counter()
             for fault in self.faults:  # fault injection: the server dies, or hangs, before the step
@@ -327,13 +338,11 @@ class ParameterServer:
             else:
                 _, metrics = self.apply_gradients(step, *results)
             metrics["step_s"] = time.perf_counter() - t0
+            out.append(metrics)  # the step is done: its record goes out whatever follows
             if (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.total_steps:
                 metrics["evaluation"] = self.evaluate("test")
             if self.checkpoints and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
                 self.save_checkpoint()
-            out.append(metrics)
-        self._unreported = []
-        return out
 
     def take_unreported(self) -> list:
         """Metrics of the steps a failed run_steps call completed before it failed."""

@@ -461,13 +461,16 @@ class Trainer:
                 window.append(rec)
                 if self.progress:
                     self.progress(step, rec)
-                if "evaluation" in value:
-                    epoch = epoch_record(step // steps_per_epoch, step, window, value["evaluation"])
-                    mlog.epoch(epoch)
-                    window.clear()
-                    if reached_target(cfg, epoch, mlog, time.perf_counter() - start):
-                        return True
+                if "evaluation" in value and record_epoch(step, value["evaluation"]):
+                    return True
             return False
+
+        def record_epoch(step: int, evaluation: dict) -> bool:
+            """Log the epoch that ends at `step`; True when the target accuracy is reached."""
+            epoch = epoch_record(step // steps_per_epoch, step, window, evaluation)
+            mlog.epoch(epoch)
+            window.clear()
+            return reached_target(cfg, epoch, mlog, time.perf_counter() - start)
 
         def chunks_from(step):
             """Chunks end at log lines and epoch ends."""
@@ -517,6 +520,10 @@ class Trainer:
                         failures = self._recover(error, failures,
                                                  recorded=len(mlog.steps) and mlog.steps[-1]["step"] + 1)
                         first = self._get(self._ps.current_step.remote(), -1)
+                        if window and first == window[-1]["step"] + 1 and first % steps_per_epoch == 0:
+                            # the loss cut an epoch's evaluation short: the server holds its parameters
+                            stop = record_epoch(first - 1, self._get(self._ps.evaluate.remote("test"), first)) \
+                                or stop
                         break
                     except (WorkerLost, ServerLost) as again:
                         error = again
