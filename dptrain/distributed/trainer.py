@@ -133,8 +133,9 @@ class Trainer:
     def _spawn_server(self, faults=None):
         opts = {"num_cpus": 0}
         head = head_node_id()
-        if head is not None:  # next to the driver on the head node, unless it cannot fit there
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=True)
+        if head is not None:  # next to the driver on the (live) head node; it needs no CPU, so it always fits.
+            # Not soft: Ray then placed it on a worker node now and then, and that node's loss took it along.
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=False)
         return ray.remote(ParameterServer).options(**opts).remote(self.cfg.to_dict(), self._factory, self._steps,
                                                                   faults)
 
