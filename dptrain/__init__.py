@@ -19,7 +19,8 @@
 
 from . import backend, data, models, nn, optim
 from .config import ConfigError, TrainConfig
-from .loop import TrainResult, train_local
+from .loop import train_local
+from .metrics import TrainResult
 from .nn import manual_seed
 from .tensor import Tensor, concatenate, is_grad_enabled, no_grad, tensor
 from .value import Value

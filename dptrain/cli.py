@@ -1,4 +1,4 @@
-"""The command line: `dptrain train`, `dptrain scale` (dptrain/scale.py), `dptrain bench` (dptrain/bench.py).
+"""The command line: `dptrain train`, `dptrain scale` (dptrain/scaling/scale.py), `dptrain bench` (dptrain/scaling/bench.py).
 
     dptrain train --dataset mnist1d --workers 4 --epochs 10
     dptrain train --address auto ...            # join a running `ray start` cluster
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", default=None,
                        help="continue the run in DIR (its config.json and newest intact checkpoint); "
                             "the other config flags are ignored")
-    from . import bench, scale  # these commands' flags live with them
+    from .scaling import bench, scale  # these commands' flags live with them
     scale.add_parser(sub)
     bench.add_parser(sub)
     return parser
@@ -328,9 +328,9 @@ def main(argv=None) -> int:
         if args.command == "train":
             return run_train(args)
         if args.command == "bench":
-            from . import bench
+            from .scaling import bench
             return bench.run(args)
-        from . import scale
+        from .scaling import scale
         args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
         return scale.run(args)
     except (ConfigError, DataError, ClusterError) as e:

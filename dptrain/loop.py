@@ -1,28 +1,24 @@
 """Single-process training: one replica, one optimizer. The 1-worker baseline.
 
-`Replica` is the piece a distributed worker runs too: the model and its data,
-computing the gradient of the SUM of per-example losses over a set of example
-indices. Dividing by the example count happens once, where the gradients meet
-(here, or in the parameter server), so N workers reproduce this loop exactly.
+It runs the step contract (step.py) in one process: the replica's gradient of the
+loss sum over the step's batch, divided once by the example count, then the
+optimizer. The distributed trainer runs the same steps and must give the same
+parameters. The building blocks both use (the data, the checked model and loss,
+the optimizer and its schedule) are here too.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
-
-import numpy as np
 
 from . import backend
 from .config import ConfigError, TrainConfig
 from .data import BatchSampler, Dataset, load_dataset
-from .models import ModelFactory, check, count_correct, loss_function, model_factory
-from .nn import flatten, random as nn_random
-from .nn.flat import aligned_zeros
+from .metrics import MetricsLog, TrainResult, epoch_record, reached_target, summary_record
+from .models import ModelFactory, check, loss_function, model_factory
 from .optim import OPTIMIZERS, Optimizer, Schedule
-from .tensor import Tensor, as_dtype, no_grad
+from .step import Replica, mean_gradient, step_metrics
 
 log = logging.getLogger(__name__)
 
@@ -77,179 +73,6 @@ def build_schedule(cfg: TrainConfig, steps: int) -> Schedule:
                     step_size=cfg.step_size, gamma=cfg.gamma)
 
 
-class Replica:
-    """A model replica with its copy of the data on its device.
-
-    `compute_gradients(indices, step, first_position)` leaves the gradient of the summed
-    loss in `self.flat.grad` and returns (loss_sum, correct, count). The forward pass
-    runs in train mode inside nn.random's context for (seed, step, the examples'
-    positions in the step's global batch), so dropout masks do not depend on which
-    worker holds an example.
-    """
-
-    def __init__(self, cfg: TrainConfig, dataset: Dataset, factory: ModelFactory, loss):
-        self.cfg = cfg
-        self.task = dataset.task
-        self.loss = loss
-        self.model = factory()
-        self.flat = self.model.flat()
-        xp = backend.xp_for(cfg.device)
-        dt = as_dtype(cfg.dtype)
-        self.xp = xp
-        self.x_train = xp.asarray(dataset.x_train, dtype=dt)
-        self.y_train = xp.asarray(dataset.y_train if self.task == "classification" else dataset.y_train.astype(dt))
-        self.x_test = xp.asarray(dataset.x_test, dtype=dt)
-        self.y_test = xp.asarray(dataset.y_test if self.task == "classification" else dataset.y_test.astype(dt))
-
-    def load_parameters(self, flat_params, start: int = 0, stop: int | None = None) -> None:
-        """Copy a flat parameter array (numpy) into the model: one copy, no per-tensor work.
-        `start` and `stop` copy only that range of it."""
-        if flat_params.shape != self.flat.data.shape:
-            raise ValueError(f"parameters of shape {flat_params.shape} do not fit this model's "
-                             f"{self.flat.data.shape}")
-        self.flat.data[start:stop] = self.xp.asarray(flat_params[start:stop])
-
-    def bind_gradients(self, storage=None) -> None:
-        """Let backward write the gradients into `storage`, a 1-D array laid out like the flat
-        buffer (a shared-memory segment, say), instead of the model's own; None: a private
-        buffer again. The parameters stay where they are."""
-        if storage is None:
-            storage = aligned_zeros(self.xp, self.flat.size, self.flat.data.dtype)
-        self.flat = flatten(self.model.parameters(), data=self.flat.data, grad=storage, data_is_current=True)
-
-    def compute_gradients(self, indices, step: int = 0, first_position: int = 0) -> tuple[float, float, int]:
-        self.flat.zero_grad()
-        count = len(indices)
-        if count == 0:  # an empty shard contributes nothing
-            return 0.0, 0, 0
-        idx = self.xp.asarray(indices)
-        x, y = self.x_train[idx], self.y_train[idx]
-        self.model.train()
-        with nn_random.context(self.cfg.seed, step, np.arange(first_position, first_position + count)):
-            out = self.model(Tensor(x))
-        loss = self.loss(out, y)
-        loss.backward()
-        correct = count_correct(out.data, y) if self.task == "classification" else 0
-        return float(loss.data), correct, count
-
-    def evaluate(self, split: str = "test") -> dict:
-        """Mean loss (and accuracy for classification) over a whole split, in batches, in eval mode."""
-        x, y = (self.x_test, self.y_test) if split == "test" else (self.x_train, self.y_train)
-        total, correct, n = 0.0, 0, len(x)
-        bs = self.cfg.eval_batch_size
-        self.model.eval()
-        try:
-            with no_grad():
-                for start in range(0, n, bs):
-                    xb, yb = x[start:start + bs], y[start:start + bs]
-                    out = self.model(Tensor(xb))
-                    total += float(self.loss(out, yb).data)
-                    if self.task == "classification":
-                        correct += count_correct(out.data, yb)
-        finally:
-            self.model.train()
-        result = {"loss": total / max(n, 1)}
-        if self.task == "classification":
-            result["accuracy"] = correct / max(n, 1)
-        return result
-
-
-# --------------------------------------------------------------------------- results
-
-@dataclass
-class TrainResult:
-    """What `fit()` returns: plain-dict metrics and the final parameters."""
-
-    config: TrainConfig
-    metrics: dict = field(default_factory=dict)
-    params: OrderedDict = field(default_factory=OrderedDict)
-
-    def state_dict(self) -> OrderedDict:
-        return OrderedDict((k, v.copy()) for k, v in self.params.items())
-
-    @property
-    def summary(self) -> dict:
-        return self.metrics.get("summary", {})
-
-
-class MetricsLog:
-    """Collects step and epoch records, writes metrics.jsonl as it goes, prints log lines."""
-
-    def __init__(self, cfg: TrainConfig, total: int, workers: int, sink=None):
-        self.cfg, self.total, self.workers = cfg, total, workers
-        self.steps: list = []
-        self.epochs: list = []
-        self.sink = sink  # a callable taking one record dict (the CLI writes metrics.jsonl)
-        self.target: dict | None = None  # when and where cfg.target_accuracy was reached
-        self._window: list = []
-
-    def truncate(self, step: int) -> None:
-        """Forget the records of steps >= `step` (they are about to be run again after a failure)."""
-        self.steps = [r for r in self.steps if r["step"] < step]
-        self.epochs = [r for r in self.epochs if r["step"] < step]
-        self._window = [r for r in self._window if r["step"] < step]
-
-    def step(self, record: dict) -> None:
-        self.steps.append(record)
-        self._window.append(record)
-        if self.sink:
-            self.sink({"kind": "step", **record})
-        s = record["step"]
-        if (s + 1) % self.cfg.log_every == 0 or s + 1 == self.total:
-            w = self._window
-            ms = 1e3 * sum(r["time_s"] for r in w) / len(w)
-            rate = sum(r["count"] for r in w) / max(sum(r["time_s"] for r in w), 1e-12)
-            loss = sum(r["loss"] * r["count"] for r in w) / max(sum(r["count"] for r in w), 1)
-            log.info("step %6d | loss %.4f | %.1f ms/step | %s samples/s | workers %d",
-                     s + 1, loss, ms, f"{rate:,.0f}", self.workers)
-            self._window = []
-
-    def epoch(self, record: dict) -> None:
-        self.epochs.append(record)
-        if self.sink:
-            self.sink({"kind": "epoch", **record})
-        acc = f" | test acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
-        log.info("epoch %3d | train loss %.4f | test loss %.4f%s", record["epoch"] + 1,
-                 record["train_loss"], record["test_loss"], acc)
-
-
-def epoch_record(epoch: int, step: int, window: list, evaluation: dict) -> dict:
-    """An epoch's summary from its step records and the held-out evaluation."""
-    n = sum(r["count"] for r in window)
-    rec = {"epoch": epoch, "step": step, "train_loss": sum(r["loss"] * r["count"] for r in window) / max(n, 1)}
-    if window and "correct" in window[0]:
-        rec["train_accuracy"] = sum(r["correct"] for r in window) / max(n, 1)
-    rec["test_loss"] = evaluation["loss"]
-    if "accuracy" in evaluation:
-        rec["test_accuracy"] = evaluation["accuracy"]
-    return rec
-
-
-def reached_target(cfg: TrainConfig, record: dict, log_: MetricsLog, elapsed_s: float) -> bool:
-    """True (and noted in the log) when an epoch's test accuracy reaches cfg.target_accuracy."""
-    if cfg.target_accuracy is None or record.get("test_accuracy", 0.0) < cfg.target_accuracy:
-        return False
-    log_.target = {"time_to_target_s": elapsed_s, "target_step": record["step"], "target_epoch": record["epoch"]}
-    log.info("reached test accuracy %.4f >= %.4f at step %d after %.1f s", record["test_accuracy"],
-             cfg.target_accuracy, record["step"] + 1, elapsed_s)
-    return True
-
-
-def summary_record(log_: MetricsLog, wall_s: float, final_train: dict, final_test: dict) -> dict:
-    samples = sum(r["count"] for r in log_.steps)
-    step_times = sorted(r["time_s"] for r in log_.steps)
-    out = {"steps": len(log_.steps), "wall_s": wall_s, "samples_per_s": samples / max(wall_s, 1e-12),
-           "median_step_ms": 1e3 * step_times[len(step_times) // 2] if step_times else 0.0,
-           "train_loss": final_train["loss"], "test_loss": final_test["loss"]}
-    if "accuracy" in final_test:
-        out["train_accuracy"] = final_train["accuracy"]
-        out["test_accuracy"] = final_test["accuracy"]
-    if log_.cfg.target_accuracy is not None:
-        out["target_accuracy"] = log_.cfg.target_accuracy
-        out.update(log_.target or {"time_to_target_s": None, "target_step": None, "target_epoch": None})
-    return out
-
-
 # --------------------------------------------------------------------------- the loop
 
 class LocalLoop:
@@ -266,11 +89,13 @@ class LocalLoop:
         """One training step; its record (loss, count, lr, time_s, and accuracy when classifying)."""
         replica, opt = self.replica, self.opt
         t0 = time.perf_counter()
-        loss, correct, count = replica.compute_gradients(self.sampler.indices(step), step)
-        replica.flat.grad /= count
+        loss_sum, correct, count = replica.compute_gradients(self.sampler.indices(step), step)
+        mean_gradient([replica.flat.grad], count, out=replica.flat.grad)
         opt.lr = self.schedule(step)
         opt.step()
-        rec = {"step": step, "epoch": step // self.sampler.steps_per_epoch, "loss": loss / count, "count": count,
+        m = step_metrics(step, [{"loss_sum": loss_sum, "correct": correct, "count": count, "compute_s": 0.0}],
+                         opt.lr)
+        rec = {"step": step, "epoch": step // self.sampler.steps_per_epoch, "loss": m["loss"], "count": count,
                "lr": opt.lr, "time_s": time.perf_counter() - t0}
         if replica.task == "classification":
             rec["correct"] = correct

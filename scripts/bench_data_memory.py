@@ -16,10 +16,10 @@ import os
 import numpy as np
 import ray
 
-from dptrain.bench import write_results
+from dptrain.scaling.bench import write_results
 from dptrain.config import TrainConfig
 from dptrain.data import Dataset
-from dptrain.distributed.actors import Worker
+from dptrain.distributed.worker import Worker
 from dptrain.distributed.trainer import prepare_dataset
 from dptrain.loop import prepare
 

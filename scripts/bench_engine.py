@@ -1,4 +1,4 @@
-"""Engine benchmark, as a script: the same as `dptrain bench` (see dptrain/bench.py).
+"""Engine benchmark, as a script: the same as `dptrain bench` (see dptrain/scaling/bench.py).
 
     python scripts/bench_engine.py                 # full run, about a minute on 2 cores
     python scripts/bench_engine.py --quick         # fewer repeats, for a smoke test
@@ -14,7 +14,7 @@ for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dptrain.bench import main  # noqa: E402
+from dptrain.scaling.bench import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

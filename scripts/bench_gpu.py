@@ -17,7 +17,7 @@ import numpy as np
 import dptrain as dp
 import dptrain.nn.functional as F
 from dptrain import backend
-from dptrain.bench import write_results
+from dptrain.scaling.bench import write_results
 
 
 def step_time(dims, batch, device, repeats):

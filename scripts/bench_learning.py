@@ -80,7 +80,7 @@ def main(argv=None):
     ap.add_argument("--only", choices=sorted(RUNS), action="append", help="run only these (repeatable)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "learning.json"), help="results file (JSON)")
     args = ap.parse_args(argv)
-    from dptrain.bench import write_results
+    from dptrain.scaling.bench import write_results
     results = {"machine": {"python": sys.version.split()[0], "platform": platform.platform()},
                "command": "python scripts/bench_learning.py", "runs": {}}
     with tempfile.TemporaryDirectory(prefix="dptrain-learning-") as folder:

@@ -1,4 +1,4 @@
-"""The control channel of shared-memory workers (distributed/control.py), without Ray."""
+"""The control channel of shared-memory workers (distributed/transport/control.py), without Ray."""
 
 import math
 import socket
@@ -10,7 +10,8 @@ import pytest
 
 import dptrain as dp
 from dptrain.distributed import ParameterServer, Worker
-from dptrain.distributed import control
+from dptrain.distributed.transport import control
+from dptrain.distributed.transport.shm import SharedArray
 from dptrain.distributed.trainer import prepare_dataset
 from dptrain.loop import prepare
 
@@ -69,11 +70,13 @@ def served_worker():
                          model=[2, 16, 16, 2], seed=1, momentum=0.9, lr=0.1)
     ds = prepare_dataset(dp.data.load_dataset("moons"), "float64")
     factory, loss = prepare(cfg, ds)
-    ps = ParameterServer(cfg.to_dict(), factory, total_steps=12)
+    ps = ParameterServer(cfg.to_dict(), factory, total_steps=12, steps_per_epoch=4, run_key="test")
     worker = Worker(cfg.to_dict(), factory, loss, ds, 0, 1)
     reference = Worker(cfg.to_dict(), factory, loss, ds, 0, 1)  # object-store style: gets the parameters passed
-    segment = ps.enable_shared_memory("test")
-    ps.register_shared_worker(0, worker.use_shared_memory(segment, "test"))
+    params = SharedArray.create(ps.flat.size, ps.flat.data.dtype, "test-params")  # as the transport sets it up
+    ps.place_parameters(params.array)
+    worker.use_shared_memory({"params": params.name, "size": ps.flat.size, "dtype": str(ps.flat.data.dtype),
+                              "tag": "test"})
     listener = control.Listener("test")
     served = {}
 
@@ -86,7 +89,7 @@ def served_worker():
 
     yield ps, worker, reference, start, served
     worker.close()
-    ps.close()
+    params.close()
     listener.close()
 
 
@@ -107,7 +110,7 @@ def test_served_steps_see_every_update_with_partial_loads(served_worker):
         reply, (grad, metrics) = _step(chan, ps, reference, step)
         assert reply["metrics"]["loss_sum"] == metrics["loss_sum"]
         np.testing.assert_array_equal(worker.replica.flat.grad, grad)  # the gradient lies in shared memory
-        ps.apply_gradients(step, (None, reply["metrics"]))
+        ps.update(step, [worker.replica.flat.grad], [reply["metrics"]])
     chan.send({"op": "evaluate", "split": "test"})
     assert chan.recv(time.monotonic() + 30)["evaluation"] == reference.evaluate(ps.get_weights().copy(), "test")
     chan.send({"op": "dance"})
@@ -138,7 +141,7 @@ def test_orphaned_segments_are_swept_and_live_ones_kept():
     process maps, or that were made a moment ago, are kept."""
     import os
     import time
-    from dptrain.distributed import shm
+    from dptrain.distributed.transport import shm
     live = shm.SharedArray.create(10, np.float64, "sweeptest")
     orphan = shm.SharedArray.create(10, np.float64, "sweeptest")
     orphan.array = None

@@ -92,23 +92,23 @@ def test_actors_work_without_ray():
     cfg = dp.TrainConfig(workers=2, **BASE)
     ds = prepare_dataset(dp.data.load_dataset("moons"), "float64")
     factory, loss = prepare(cfg, ds)
-    ps = ParameterServer(cfg.to_dict(), factory, total_steps=12)
+    ps = ParameterServer(cfg.to_dict(), factory, total_steps=12, steps_per_epoch=4)
     workers = [Worker(cfg.to_dict(), factory, loss, ds, rank, 2) for rank in range(2)]
     params = ps.get_weights().copy()
-    results = [w.compute_gradients(params, 0) for w in workers]
-    _, metrics = ps.apply_gradients(0, *results)
-    assert metrics["count"] == 50 and ps.step == 1
+    grads, metrics = zip(*[w.compute_gradients(params, 0) for w in workers])
+    record = ps.update(0, list(grads), list(metrics))
+    assert record["count"] == 50 and ps.step == 1
     local = dp.train_local(cfg.replace(steps=1))
     np.testing.assert_allclose(np.concatenate([v.ravel() for v in local.params.values()]),
                                np.concatenate([v.ravel() for v in ps.state_dict().values()]), rtol=1e-12)
     with pytest.raises(RuntimeError, match="at step 1 was sent gradients for step 0"):
-        ps.apply_gradients(0, *results)
+        ps.update(0, list(grads), list(metrics))
 
 
 def test_dataset_is_shared_not_copied(ray_local):
     """Workers read the training arrays from Ray's object store: read-only views, not copies."""
     import ray
-    from dptrain.distributed.actors import Worker as W
+    from dptrain.distributed.worker import Worker as W
     cfg = dp.TrainConfig(workers=1, **BASE)
     ds = prepare_dataset(dp.data.load_dataset("moons"), "float64")
     ref = ray.put(ds)

@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from dptrain import costmodel
-from dptrain.scale import aggregate, paired_strong, speedup_table, summarize_run
+from dptrain.scaling.measure import aggregate, paired_strong, speedup_table, summarize_run
 
 
 def test_speedup_and_efficiency_arithmetic():

@@ -65,6 +65,6 @@ def different_on_workers(input_shape, num_outputs):
     """A builder that gives worker actors another model than the server (no bias): refused."""
     import inspect
 
-    from dptrain.distributed.actors import Worker
+    from dptrain.distributed.worker import Worker
     on_worker = any(isinstance(f.frame.f_locals.get("self"), Worker) for f in inspect.stack())
     return nn.Linear(int(np.prod(input_shape)), num_outputs, bias=not on_worker)

@@ -12,7 +12,7 @@ is what we report (targets: <= 1.15 for 40-256-256-10, <= 1.05 for
 784-1024-1024-10). It also times the scalar Value engine on a tiny MLP, per
 parameter-sample, and measures memory: the peak traced allocation of one step
 (target <= 1.5x the hand-written step's) and the growth over 1,000 steps. Then the
-layers (dptrain/bench_layers.py): a step of the MNIST-1D CNN at batch 100 and of a
+layers (dptrain/scaling/bench_layers.py): a step of the MNIST-1D CNN at batch 100 and of a
 transformer block against hand-written numpy im2col of the same layers (target <= 1.2x),
 and against PyTorch eager on one thread where torch is installed.
 """
@@ -205,7 +205,7 @@ def run(args) -> int:
     import subprocess
     import sys
     env = dict(os.environ, **{v: "1" for v in BLAS_THREADS})
-    cmd = [sys.executable, "-m", "dptrain.bench", "--out", args.out] + (["--quick"] if args.quick else [])
+    cmd = [sys.executable, "-m", "dptrain.scaling.bench", "--out", args.out] + (["--quick"] if args.quick else [])
     return subprocess.run(cmd, env=env).returncode
 
 

@@ -1,7 +1,7 @@
 """Layer benchmark: a training step of the MNIST-1D CNN and of a transformer block, engine
 against hand-written numpy (and PyTorch eager on one thread, where torch is installed).
 
-    dptrain bench                  # runs this with the MLP benchmark (dptrain/bench.py)
+    dptrain bench                  # runs this with the MLP benchmark (dptrain/scaling/bench.py)
 
 Each hand-written step is the same algorithm written out: im2col as a strided view and
 one matrix product per convolution, col2im by kernel offset, the same attention and

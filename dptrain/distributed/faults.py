@@ -1,0 +1,73 @@
+"""Fault injection for tests and scripts/soak.py, kept out of the production classes.
+
+A fault is a dict: {"rank": r, "step": k, "kind": raise|exit|nan|hang[, "seconds": s]}
+for worker r, or {"role": "server", "step": k, "kind": exit|hang} for the server.
+raise: an exception in the worker's code; exit: the process dies; nan: a NaN in the
+gradient; hang: a sleep (an hour unless `seconds`). The trainer spawns these
+subclasses only when it is given faults; a replacement actor gets only the faults
+of steps not yet reached, so it does not repeat the one that killed its predecessor.
+(What a dead machine does is tested from outside the library: tests/test_cluster_faults.py.)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from .server import ParameterServer
+from .worker import Worker
+
+WORKER_KINDS = ("raise", "exit", "nan", "hang")
+SERVER_KINDS = ("exit", "hang")
+
+
+def check(faults: list) -> None:
+    """ValueError naming a fault that is not one of the kinds above."""
+    for fault in faults:
+        kinds = SERVER_KINDS if fault.get("role") == "server" else WORKER_KINDS
+        if fault.get("role") in (None, "worker", "server") and fault.get("kind") not in kinds:
+            raise ValueError(f"unknown fault kind {fault.get('kind')!r} in {fault}; expected one of {kinds}")
+
+
+def for_worker(faults: list | None, rank: int) -> dict:
+    """step -> fault, of worker `rank`."""
+    return {f["step"]: f for f in faults or [] if f.get("role", "worker") == "worker" and f.get("rank") == rank}
+
+
+def for_server(faults: list | None) -> dict:
+    return {f["step"]: f for f in faults or [] if f.get("role") == "server"}
+
+
+class FaultyWorker(Worker):
+    def __init__(self, *args, faults: list | None = None):
+        super().__init__(*args)
+        self.faults = for_worker(faults, self.rank)
+
+    def compute(self, step: int) -> dict:
+        fault = self.faults.get(step)
+        kind = fault and fault["kind"]
+        if kind == "raise":
+            raise RuntimeError(f"injected fault (rank {self.rank}, step {step})")
+        if kind == "exit":
+            os._exit(1)
+        if kind == "hang":
+            time.sleep(fault.get("seconds", 3600))
+        metrics = super().compute(step)
+        if kind == "nan":
+            self.replica.flat.grad[0] = float("nan")
+            metrics["finite"] = False
+        return metrics
+
+
+class FaultyServer(ParameterServer):
+    def __init__(self, *args, faults: list | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.faults = for_server(faults)
+
+    def run_step(self, step: int, out: list) -> None:
+        fault = self.faults.get(step)
+        if fault and fault["kind"] == "exit":  # the server dies, or hangs, before the step
+            os._exit(1)
+        if fault and fault["kind"] == "hang":
+            time.sleep(fault.get("seconds", 3600))
+        super().run_step(step, out)

@@ -1,0 +1,259 @@
+"""The run's actors on the driver's side: starting them, connecting them, calling them, stopping them.
+
+`Fleet` spawns the parameter server (pinned to the live head node, next to the
+driver) and the workers (in a SPREAD placement group with `spread`), waits until
+they answer, checks that every worker built the server's model, and hands the
+server its workers and where they run (`connect`): the server's transports do the
+rest. Every call the driver makes goes through `server_call` or `worker_call`,
+which turn Ray's errors into the failure vocabulary (errors.py) with deadlines: no
+call waits forever.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
+
+from ..config import ConfigError, TrainConfig
+from ..models import first_difference
+from . import transport
+from .cluster import head_node_id
+from .errors import NonFiniteError, ServerLost, TrainingError, WorkerError, WorkerLost
+from .server import SERVER_OPTIONS, ParameterServer
+from .worker import Worker
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT_S = 120.0  # actors (and placement groups) that cannot start within this are an error
+WAIT_NOTICE_S = 5.0  # after this long waiting for them, say so
+HEARTBEAT_SLACK_S = 10.0  # a server is lost after step_timeout + this without progress or an answer
+
+
+def unwrap(error: BaseException) -> BaseException:
+    """The original exception inside Ray's wrappers (a task error inside a dependency's error)."""
+    seen = 0
+    while isinstance(error, ray.exceptions.RayTaskError) and getattr(error, "cause", None) is not None and seen < 10:
+        error, seen = error.cause, seen + 1
+    return error
+
+
+class Fleet:
+    """The parameter server and the workers of one run. `faults` (tests, scripts/soak.py) makes
+    them the fault-injecting subclasses of faults.py."""
+
+    def __init__(self, cfg: TrainConfig, factory, loss_fn, data_ref, total_steps: int, steps_per_epoch: int,
+                 run_key: str, faults: list | None = None):
+        self.cfg, self.factory, self.loss_fn, self.data_ref = cfg, factory, loss_fn, data_ref
+        self.total_steps, self.steps_per_epoch, self.run_key = total_steps, steps_per_epoch, run_key
+        self.faults = faults
+        if faults:
+            from . import faults as fault_injection
+            fault_injection.check(faults)
+        self.ps = None
+        self.workers: list = []
+        self.placement: list = []  # where each worker runs: rank, pid, node_id, device
+        self.carried: dict = {}  # transport name -> ranks, as the server set them up
+        self.pg = None
+        self.submitted = -1  # the last step handed to the server: later faults are still to come
+
+    @property
+    def shared(self) -> list:
+        """Ranks of the workers on shared memory."""
+        return self.carried.get(transport.SHARED_MEMORY, [])
+
+    # ------------------------------------------------------------------ spawning
+
+    def _remaining_faults(self) -> list | None:
+        """Injected faults not yet reached: a replacement must not fire the one that killed its predecessor."""
+        if not self.faults:
+            return None
+        return [f for f in self.faults if f["step"] > self.submitted]
+
+    def spawn_worker(self, rank: int, num_workers: int):
+        cfg = self.cfg
+        opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
+        if self.pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
+        args = (cfg.to_dict(), self.factory, self.loss_fn, self.data_ref, rank, num_workers)
+        if self.faults:
+            from .faults import FaultyWorker
+            return ray.remote(FaultyWorker).options(**opts).remote(*args, faults=self._remaining_faults())
+        return ray.remote(Worker).options(**opts).remote(*args)
+
+    def spawn_server(self):
+        opts = {"num_cpus": 0}
+        head = head_node_id()
+        if head is not None:  # next to the driver on the (live) head node; it needs no CPU, so it always fits.
+            # Not soft: Ray then placed it on a worker node now and then, and that node's loss took it along.
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=False)
+        args = (self.cfg.to_dict(), self.factory, self.total_steps, self.steps_per_epoch, self.run_key)
+        if self.faults:
+            from .faults import FaultyServer
+            cls = FaultyServer
+        else:
+            cls = ParameterServer
+        actor = ray.remote(**SERVER_OPTIONS)(cls).options(**opts)
+        return actor.remote(*args, faults=self._remaining_faults()) if self.faults else actor.remote(*args)
+
+    def start(self) -> list:
+        """Spawn everything and wait until it answers; the model's layout."""
+        cfg = self.cfg
+        if cfg.spread:
+            self.pg = self._reserve_spread()
+        self.workers = [self.spawn_worker(rank, cfg.workers) for rank in range(cfg.workers)]
+        self.ps = self.spawn_server()
+        return self._wait_ready()
+
+    def _reserve_spread(self):
+        cfg = self.cfg
+        bundle = {"CPU": max(cfg.cpus_per_worker, 0.01)}
+        if cfg.gpus_per_worker:
+            bundle["GPU"] = cfg.gpus_per_worker
+        pg = placement_group([dict(bundle) for _ in range(cfg.workers)], strategy="SPREAD")
+        try:
+            ready, _ = ray.wait([pg.ready()], timeout=WAIT_NOTICE_S)
+            if not ready:
+                log.warning("waiting for the cluster to reserve %d x %s across its nodes; giving up after %.0f s",
+                            cfg.workers, bundle, READY_TIMEOUT_S)
+            ray.get(pg.ready(), timeout=READY_TIMEOUT_S - WAIT_NOTICE_S)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(pg)
+            raise TrainingError(f"could not reserve {cfg.workers} x {bundle} across the cluster's nodes "
+                                f"within {READY_TIMEOUT_S:.0f} s (its resources are taken?)") from None
+        return pg
+
+    def _wait_ready(self) -> list:
+        refs = [w.ready.remote() for w in self.workers]
+        everything = refs + [self.ps.ready.remote()]  # the server has started once it answers
+        ready, pending = ray.wait(everything, num_returns=len(everything), timeout=WAIT_NOTICE_S)
+        if pending:  # a busy cluster: say so while waiting
+            log.warning("waiting for the cluster to start %d of %d actors (its resources are taken?); giving up "
+                        "after %.0f s", len(pending), len(everything), READY_TIMEOUT_S)
+            ready, pending = ray.wait(everything, num_returns=len(everything), timeout=READY_TIMEOUT_S - WAIT_NOTICE_S)
+        if pending:
+            names = [f"worker {refs.index(r)}" if r in refs else "parameter server" for r in pending]
+            raise TrainingError(f"{', '.join(names)} did not start within {READY_TIMEOUT_S:.0f} s: the cluster "
+                                "has no free resources for them (cluster/status.sh shows what is running)")
+        try:
+            self.placement = ray.get(refs)
+        except ray.exceptions.RayError as e:
+            raise TrainingError(f"a worker failed to start: {unwrap(e)}") from None
+        server = ray.get(self.ps.get_layout.remote())
+        for rank, theirs in enumerate(ray.get([w.layout.remote() for w in self.workers])):
+            diff = first_difference(server, theirs)
+            if diff is not None:
+                raise ConfigError(f"invalid model: worker {rank} built another model than the server ({diff}, the "
+                                  "server's first): the builder must give the same names and shapes every time",
+                                  field="model")
+        return server
+
+    def start_actor(self, what: str, spawn, probe, hint: str = ""):
+        """(actor, answer to `probe`) of a replacement actor that started; TrainingError if none can in time.
+
+        A worker goes into the lost one's placement-group bundle (or anywhere, without one), the
+        server next to the driver where it can. When a whole node died, Ray may still place the
+        replacement there until it has noticed the node's death (missed heartbeats, some seconds)
+        and moved the bundle to a live node: such a replacement dies before it runs, and another
+        is started, until READY_TIMEOUT_S.
+        """
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        tries = 0
+        while True:
+            tries += 1
+            actor = spawn()
+            try:
+                return actor, ray.get(probe(actor), timeout=max(deadline - time.monotonic(), 1.0))
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(actor)
+                raise TrainingError(f"no replacement for {what} could start within {READY_TIMEOUT_S:.0f} s"
+                                    + (f" ({hint})" if hint else "")) from None
+            except ray.exceptions.RayActorError as e:
+                ray.kill(actor)
+                reason = str(e).split("The actor died because", 1)[-1].splitlines()[0].strip(" .")
+                if time.monotonic() + 1.0 > deadline:
+                    raise TrainingError(f"no replacement for {what} could start within {READY_TIMEOUT_S:.0f} s "
+                                        f"({tries} tries; the last died: {reason})") from None
+                log.warning("the replacement for %s died before it ran (%s); trying again", what, reason)
+                time.sleep(1.0)
+
+    # ------------------------------------------------------------------ connecting and calling
+
+    def connect(self) -> None:
+        """Hand the server its workers and where they run: its transports set them up."""
+        self.carried = self.server_call(self.ps.set_workers.remote(self.workers, self.placement), self.submitted)
+
+    def worker_call(self, rank: int, ref):
+        """ray.get of a call to worker `rank` during setup or recovery: a dead or hung worker is
+        WorkerLost (recovered like one lost in a step), not an escaping Ray error."""
+        try:
+            return ray.get(ref, timeout=READY_TIMEOUT_S)
+        except ray.exceptions.RayActorError as e:
+            raise WorkerLost(rank, self.submitted, f"its process died ({type(e).__name__})") from None
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self.workers[rank])
+            raise WorkerLost(rank, self.submitted, f"no answer within {READY_TIMEOUT_S:.0f} s") from None
+
+    def server_call(self, ref, step: int):
+        """ray.get of a server call, failures turned into WorkerLost / ServerLost (recoverable) or
+        TrainingError. No call waits forever: while it runs, the server's heartbeat (answered from
+        its own thread) must come back and show progress within step_timeout + HEARTBEAT_SLACK_S;
+        past that the server is hung, so it is killed and replaced from its checkpoint."""
+        limit = self.cfg.step_timeout + HEARTBEAT_SLACK_S
+        while not ray.wait([ref], timeout=min(5.0, limit / 3))[0]:
+            try:
+                beat = ray.get(self.ps.heartbeat.remote(), timeout=limit)
+            except ray.exceptions.GetTimeoutError:
+                ray.kill(self.ps)
+                raise ServerLost(step, f"no heartbeat within {limit:g} s (hung?)") from None
+            except ray.exceptions.RayActorError:
+                break  # dead: the call's own error says how
+            if beat["idle_s"] > limit:
+                ray.kill(self.ps)
+                raise ServerLost(step, f"no progress for {beat['idle_s']:.0f} s at step {beat['step']} (hung?)")
+        try:
+            return ray.get(ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = unwrap(e)
+            if isinstance(cause, WorkerLost):
+                raise cause from None
+            if isinstance(cause, ray.exceptions.RayActorError):
+                raise ServerLost(step, str(cause).splitlines()[0]) from None
+            if isinstance(cause, (WorkerError, NonFiniteError)):
+                raise TrainingError(str(cause)) from None
+            raise TrainingError(f"step {step}: {type(cause).__name__}: {cause}") from None
+        except ray.exceptions.RayActorError as e:
+            raise ServerLost(step, type(e).__name__) from None
+
+    def restore(self, required: bool, max_step: int | None = None) -> int:
+        """Load the newest intact checkpoint (of at most `max_step` steps) into the server; returns
+        its step (0: none, start over)."""
+        try:
+            step = self.server_call(self.ps.restore_checkpoint.remote(None, max_step), -1)
+        except TrainingError as e:
+            raise TrainingError(f"cannot resume: {e}") from None
+        if step is None:
+            if required:
+                folder = f"{self.cfg.out}/checkpoints" if self.cfg.out else "(no --out)"
+                raise TrainingError(f"cannot resume: no intact checkpoint in {folder}")
+            return 0
+        log.info("restored the checkpoint of step %d", step)
+        return step
+
+    # ------------------------------------------------------------------ stopping
+
+    def stop(self) -> None:
+        """Let the actors release their shared-memory segments, kill them, free the placement group."""
+        actors = self.workers + ([self.ps] if self.ps is not None else [])
+        try:
+            ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=10)
+        except Exception:  # a dead actor cannot clean up: its process exit unmaps, the driver unlinks
+            pass
+        for actor in actors:
+            ray.kill(actor)
+        if self.pg is not None:
+            remove_placement_group(self.pg)
+            self.pg = None

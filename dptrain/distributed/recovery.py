@@ -1,0 +1,71 @@
+"""Recovery: what the driver does when a worker or the server is lost, so the run ends as if nothing was.
+
+One path whatever the transports: change the fleet (a new worker in the lost one's
+rank; or the others renumbered to share the batch; or a new server restored from
+the newest checkpoint), then `Fleet.connect` hands the server its workers and the
+server's transports set up what changed. The steps after the server's state are
+run again; every step is a pure function of (parameters, step, data), so the
+final parameters are those of a run without the failure.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import ray
+
+from .errors import ServerLost, TrainingError, WorkerLost
+from .fleet import Fleet
+
+log = logging.getLogger(__name__)
+
+
+def recover(fleet: Fleet, error: WorkerLost | ServerLost, failures: int, recorded: int) -> int:
+    """Replace what was lost; returns the failure count. TrainingError once the budget is spent.
+    `recorded`: the steps logged so far (a new server restores a checkpoint of at most that many)."""
+    cfg = fleet.cfg
+    failures += 1
+    if failures > cfg.max_failures:
+        where = f"{cfg.out}/checkpoints" if cfg.out and cfg.checkpoint_every else "none kept"
+        raise TrainingError(f"{error}; the failure budget (--max-failures {cfg.max_failures}) is spent. "
+                            f"Last checkpoint: {where}")
+    log.warning("%s; recovering (failure %d of at most %d)", error, failures, cfg.max_failures)
+    if isinstance(error, ServerLost):
+        replace_server(fleet, recorded)
+    elif cfg.on_worker_loss == "shrink" and len(fleet.workers) > 1:
+        shrink(fleet, error.rank)
+    else:
+        replace_worker(fleet, error.rank)
+    fleet.connect()
+    return failures
+
+
+def replace_worker(fleet: Fleet, rank: int) -> None:
+    """A new worker `rank`, started and answering, in the lost one's place."""
+    ray.kill(fleet.workers[rank])
+    fleet.workers[rank], fleet.placement[rank] = fleet.start_actor(
+        f"worker {rank}", lambda: fleet.spawn_worker(rank, len(fleet.workers)), lambda actor: actor.ready.remote(),
+        "no free resources left? --on-worker-loss shrink goes on without it")
+
+
+def shrink(fleet: Fleet, rank: int) -> None:
+    """Go on without worker `rank`: the others take its share of every global batch."""
+    ray.kill(fleet.workers.pop(rank))
+    fleet.placement.pop(rank)
+    fleet.server_call(fleet.ps.pause.remote(), fleet.submitted)  # served workers must take the calls below
+    n = len(fleet.workers)
+    for new_rank, w in enumerate(fleet.workers):
+        fleet.worker_call(new_rank, w.set_rank.remote(new_rank, n))
+        fleet.placement[new_rank]["rank"] = new_rank
+
+
+def replace_server(fleet: Fleet, recorded: int) -> None:
+    """A new server from the newest checkpoint (or the initial parameters): lost steps are replayed.
+
+    Only checkpoints of at most `recorded` steps qualify: the steps after them are run again,
+    so their metrics reach the log even if the old server died before sending them.
+    """
+    ray.kill(fleet.ps)
+    fleet.ps, node = fleet.start_actor("the parameter server", fleet.spawn_server, lambda actor: actor.ready.remote())
+    log.info("a new parameter server runs on node %s", node[:8])
+    fleet.restore(required=False, max_step=recorded)

@@ -1,0 +1,236 @@
+"""The parameter-server actor: the flat parameters, the optimizer, the step loop, checkpoints.
+
+A plain class (Ray makes it remote where it is spawned). It runs the contract's
+parts 3 and 4 (step.py): the workers' gradients of loss sums added in rank order,
+divided once by the batch's example count, fed to the optimizer block by block in
+the same pass. It drives chunks of steps itself (`run_steps`), so a step costs one
+fan-out and fan-in, not a round trip through the driver; the workers are reached
+only through transports (transport/), which it sets up itself from the driver's list
+of workers and where they run (`set_workers`).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import numpy as np
+import ray
+
+from ..config import TrainConfig
+from ..loop import build_optimizer, build_schedule
+from ..models import ModelFactory, layout
+from ..nn import flatten
+from ..step import mean_gradient, step_metrics
+from . import transport
+from .errors import NonFiniteError
+from .worker import node_id
+
+
+class ParameterServer:
+    """Owns the flat parameters and the optimizer; averages gradients exactly.
+
+    `run_steps(first, n)` runs n steps over the workers given to `set_workers`;
+    `update(step, grads, metrics)` is one step's arithmetic; `save_checkpoint` /
+    `restore_checkpoint` write and read its full state. `heartbeat` answers from its
+    own thread while a chunk of steps runs: how the driver tells a hung server from
+    a slow step.
+    """
+
+    def __init__(self, config: dict, factory: ModelFactory, total_steps: int, steps_per_epoch: int,
+                 run_key: str = "run"):
+        cfg = TrainConfig.from_dict(config)
+        self.config = config
+        self.checkpoints = os.path.join(cfg.out, "checkpoints") if cfg.out else None
+        # the server's arithmetic is a few vector ops over arrays that arrive in host memory: CPU
+        self.cfg = cfg.replace(device="cpu", gpus_per_worker=0.0)
+        self.model = factory.on("cpu")()  # its parameters are the run's initial ones
+        self.layout = layout(self.model)
+        self.optimizer = build_optimizer(self.cfg, self.model.parameters())
+        self.schedule = build_schedule(self.cfg, total_steps)
+        self.flat = self.optimizer.flat
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.run_key = run_key  # names this run's shared-memory segments
+        self.step = 0
+        self.transports = transport.transports(self)
+        self.carrier: list = []  # rank -> the transport carrying that worker
+        self._unreported: list = []
+        self._progress_at = time.monotonic()  # when the step loop last got somewhere (heartbeat)
+        self._busy = False
+
+    # ------------------------------------------------------------------ setup
+
+    def ready(self) -> str:
+        """The node this server runs on (any answer means it has started)."""
+        return node_id()
+
+    def set_workers(self, workers: list, placement: list) -> dict:
+        """Drive these worker actors (in rank order; `placement`: each one's node and device) from
+        now on. Each transport sets up the workers it newly carries and releases the ones it no
+        longer does: the same call at the start, after a worker was replaced or the others took
+        a lost one's share, and for a new server. Returns transport name -> ranks."""
+        plan = transport.assign(self.cfg.transport, placement, node_id())
+        self.pause()  # served workers must take the setup calls
+        for name, t in self.transports.items():
+            t.connect({rank: workers[rank] for rank in range(len(workers)) if plan[rank] == name}, self.step)
+        self.carrier = [self.transports[plan[rank]] for rank in range(len(workers))]
+        return {name: sorted(t.workers) for name, t in self.transports.items()}
+
+    def pause(self) -> None:
+        """Let every worker take other Ray calls (the driver is about to make some)."""
+        for t in self.transports.values():
+            t.pause()
+
+    def place_parameters(self, storage: np.ndarray) -> None:
+        """Move the flat parameters into `storage` (a shared-memory segment, say)."""
+        self.flat = flatten(self.model.parameters(), data=storage, grad=self.flat.grad)
+        self.optimizer.flat = self.flat
+
+    def close(self) -> None:
+        for t in self.transports.values():
+            t.close()
+
+    # ------------------------------------------------------------------ steps
+
+    def current_step(self) -> int:
+        return self.step
+
+    @ray.method(concurrency_group="heartbeat")
+    def heartbeat(self) -> dict:
+        """The step reached and how long the step loop has gone without progress (0 when idle)."""
+        idle = time.monotonic() - self._progress_at if self._busy else 0.0
+        return {"step": self.step, "idle_s": idle, "thread": threading.get_ident()}
+
+    def _progressed(self) -> None:
+        self._progress_at = time.monotonic()
+
+    def run_steps(self, first: int, count: int) -> list:
+        """Run steps first .. first+count-1; their metrics. An epoch's last step also carries
+        the held-out evaluation (run here, so it sees exactly that step's parameters).
+
+        A worker that dies, or does not answer within cfg.step_timeout, raises WorkerLost with
+        the server's state that of before the step: the step can be run again. (Lost during an
+        epoch's evaluation, the step itself is done: its record, without the evaluation, is
+        among the unreported.) The steps a failed call completed wait in `take_unreported`,
+        also when a call queued behind it fails in turn.
+        """
+        if first != self.step:
+            raise RuntimeError(f"parameter server at step {self.step} was asked to run from step {first}")
+        out: list = []
+        self._busy = True
+        self._progressed()
+        try:
+            for step in range(first, first + count):
+                self.run_step(step, out)
+        except BaseException:
+            self._unreported.extend(out)
+            raise
+        finally:
+            self._busy = False
+        return out
+
+    def run_step(self, step: int, out: list) -> None:
+        """One step: fan out, fan in, update (or skip a non-finite one), maybe evaluate and save."""
+        t0 = time.perf_counter()
+        grads, metrics = self._gather(step)
+        self._progressed()
+        bad = [m["rank"] for m in metrics if not m.get("finite", True)]
+        if bad and self.cfg.on_nonfinite == "stop":
+            raise NonFiniteError(f"step {step}: NaN or Inf in the loss or gradient of worker(s) {bad}; "
+                                 "the parameters are those of the step before (and the last checkpoint is kept)")
+        if bad:  # skip: no update; the step number still advances, so later batches are unchanged
+            record = dict(step_metrics(step, metrics, self.schedule(step)), apply_s=0.0, skipped=True)
+            self.step += 1
+        else:
+            record = self.update(step, grads, metrics)
+        record["step_s"] = time.perf_counter() - t0
+        out.append(record)  # the step is done: its record goes out whatever follows
+        self._progressed()
+        if (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.total_steps:
+            record["evaluation"] = self.evaluate("test")
+            self._progressed()
+        if self.checkpoints and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+            self.save_checkpoint()
+
+    def _gather(self, step: int) -> tuple[list, list]:
+        """Every worker's gradient and metrics of `step`, in rank order; WorkerLost naming the first
+        that failed. Every transport sends before any receives: all workers compute at once."""
+        active = [t for t in self.transports.values() if t.workers]
+        for t in active:
+            t.send(step)
+        self._progressed()  # the workers' time starts now (opening sessions may have taken a while)
+        deadline = time.monotonic() + self.cfg.step_timeout
+        results: dict = {}
+        for t in active:
+            results.update(t.receive(step, deadline))
+        ranks = range(len(self.carrier))
+        return [results[r][0] for r in ranks], [results[r][1] for r in ranks]
+
+    def update(self, step: int, grads: list, metrics: list) -> dict:
+        """Step `step`'s update from the workers' gradients of loss sums and metrics (rank order):
+        their mean gradient, computed block by block inside the optimizer's pass; the step's metrics."""
+        t0 = time.perf_counter()
+        if step != self.step:
+            raise RuntimeError(f"parameter server at step {self.step} was sent gradients for step {step}")
+        count = max(sum(m["count"] for m in metrics), 1)
+        grad = self.flat.grad
+        self.optimizer.lr = self.schedule(step)
+        watching = [t for t in self.transports.values() if t.progress]
+
+        def final(stop):  # served workers copy the finished part while the rest is updated
+            for t in watching:
+                t.params_final(stop)
+        self.optimizer.update(self.flat.data, grad, lambda start, stop: mean_gradient(grads, count, grad, start, stop),
+                              final if watching else None)
+        self.step += 1
+        return dict(step_metrics(step, metrics, self.optimizer.lr), apply_s=time.perf_counter() - t0)
+
+    def take_unreported(self) -> list:
+        """Metrics of the steps a failed run_steps call completed before it failed."""
+        out, self._unreported = self._unreported, []
+        return out
+
+    def evaluate(self, split: str = "test") -> dict:
+        """Loss (and accuracy) of the current parameters on a split, computed by worker 0."""
+        return self.carrier[0].evaluate(0, split, time.monotonic() + self.cfg.step_timeout)
+
+    # ------------------------------------------------------------------ state
+
+    def save_checkpoint(self) -> str | None:
+        """Write this server's full state (see dptrain.checkpoint); returns the file's path."""
+        if not self.checkpoints:
+            return None
+        from .. import checkpoint
+        return str(checkpoint.save(self.checkpoints, self.step, self.flat.data, self.optimizer.state_dict(),
+                                   self.layout, self.config, keep=self.cfg.keep_checkpoints))
+
+    def restore_checkpoint(self, folder: str | None = None, max_step: int | None = None) -> int | None:
+        """Load the newest intact checkpoint (of this model, of at most `max_step` steps) from
+        `folder` or our own; returns its step (None: there is none)."""
+        from .. import checkpoint
+        self.pause()  # served workers keep copies of the parameters they saw
+        folder = folder or self.checkpoints
+        if folder is None:  # no checkpoints kept: a new server starts from the initial parameters
+            return None
+        state = checkpoint.load_latest(folder, self.layout, str(self.flat.data.dtype), max_step)
+        if state is None:
+            return None
+        self.flat.data[...] = state["params"]
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = state["step"]
+        return self.step
+
+    def get_layout(self) -> list:
+        """[name, shape, dtype] of every parameter: the model's identity in checkpoints."""
+        return self.layout
+
+    def get_weights(self) -> np.ndarray:
+        """The current flat parameters."""
+        return self.flat.data
+
+    def state_dict(self) -> dict:
+        return dict(self.model.state_dict())
+
+
+SERVER_OPTIONS = {"concurrency_groups": {"heartbeat": 1}}  # ray.remote options the class needs

@@ -1,0 +1,245 @@
+"""Steps over shared memory and a control channel: CPU workers on the server's node.
+
+The server's flat parameters live in a shared-memory segment (shm.py) that these
+workers map read-only; each worker's backward writes its gradient straight into a
+segment of its own that the server maps. What is left of a step's communication
+is "compute step k" and a small dict of metrics back, over a Unix socket per
+worker (control.py): tens of microseconds where a Ray call costs about a
+millisecond. The order of a step (a worker's next step waits for the server's
+update, which waits for every gradient) is what makes the sharing safe.
+
+A session: the server listens, calls each worker's `serve` once (an ordinary Ray
+call that stays running), the worker connects and says its rank, then loops over
+requests until the server says stop or goes away. While serving, a worker takes
+no other Ray call, so `pause` ends every session before the server changes its
+setup. During the update the server tells served workers how far the new
+parameters are final, and they copy that much into their model while it updates
+the rest: most of the copy leaves the step's critical path.
+
+Requests: {"op": "step", "step": k} -> {"metrics": ...}; {"op": "evaluate",
+"split": s} -> {"evaluation": ...}; {"op": "params", "upto": i}, no answer;
+{"op": "stop"}. A failure is answered with {"error": message}.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..errors import WorkerError, WorkerLost
+from . import SHARED_MEMORY, Transport, control
+from .shm import SharedArray, unlink
+
+NOTICES_PER_UPDATE = 4  # "params" messages per update to each served worker
+
+
+class SharedMemoryTransport(Transport):
+    name = SHARED_MEMORY
+
+    def __init__(self, host):
+        super().__init__(host)
+        self._params: SharedArray | None = None  # the server's parameters, once moved into shared memory
+        self._grads: dict = {}  # actor -> the SharedArray its backward writes (mapped here)
+        self._listener: control.Listener | None = None
+        self._sessions: dict = {}  # rank -> (Channel, ObjectRef of the worker's serve call)
+        self._notified = 0  # how far served workers were told this update's parameters are final
+
+    @property
+    def progress(self) -> bool:
+        return bool(self._sessions)
+
+    def connect(self, workers: dict, step: int) -> None:
+        self.pause()
+        for actor in [a for a in self._grads if a not in workers.values()]:  # lost, or moved elsewhere:
+            seg = self._grads.pop(actor)  # its owner is dead or drops the segment itself
+            seg.close()
+            unlink(seg.name)
+        new = {rank: w for rank, w in workers.items() if w not in self._grads}
+        self.workers = dict(workers)
+        if not new:
+            return
+        if self._params is None:
+            flat = self.host.flat
+            self._params = SharedArray.create(flat.size, flat.data.dtype, f"{self.host.run_key}-params")
+            self.host.place_parameters(self._params.array)
+        spec = {"params": self._params.name, "size": self.host.flat.size, "dtype": str(self.host.flat.data.dtype),
+                "tag": self.host.run_key}
+        names = self.call_all({rank: w.use_shared_memory.remote(spec) for rank, w in new.items()}, step,
+                              timeout=max(self.host.cfg.step_timeout, 60.0))
+        for rank, name in names.items():
+            self._grads[new[rank]] = SharedArray.attach(name, spec["size"], spec["dtype"])
+
+    def send(self, step: int) -> None:
+        self._open_sessions(step)
+        for rank, (chan, _) in list(self._sessions.items()):
+            try:
+                chan.send({"op": "step", "step": step})
+            except control.ChannelClosed:
+                self._session_lost(rank, step)
+
+    def receive(self, step: int, deadline: float) -> dict:
+        return {rank: (self._grads[self.workers[rank]].array, self._reply(rank, step, deadline)["metrics"])
+                for rank in sorted(self._sessions)}
+
+    def evaluate(self, rank: int, split: str, deadline: float) -> dict:
+        step = self.host.step
+        self._open_sessions(step)
+        try:
+            self._sessions[rank][0].send({"op": "evaluate", "split": split})
+        except control.ChannelClosed:
+            self._session_lost(rank, step)
+        return self._reply(rank, step, deadline)["evaluation"]
+
+    def params_final(self, upto: int) -> None:
+        size = self.host.flat.size
+        if upto < self._notified:  # a new update
+            self._notified = 0
+        if upto != size and upto - self._notified < size // NOTICES_PER_UPDATE:
+            return
+        self._notified = upto
+        for chan, _ in self._sessions.values():
+            try:
+                chan.send({"op": "params", "upto": upto})
+            except control.ChannelClosed:  # that worker is gone: the next step's send says so
+                pass
+
+    def pause(self) -> None:
+        for rank in list(self._sessions):
+            self._drop_session(rank, stop=True)
+
+    def close(self) -> None:
+        super().close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        for seg in [self._params, *self._grads.values()]:
+            if seg is not None:
+                seg.close()
+        self._params, self._grads = None, {}
+
+    # ------------------------------------------------------------------ sessions
+
+    def _open_sessions(self, step: int) -> None:
+        """Start a session with every worker carried that has none."""
+        import ray
+        todo = [rank for rank in self.workers if rank not in self._sessions]
+        if not todo:
+            return
+        if self._listener is None:
+            self._listener = control.Listener(self.host.run_key)
+        refs = {rank: self.workers[rank].serve.remote(self._listener.address) for rank in todo}
+        deadline = time.monotonic() + self.host.cfg.step_timeout
+        while refs:
+            try:  # short waits: a worker that died instead of connecting shows up between them
+                chan, hello = self._listener.accept(min(0.5, max(deadline - time.monotonic(), 0.01)))
+            except control.ChannelTimeout:
+                done, _ = ray.wait(list(refs.values()), num_returns=1, timeout=0)
+                if done:
+                    rank = next(r for r, ref in refs.items() if ref == done[0])
+                    self._sessions[rank] = (None, refs.pop(rank))
+                    self._session_lost(rank, step)
+                if time.monotonic() > deadline:
+                    raise self.hung(sorted(refs), step, "did not connect")
+                continue
+            rank = int(hello["rank"])
+            self._sessions[rank] = (chan, refs.pop(rank))
+
+    def _reply(self, rank: int, step: int, deadline: float) -> dict:
+        """Worker `rank`'s answer on its channel; WorkerLost if it dies or misses `deadline`."""
+        chan, _ = self._sessions[rank]
+        try:
+            reply = chan.recv(deadline)
+        except control.ChannelTimeout:
+            self._drop_session(rank, stop=False)
+            raise self.hung([rank], step) from None
+        except control.ChannelClosed:
+            self._session_lost(rank, step)
+        if "error" in reply:
+            raise WorkerError(reply["error"])
+        return reply
+
+    def _session_lost(self, rank: int, step: int):
+        """A channel closed under us: WorkerError if the worker's serve call failed, else WorkerLost."""
+        import ray
+        chan, ref = self._sessions.pop(rank)
+        if chan is not None:
+            chan.close()
+        try:
+            ray.get(ref, timeout=10)
+        except ray.exceptions.RayTaskError as e:
+            raise WorkerError(f"worker {rank} failed at step {step}: {getattr(e, 'cause', None) or e}") from None
+        except ray.exceptions.RayActorError as e:
+            raise WorkerLost(rank, step, f"its process died ({type(e).__name__})") from None
+        except ray.exceptions.GetTimeoutError:
+            ray.kill(self.workers[rank])
+        raise WorkerLost(rank, step, "its control channel closed")
+
+    def _drop_session(self, rank: int, stop: bool) -> None:
+        chan, _ = self._sessions.pop(rank, (None, None))
+        if chan is not None:
+            if stop:
+                try:
+                    chan.send({"op": "stop"})
+                except control.ChannelClosed:
+                    pass
+            chan.close()
+
+
+class WorkerLink:
+    """A worker's end: the server's parameters mapped read-only, and the segment its backward
+    writes the gradient into (created here, removed by `close`)."""
+
+    def __init__(self, worker, spec: dict):
+        self.worker = worker
+        replica = worker.replica
+        self.params = SharedArray.attach(spec["params"], spec["size"], spec["dtype"])
+        self.params.array.flags.writeable = False  # workers never write parameters
+        self.grad = SharedArray.create(spec["size"], spec["dtype"], f"{spec['tag']}-grad{worker.rank}")
+        replica.bind_gradients(self.grad.array)
+        self.loaded = 0  # parameters [0, loaded) of the server's segment are copied in and current
+
+    def load(self, upto: int) -> None:
+        """Copy the server's parameters [loaded, upto) from its segment into the model."""
+        if upto > self.loaded:
+            self.worker.replica.load_parameters(self.params.array, self.loaded, upto)
+            self.loaded = upto
+
+    def serve(self, address: str) -> int:
+        """Take the server's requests until it says stop or goes away; how many were served."""
+        worker, size = self.worker, self.params.array.size
+        chan = control.connect(address)
+        served = 0
+        self.loaded = 0  # a new session: the server may have restored other parameters
+        try:
+            chan.send({"rank": worker.rank})
+            while True:
+                request = chan.recv()
+                op = request.get("op")
+                if op == "stop":
+                    return served
+                if op == "params":
+                    self.load(int(request["upto"]))
+                    continue
+                try:
+                    self.load(size)
+                    if op == "step":
+                        step = int(request["step"])
+                        self.loaded = 0  # the server's next update changes them
+                        reply = {"metrics": worker.run_step(step)}
+                    elif op == "evaluate":
+                        reply = {"evaluation": worker.replica.evaluate(request["split"])}
+                    else:
+                        reply = {"error": f"worker {worker.rank}: unknown request {op!r}"}
+                except Exception as e:
+                    reply = {"error": str(e)}
+                chan.send(reply)
+                served += 1
+        except control.ChannelClosed:  # the server is gone (killed, or replaced)
+            return served
+        finally:
+            chan.close()
+            self.loaded = 0  # outside a session nobody says when the parameters change
+
+    def close(self) -> None:
+        self.worker.replica.bind_gradients(None)  # no views of the segment may outlive it
+        self.params.close()
+        self.grad.close()

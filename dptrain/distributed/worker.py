@@ -1,0 +1,125 @@
+"""The worker actor: one model replica computing the gradient of its shard of every step.
+
+A plain class (Ray makes it remote where it is spawned, so its logic is tested
+without Ray). Its step is the contract's part 2 (step.py): the gradient of the loss
+sum over `sampler.shard_at(step, num_workers, rank)`, left in the replica's flat
+gradient buffer. How the parameters arrive and the gradient leaves is the
+transport's: `compute_gradients(params, step)` over the object store,
+`use_shared_memory` + `serve` over shared memory (transport/).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+
+from .. import backend
+from ..config import TrainConfig
+from ..data import BatchSampler, Dataset
+from ..models import ModelFactory, layout
+from ..step import Replica
+from .errors import WorkerError
+
+
+class Worker:
+    """Worker `rank` of `num_workers`. The dataset arrives once, at construction, from Ray's
+    object store: on the worker's node its arrays are read-only views of shared memory, not
+    copies. `factory` builds the model (models.ModelFactory) and `loss` is the loss function;
+    both arrive pickled by value where they come from a user's file."""
+
+    def __init__(self, config: dict, factory: ModelFactory, loss, dataset: Dataset, rank: int, num_workers: int):
+        self.cfg = TrainConfig.from_dict(config)
+        self.rank, self.num_workers = rank, num_workers
+        self.replica = Replica(self.cfg, dataset, factory, loss)
+        self.sampler = BatchSampler(len(dataset), self.cfg.batch_size, self.cfg.seed)
+        self.link = None  # our end of the shared-memory transport, while we use it
+
+    # ------------------------------------------------------------------ the step
+
+    def compute(self, step: int) -> dict:
+        """Backpropagate the loss SUM over our shard of `step`, on the parameters loaded; the
+        gradient stays in `replica.flat.grad`. Returns the metrics the server combines."""
+        t0 = time.perf_counter()
+        indices, first_position = self.sampler.shard_at(step, self.num_workers, self.rank)
+        loss_sum, correct, count = self.replica.compute_gradients(indices, step, first_position)
+        grad = self.replica.flat.grad
+        # one reduction: NaN and Inf propagate through a sum (the server refuses such a step)
+        finite = bool(np.isfinite(loss_sum) and np.isfinite(float(grad.sum())))
+        return {"rank": self.rank, "loss_sum": loss_sum, "correct": correct, "count": count, "finite": finite,
+                "compute_s": time.perf_counter() - t0}
+
+    def run_step(self, step: int) -> dict:
+        """`compute`, with a failure of its code as WorkerError naming this worker and the step."""
+        try:
+            return self.compute(step)
+        except Exception as e:
+            raise WorkerError(f"worker {self.rank} failed at step {step}: {type(e).__name__}: {e}") from e
+
+    def set_rank(self, rank: int, num_workers: int) -> None:
+        """Take shard `rank` of `num_workers` from now on (after another worker was lost)."""
+        self.rank, self.num_workers = rank, num_workers
+
+    # ------------------------------------------------------------------ over the object store
+
+    def compute_gradients(self, params: np.ndarray, step: int) -> tuple[np.ndarray, dict]:
+        """Load the flat parameters `params`, compute `step`; (our flat gradient as numpy, metrics)."""
+        self.replica.load_parameters(params)
+        metrics = self.run_step(step)
+        return backend.to_numpy(self.replica.flat.grad), metrics
+
+    def evaluate(self, params: np.ndarray, split: str = "test") -> dict:
+        """Loss (and accuracy) of the flat parameters `params` on a split."""
+        self.replica.load_parameters(params)
+        return self.replica.evaluate(split)
+
+    def use_object_store(self) -> None:
+        """From now on the parameters arrive as call arguments: drop any shared-memory link."""
+        self.close()
+
+    # ------------------------------------------------------------------ over shared memory
+
+    def use_shared_memory(self, spec: dict) -> str:
+        """Map the server's parameter segment and make our gradient segment (spec: params, size,
+        dtype, tag); returns the gradient segment's name for the server to map."""
+        from .transport.shared_memory import WorkerLink
+        self.close()  # a new server: drop the segments of the old one
+        self.link = WorkerLink(self, spec)
+        return self.link.grad.name
+
+    def serve(self, address: str) -> int:
+        """Take the server's requests over its control channel until it lets us go (see
+        transport/shared_memory.py); how many were served."""
+        return self.link.serve(address)
+
+    # ------------------------------------------------------------------ housekeeping
+
+    def close(self) -> None:
+        """Release shared-memory segments (the trainer calls this before killing the actor)."""
+        if self.link is not None:
+            self.link.close()
+            self.link = None
+
+    def ready(self) -> dict:
+        """Where this worker runs (the driver waits on it, with a timeout, before step 0)."""
+        return {"rank": self.rank, "pid": os.getpid(), "node_id": node_id(), "device": self.cfg.device}
+
+    def layout(self) -> list:
+        """[name, shape, dtype] of every parameter of this replica (the driver checks they match the server's)."""
+        return layout(self.replica.model)
+
+    def memory(self) -> dict:
+        """This process's memory: rss counts shared pages (the object store's), uss only its own."""
+        import psutil
+        info = psutil.Process().memory_full_info()
+        return {"rss": info.rss, "uss": info.uss, "dataset_bytes": int(self.replica.x_train.nbytes)}
+
+
+def node_id() -> str:
+    """The Ray node this process runs on ("local" outside Ray: the actors are plain classes too)."""
+    try:
+        import ray
+        return ray.get_runtime_context().get_node_id()
+    except Exception:
+        return "local"

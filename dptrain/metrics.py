@@ -1,0 +1,125 @@
+"""Training records: each step's, each epoch's, the run's summary, and the result `fit()` returns.
+
+Both the single-process loop and the distributed trainer log through `MetricsLog`,
+so metrics.jsonl and the log lines read the same whichever ran.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+from .config import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What `fit()` returns: plain-dict metrics and the final parameters."""
+
+    config: TrainConfig
+    metrics: dict = field(default_factory=dict)
+    params: OrderedDict = field(default_factory=OrderedDict)
+
+    def state_dict(self) -> OrderedDict:
+        return OrderedDict((k, v.copy()) for k, v in self.params.items())
+
+    @property
+    def summary(self) -> dict:
+        return self.metrics.get("summary", {})
+
+
+class MetricsLog:
+    """Collects step and epoch records, writes metrics.jsonl as it goes, prints log lines."""
+
+    def __init__(self, cfg: TrainConfig, total: int, workers: int, sink=None):
+        self.cfg, self.total, self.workers = cfg, total, workers
+        self.steps: list = []
+        self.epochs: list = []
+        self.sink = sink  # a callable taking one record dict (the CLI writes metrics.jsonl)
+        self.target: dict | None = None  # when and where cfg.target_accuracy was reached
+        self._window: list = []
+
+    def truncate(self, step: int) -> None:
+        """Forget the records of steps >= `step` (they are about to be run again after a failure)."""
+        self.steps = [r for r in self.steps if r["step"] < step]
+        self.epochs = [r for r in self.epochs if r["step"] < step]
+        self._window = [r for r in self._window if r["step"] < step]
+
+    def step(self, record: dict) -> None:
+        self.steps.append(record)
+        self._window.append(record)
+        if self.sink:
+            self.sink({"kind": "step", **record})
+        s = record["step"]
+        if (s + 1) % self.cfg.log_every == 0 or s + 1 == self.total:
+            w = self._window
+            ms = 1e3 * sum(r["time_s"] for r in w) / len(w)
+            rate = sum(r["count"] for r in w) / max(sum(r["time_s"] for r in w), 1e-12)
+            loss = sum(r["loss"] * r["count"] for r in w) / max(sum(r["count"] for r in w), 1)
+            log.info("step %6d | loss %.4f | %.1f ms/step | %s samples/s | workers %d",
+                     s + 1, loss, ms, f"{rate:,.0f}", self.workers)
+            self._window = []
+
+    def epoch(self, record: dict) -> None:
+        self.epochs.append(record)
+        if self.sink:
+            self.sink({"kind": "epoch", **record})
+        acc = f" | test acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
+        log.info("epoch %3d | train loss %.4f | test loss %.4f%s", record["epoch"] + 1,
+                 record["train_loss"], record["test_loss"], acc)
+
+
+def epoch_record(epoch: int, step: int, window: list, evaluation: dict) -> dict:
+    """An epoch's summary from its step records and the held-out evaluation."""
+    n = sum(r["count"] for r in window)
+    rec = {"epoch": epoch, "step": step, "train_loss": sum(r["loss"] * r["count"] for r in window) / max(n, 1)}
+    if window and "correct" in window[0]:
+        rec["train_accuracy"] = sum(r["correct"] for r in window) / max(n, 1)
+    rec["test_loss"] = evaluation["loss"]
+    if "accuracy" in evaluation:
+        rec["test_accuracy"] = evaluation["accuracy"]
+    return rec
+
+
+def reached_target(cfg: TrainConfig, record: dict, log_: MetricsLog, elapsed_s: float) -> bool:
+    """True (and noted in the log) when an epoch's test accuracy reaches cfg.target_accuracy."""
+    if cfg.target_accuracy is None or record.get("test_accuracy", 0.0) < cfg.target_accuracy:
+        return False
+    log_.target = {"time_to_target_s": elapsed_s, "target_step": record["step"], "target_epoch": record["epoch"]}
+    log.info("reached test accuracy %.4f >= %.4f at step %d after %.1f s", record["test_accuracy"],
+             cfg.target_accuracy, record["step"] + 1, elapsed_s)
+    return True
+
+
+def summary_record(log_: MetricsLog, wall_s: float, final_train: dict, final_test: dict) -> dict:
+    samples = sum(r["count"] for r in log_.steps)
+    step_times = sorted(r["time_s"] for r in log_.steps)
+    out = {"steps": len(log_.steps), "wall_s": wall_s, "samples_per_s": samples / max(wall_s, 1e-12),
+           "median_step_ms": 1e3 * step_times[len(step_times) // 2] if step_times else 0.0,
+           "train_loss": final_train["loss"], "test_loss": final_test["loss"]}
+    if "accuracy" in final_test:
+        out["train_accuracy"] = final_train["accuracy"]
+        out["test_accuracy"] = final_test["accuracy"]
+    if log_.cfg.target_accuracy is not None:
+        out["target_accuracy"] = log_.cfg.target_accuracy
+        out.update(log_.target or {"time_to_target_s": None, "target_step": None, "target_epoch": None})
+    return out
+
+
+
+
+def step_record(server: dict, steps_per_epoch: int, classification: bool) -> dict:
+    """The log's record of a step from the parameter server's metrics of it."""
+    step = server["step"]
+    rec = {"step": step, "epoch": step // steps_per_epoch, "loss": server["loss"], "count": server["count"],
+           "lr": server["lr"], "time_s": server["step_s"], "compute_s": server["compute_s"],
+           "apply_s": server["apply_s"]}
+    if server.get("skipped"):
+        rec["skipped"] = True
+    if classification:
+        rec["correct"] = server["correct"]
+        rec["accuracy"] = server["correct"] / max(server["count"], 1)
+    return rec
