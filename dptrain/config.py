@@ -17,6 +17,17 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+def _choice(default: str, choices, help: str):
+    """A field taking one of `choices`: stated here only, checked in __post_init__, listed in
+    the help text ("{choices}" in `help` is where)."""
+    choices = tuple(choices)
+    return field(default=default, metadata={"help": help.format(choices=_or(choices)), "choices": choices})
+
+
+def _or(choices) -> str:
+    return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
+
+
 class ConfigError(ValueError):
     """A setting is invalid; the message names the setting and the value.
 
@@ -46,7 +57,7 @@ class TrainConfig:
     loss: Optional[str] = _f(None,
         "cross_entropy, mse, or path/to/file.py:function / package.module:function (output, target) -> "
         "the SUM of the per-example losses; default by the task (cross_entropy for classes, mse otherwise).")
-    activation: str = _f("relu", "Hidden-layer activation: relu, tanh or sigmoid.")
+    activation: str = _choice("relu", ("relu", "tanh", "sigmoid"), "Hidden-layer activation: {choices}.")
     workers: int = _f(1, "Data-parallel worker actors.")
     batch_size: int = _f(256, "Global batch size, split over the workers.")
     epochs: int = _f(10, "Passes over the training set (ignored when `steps` is set).")
@@ -54,17 +65,17 @@ class TrainConfig:
     target_accuracy: Optional[float] = _f(None,
         "Stop at the first epoch end whose test accuracy reaches this (time-to-accuracy runs).")
     lr: float = _f(0.1, "Peak learning rate.")
-    optimizer: str = _f("sgd", "sgd, adam or adamw.")
+    optimizer: str = _choice("sgd", OPTIMIZERS, "{choices}.")
     momentum: float = _f(0.9, "SGD momentum.")
     nesterov: bool = _f(False, "Nesterov momentum (SGD).")
     weight_decay: float = _f(0.0, "L2 weight decay (decoupled for adamw).")
-    schedule: str = _f("constant", "Learning-rate schedule: constant, step or cosine.")
+    schedule: str = _choice("constant", SCHEDULES, "Learning-rate schedule: {choices}.")
     warmup: int = _f(0, "Linear warm-up steps.")
     step_size: int = _f(1000, "Steps between decays of the `step` schedule.")
     gamma: float = _f(0.1, "Decay factor of the `step` schedule.")
     seed: int = _f(0, "Seeds the initialisation, the sampler and any split of user data.")
-    dtype: str = _f("float32", "float32 or float64.")
-    device: str = _f("cpu", "cpu, or cuda (cupy on a GPU).")
+    dtype: str = _choice("float32", ("float32", "float64"), "{choices}.")
+    device: str = _choice("cpu", ("cpu", "cuda"), "{choices} (cupy on a GPU).")
     log_every: int = _f(10, "Steps between log lines.")
     eval_batch_size: int = _f(4096, "Examples per forward pass during evaluation.")
     out: Optional[str] = _f(None, "Directory for metrics.jsonl, config.json and the final parameters.")
@@ -78,9 +89,9 @@ class TrainConfig:
     gpus_per_worker: float = _f(0.0,
         "GPUs Ray reserves for each worker (fractions allowed); > 0 implies device cuda.")
     spread: bool = _f(False, "Place workers on different nodes where possible (a SPREAD placement group).")
-    transport: str = _f("auto",
-        "How parameters and gradients travel: auto (shared memory for CPU workers on the "
-        "server's node, Ray's object store for the others) or object_store (always Ray objects).")
+    transport: str = _choice("auto", ("auto", "object_store"),
+        "How parameters and gradients travel ({choices}): auto, shared memory for CPU workers on the "
+        "server's node and Ray's object store for the others; object_store, always Ray objects.")
     progress: bool = _f(False, "Show a progress bar (the CLI turns it on in a terminal).")
     # ---- reliability
     checkpoint_every: int = _f(0,
@@ -90,12 +101,12 @@ class TrainConfig:
     max_failures: int = _f(3, "Worker or server failures survived before the run stops with an error.")
     step_timeout: float = _f(300.0,
         "Seconds a worker may take for one step before it is treated as failed (hung).")
-    on_worker_loss: str = _f("restart",
-        "restart: replace a lost worker (another node if its node is gone); shrink: go on with "
-        "the others, the same global batch split among them.")
-    on_nonfinite: str = _f("stop",
-        "A NaN or Inf loss or gradient: stop (naming the step and worker; checkpoints are kept) "
-        "or skip the step.")
+    on_worker_loss: str = _choice("restart", ("restart", "shrink"),
+        "{choices}. restart: replace a lost worker (another node if its node is gone); shrink: go on "
+        "with the others, the same global batch split among them.")
+    on_nonfinite: str = _choice("stop", ("stop", "skip"),
+        "A NaN or Inf loss or gradient ({choices}): stop, naming the step and worker (checkpoints are "
+        "kept), or skip the step.")
 
     def __post_init__(self):
         def bad(name, value, why):
@@ -138,22 +149,14 @@ class TrainConfig:
             bad("target_accuracy", self.target_accuracy, "must be in (0, 1]")
         if not (isinstance(self.lr, (int, float)) and math.isfinite(self.lr) and self.lr > 0):
             bad("lr", self.lr, "the learning rate must be > 0")
-        if self.optimizer not in OPTIMIZERS:
-            bad("optimizer", self.optimizer, f"expected one of {sorted(OPTIMIZERS)}")
         if not 0 <= self.momentum < 1:
             bad("momentum", self.momentum, "must be in [0, 1)")
         if self.weight_decay < 0:
             bad("weight_decay", self.weight_decay, "must be >= 0")
-        if self.schedule not in SCHEDULES:
-            bad("schedule", self.schedule, f"expected one of {SCHEDULES}")
         if self.warmup < 0:
             bad("warmup", self.warmup, "must be >= 0")
-        if self.dtype not in ("float32", "float64"):
-            bad("dtype", self.dtype, "float32 or float64")
         if self.gpus_per_worker > 0 and self.device == "cpu":
             self.device = "cuda"
-        if self.device not in ("cpu", "cuda"):
-            bad("device", self.device, "cpu or cuda")
         if self.log_every < 1:
             bad("log_every", self.log_every, "must be >= 1")
         if self.eval_batch_size < 1:
@@ -170,14 +173,10 @@ class TrainConfig:
             bad("max_failures", self.max_failures, "must be >= 0")
         if not self.step_timeout > 0:
             bad("step_timeout", self.step_timeout, "must be > 0 seconds")
-        if self.on_worker_loss not in ("restart", "shrink"):
-            bad("on_worker_loss", self.on_worker_loss, "restart or shrink")
-        if self.on_nonfinite not in ("stop", "skip"):
-            bad("on_nonfinite", self.on_nonfinite, "stop or skip")
-        if self.transport not in ("auto", "object_store"):
-            bad("transport", self.transport, "auto or object_store")
-        if self.activation not in ("relu", "tanh", "sigmoid"):
-            bad("activation", self.activation, "relu, tanh or sigmoid")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                bad(f.name, getattr(self, f.name), _or(choices))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -13,6 +13,10 @@ a reference, or a callable `(output, target) -> Tensor` returning the SUM of the
 per-example losses over the examples it is given: the step contract divides once,
 where gradients meet, so that N workers equal one process.
 
+Why one file of about 440 lines: the built-ins, references, the factory and the check
+before a run are the one answer to "what does --model / --loss mean"; the layers they
+use live in nn/.
+
 `ModelFactory` is what travels to the server and every worker: called, it seeds
 `nn.init`'s generator with the run's seed, calls the builder, casts to the run's
 dtype and device, and keys each dropout layer by its name. The server's parameters

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from dptrain.scaling.bench import BATCH
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -17,14 +19,20 @@ def test_engine_benchmark_quick_run(tmp_path):
                        capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0, r.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert set(results["mlps"]) == {"40-256-256-10", "784-1024-1024-10"}
-    for res in results["mlps"].values():
-        assert res["hand_ms"] > 0 and res["engine_ms"] > 0
-        assert res["ratio"] == pytest.approx(res["engine_ms"] / res["hand_ms"])
-        assert res["memory"]["engine_peak_bytes"] > 0
+    small, large = results["mlps"]["40-256-256-10"], results["mlps"]["784-1024-1024-10"]
+    # the large model does 20x the arithmetic per example: both implementations must see that
+    # (a timer that measured something else, or nothing, would not)
+    assert large["hand_ms"] > 3 * small["hand_ms"] and large["engine_ms"] > 3 * small["engine_ms"]
+    for dims, res in (([40, 256, 256, 10], small), ([784, 1024, 1024, 10], large)):
+        # a step must hold at least its hidden activations and their gradients (float32)
+        activations = BATCH * sum(dims[1:]) * 4
+        assert res["memory"]["engine_peak_bytes"] >= activations
+        assert res["memory"]["hand_peak_bytes"] >= activations
     assert results["memory_growth"]["gc_objects_collected"] == 0  # no reference cycles in the graph
-    assert results["value_engine"]["tensor_speedup"] > 1
+    assert results["memory_growth"]["growth_bytes"] < 2**20  # nothing kept from step to step
+    # the scalar engine pays per element what the tensor engine pays per array
+    assert results["value_engine"]["tensor_speedup"] > 10
     assert set(results["layers"]) == {"convbase_batch100", "transformer_block"}
-    for res in results["layers"].values():  # each checked against the hand-written step's loss first
-        assert res["ratio"] == pytest.approx(res["engine_ms"] / res["hand_ms"])
+    for res in results["layers"].values():  # each checked against the hand-written step's loss before timing
+        assert res["hand_ms"] > 0 and res["engine_ms"] > 0
     assert "ratio" in r.stdout and "wrote" in r.stdout

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from dptrain import costmodel
+from dptrain.scaling import costmodel
 from dptrain.scaling.measure import aggregate, paired_strong, speedup_table, summarize_run
 
 
@@ -56,29 +56,40 @@ INPUTS = costmodel.CostInputs(compute_s_per_example=1e-4, grad_bytes=8e6, object
                               memory_bytes_per_s=8e9, fixed_s=2e-3, optimizer_s_per_byte=5e-10, cores=2)
 
 
-def test_cost_model_formula_on_made_up_inputs():
-    t1 = costmodel.step_time(INPUTS, 1, 256)
-    # 2 ms fixed + 25.6 ms compute + 2 * 8e6 / 4e9 = 4 ms transfer + 1 ms sum + 4 ms optimizer
-    assert math.isclose(t1["step_s"], 0.002 + 0.0256 + 0.004 + 0.001 + 0.004)
-    t4 = costmodel.step_time(INPUTS, 4, 256)
-    assert math.isclose(t4["compute_s"], 0.0128)  # 2 cores: 4 workers compute two at a time
-    assert math.isclose(t4["transfer_s"], 2 * 0.004)  # and copy two at a time
-    assert math.isclose(t4["server_s"], 4 * 0.001 + 0.004)
+def test_cost_model_behaves_like_the_machine_it_describes():
+    """Properties a step-time model must have, whatever its formula: checked, not restated."""
+    ideal = costmodel.CostInputs(compute_s_per_example=1e-4, grad_bytes=8e6, object_bytes_per_s=1e30,
+                                 memory_bytes_per_s=1e30, fixed_s=0.0, optimizer_s_per_byte=0.0, cores=10**9)
+    # no overheads and enough cores: strong scaling is perfect
+    for row in costmodel.scaling(ideal, [1, 2, 4, 8], 256):
+        assert row["speedup"] == pytest.approx(row["workers"])
+    # the compute is the batch's examples at the measured rate, split over the workers
+    assert costmodel.step_time(ideal, 1, 256)["step_s"] == pytest.approx(256 * 1e-4)
+    # two cores: four workers compute no faster than two
+    two_cores = costmodel.CostInputs(**{**INPUTS.to_dict()})
+    assert costmodel.step_time(two_cores, 4, 256)["compute_s"] == pytest.approx(
+        costmodel.step_time(two_cores, 2, 256)["compute_s"])
+    # the fixed cost and the bytes add to every step, whatever N
+    heavier = costmodel.CostInputs(**{**INPUTS.to_dict(), "fixed_s": INPUTS.fixed_s + 0.01})
+    for n in (1, 2, 4):
+        assert costmodel.step_time(heavier, n, 256)["step_s"] == pytest.approx(
+            costmodel.step_time(INPUTS, n, 256)["step_s"] + 0.01)
+    # a measured compute speedup replaces the ideal one
+    measured = costmodel.CostInputs(**{**ideal.to_dict(), "parallel_speedup": {1: 1.0, 2: 1.6}})
+    assert costmodel.scaling(measured, [1, 2], 256)[1]["speedup"] == pytest.approx(1.6)
+    # on a cluster, the server's link: past N*, adding workers stops paying; N* is where the
+    # server's bytes take as long as the compute, and K shards move it
     cluster = costmodel.CostInputs(**{**INPUTS.to_dict(), "cores": 10**9, "server_bytes_per_s": 1.25e9})
-    t8 = costmodel.step_time(cluster, 8, 256, shards=4)
-    assert math.isclose(t8["network_s"], 2 * 8 * 8e6 / (4 * 1.25e9))
+    for shards in (1, 4):
+        n_star = costmodel.server_bound_workers(cluster, 256, shards=shards)
+        at = costmodel.step_time(cluster, n_star, 256, shards=shards)
+        assert at["network_s"] == pytest.approx(at["compute_s"], rel=1e-6)
     rows = costmodel.scaling(cluster, [1, 2, 64], 256)
-    assert rows[0]["speedup"] == 1.0 and rows[2]["efficiency"] < rows[1]["efficiency"]
-    n_star = costmodel.server_bound_workers(cluster, 256)
-    assert math.isclose(n_star, math.sqrt(1e-4 * 256 * 1.25e9 / (2 * 8e6)))
-    assert costmodel.server_bound_workers(cluster, 256, shards=4) == pytest.approx(2 * n_star)
-    assert math.isinf(costmodel.server_bound_workers(INPUTS, 256))
-    # a measured compute speedup P(N) replaces N / share: 2 workers at 1.6, not 2
-    here = costmodel.CostInputs(**{**INPUTS.to_dict(), "parallel_speedup": {1: 1.0, 2: 1.6}})
-    assert math.isclose(costmodel.step_time(here, 2, 256)["compute_s"], 0.0256 / 1.6)
-    assert math.isclose(costmodel.step_time(here, 1, 256)["step_s"], t1["step_s"])
-    errors = costmodel.relative_errors(INPUTS, {1: t1["step_s"] * 1.1}, 256)
-    assert math.isclose(errors[1], 1 / 11)
+    assert rows[2]["efficiency"] < rows[1]["efficiency"] < 1.0
+    assert math.isinf(costmodel.server_bound_workers(INPUTS, 256))  # no network on one machine
+    predicted = costmodel.step_time(INPUTS, 1, 256)["step_s"]
+    assert costmodel.relative_errors(INPUTS, {1: predicted}, 256)[1] == pytest.approx(0.0)
+    assert costmodel.relative_errors(INPUTS, {1: 2 * predicted}, 256)[1] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="workers"):
         costmodel.step_time(INPUTS, 0, 256)
 
@@ -98,22 +109,20 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert weak2["batch"] == 64  # per-worker batch kept
     with open(out / "runs.csv") as f:
         table = list(csv.DictReader(f))
-    for row in table:
-        base = next(t for t in table if t["mode"] == row["mode"] and t["workers"] == "1")
-        n = int(row["workers"])
-        if row["mode"] == "strong":
-            expected = float(base["step_ms"]) / float(row["step_ms"])
-        else:
-            expected = float(row["samples_per_s"]) / float(base["samples_per_s"])
-        assert math.isclose(float(row["speedup"]), expected, rel_tol=1e-9)
-        assert math.isclose(float(row["efficiency"]), expected / n, rel_tol=1e-9)
+    for row in table:  # the table reports the runs: each point's time is the median of its runs
+        mine = sorted(x["step_ms"] for x in runs if x["mode"] == row["mode"] and x["workers"] == int(row["workers"]))
+        assert float(row["step_ms"]) == pytest.approx(mine[len(mine) // 2])
+        assert all(x["steps"] == 12 - 5 for x in runs)  # warm-up steps left out
+    assert {float(t["speedup"]) for t in table if t["workers"] == "1"} == {1.0}
     floors = json.loads((out / "floors.json").read_text())
+    # one worker through Ray does the single process's work plus overhead; the overhead is small
+    # next to the round trips it replaces (a loose bound: this is a shared machine)
     assert floors["local_step_ms"] > 0 and floors["actor_round_trip_ms"] > 0
-    assert floors["driver_chained_empty_step_ms"] > 0
+    assert floors["one_worker_step_ms"] > 0.5 * floors["local_step_ms"]
+    assert floors["driver_chained_empty_step_ms"] > floors["actor_round_trip_ms"]  # chained: several round trips
     assert [c["workers"] for c in floors["ceiling"]] == [1, 2] and floors["ceiling"][0]["ceiling_speedup"] == 1.0
     assert [p["workers"] for p in floors["paired_strong"]] == [1, 2] and floors["paired_strong"][1]["rounds"] == 1
     assert len(floors["blocks_ms"]) == 3 and floors["block_steps"] == 10
-    assert math.isclose(floors["one_worker_overhead"], floors["one_worker_step_ms"] / floors["local_step_ms"] - 1)
     model = json.loads((out / "costmodel.json").read_text())
     assert [c["workers"] for c in model["check"]] == [1, 2]
     report = (out / "report.md").read_text()
@@ -123,3 +132,6 @@ def test_tiny_sweep_end_to_end(tmp_path):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     tta = list(csv.DictReader(open(out / "time_to_accuracy.csv")))
     assert [t["workers"] for t in tta] == ["1", "2"]
+    for t in tta:  # a time is reported only where the run reached the target
+        if t["time_to_target_s"]:
+            assert float(t["final_test_accuracy"]) >= 0.8

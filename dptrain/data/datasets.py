@@ -7,7 +7,7 @@ for the mistakes that otherwise surface as a NaN loss ten minutes into a run.
 from __future__ import annotations
 
 import csv
-import hashlib
+import importlib.metadata
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -194,13 +194,13 @@ def mnist1d() -> Dataset:
     download). Generation takes a few seconds, so the arrays are cached in
     ~/.cache/dptrain (or $DPTRAIN_CACHE), keyed by the package's settings.
     """
+    # keyed by the package's version, whose standard settings fix the data: a cached copy loads
+    # without importing mnist1d (a second: it imports scipy)
     try:
-        from mnist1d.data import get_dataset_args, make_dataset
-    except ImportError:
+        version = importlib.metadata.version("mnist1d")
+    except importlib.metadata.PackageNotFoundError:
         raise DataError("dataset 'mnist1d' needs the mnist1d package: pip install 'dptrain[datasets]'") from None
-    args = get_dataset_args()
-    key = hashlib.sha256(repr(sorted((k, v) for k, v in vars(args).items() if k != "url")).encode()).hexdigest()[:12]
-    path = _cache_dir() / f"mnist1d-{key}.npz"
+    path = _cache_dir() / f"mnist1d-{version}.npz"
     if path.exists():
         try:
             with np.load(path, allow_pickle=False) as f:
@@ -208,6 +208,8 @@ def mnist1d() -> Dataset:
             return _finish("mnist1d", arrays["x"], arrays["y"], arrays["x_test"], arrays["y_test"], "classification")
         except Exception:
             pass  # a damaged cache file is simply regenerated
+    from mnist1d.data import get_dataset_args, make_dataset
+    args = get_dataset_args()
     d = make_dataset(args)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")

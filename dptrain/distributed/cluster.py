@@ -44,6 +44,9 @@ def resolve_address(address: str) -> tuple[str, str]:
     (Ray's own hint file); the one Ray instance running on this machine. Several instances
     and no hint is an error naming them: Ray alone would pick one of them.
     """
+    # Ray has no public API for finding running instances: its own `ray.init("auto")` uses
+    # these helpers of ray._private.services (the hint file `ray start` writes, and a scan of
+    # this machine's gcs_server processes); they are the only private names dptrain uses.
     from ray._private import services
     how = "given"
     if address == "auto":
@@ -66,13 +69,19 @@ def resolve_address(address: str) -> tuple[str, str]:
                                    "(or `ray start --head`), or leave out --address to run on an embedded local Ray")
             found, how = running[0], "the only Ray instance running here"
         address = found
+    return _canonical(address), how
+
+
+def _canonical(address: str) -> str:
+    """HOST:PORT with the host resolved to an IP address (Ray's GCS address form)."""
+    host, sep, port = address.strip().rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ClusterError(f"--address {address!r} is not a valid Ray address; expected auto or HOST:PORT")
     try:
-        resolved = services.canonicalize_bootstrap_address(address)
-    except Exception as e:
-        raise ClusterError(f"--address {address!r} is not a valid Ray address ({e}); expected auto or HOST:PORT") from None
-    if resolved is None:
-        raise ClusterError(f"--address {address}: no running Ray cluster found")
-    return resolved, how
+        ip = socket.gethostbyname(host)
+    except OSError as e:
+        raise ClusterError(f"--address {address!r}: cannot resolve host {host!r} ({e})") from None
+    return f"{ip}:{int(port)}"
 
 
 def _answers(address: str, timeout_s: float = 1.0) -> bool:
@@ -90,12 +99,8 @@ def _token_auth_as_for_auto() -> None:
     """What ray.init does for an address it discovers itself: token authentication on when
     RAY_AUTH_MODE is unset and a token exists. Ray counts RAY_ADDRESS as an explicit address,
     for which it does not; dptrain resolves "auto" and pins RAY_ADDRESS, so it asks for it."""
-    try:
-        from ray._private.authentication.authentication_token_setup import (
-            maybe_enable_token_auth_if_token_available)
-    except ImportError:  # a Ray without token authentication
-        return
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    if "RAY_AUTH_MODE" not in os.environ and _token_found():
+        os.environ["RAY_AUTH_MODE"] = "token"
 
 
 def _token_found() -> bool:

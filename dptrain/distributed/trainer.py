@@ -88,6 +88,7 @@ class Trainer:
         self.faults = faults
         self.resume, self.resume_at_most = resume, resume_at_most
         self.fleet: Fleet | None = None
+        self.startup: dict = {}  # seconds: ray_init_s, and startup_s, the rest of the way to step 0
 
     @property
     def placement(self) -> list:
@@ -110,6 +111,7 @@ class Trainer:
         """The run's actors, started and connected; stopped and cleaned up on exit. Yields
         (dataset, total steps)."""
         cfg = self.cfg
+        t0 = time.perf_counter()
         dataset = self.dataset if self.dataset is not None else load_data(cfg)  # bad data fails before Ray starts
         # so does a bad model or loss, and a GPU run on an embedded Ray (this machine's GPUs) without a GPU
         factory, loss_fn = prepare(cfg, dataset, self.model, self.loss,
@@ -117,8 +119,10 @@ class Trainer:
         steps = total_steps(cfg, len(dataset))
         self._check_out_folder(layout(factory.on("cpu")()), steps)
         steps_per_epoch = BatchSampler(len(dataset), cfg.batch_size).steps_per_epoch
+        t1 = time.perf_counter()
         started = connect(cfg.address, num_cpus=embedded_cpus(cfg.workers, cfg.cpus_per_worker, cfg.cpus),
                           num_gpus=None)
+        t2 = time.perf_counter()
         key = run_key(cfg.out)
         _clean_shared_memory(key if cfg.out else None)
         for module in user_modules(factory.builder, loss_fn):  # their files may exist here only
@@ -142,6 +146,8 @@ class Trainer:
                      min(cfg.batch_size, len(dataset)))
             if self.on_start is not None:
                 self.on_start()
+            # startup, reported in the summary: Ray's own start apart from dptrain's
+            self.startup = {"ray_init_s": t2 - t1, "startup_s": time.perf_counter() - t0 - (t2 - t1)}
             yield dataset, steps
         finally:
             if fleet is not None:
@@ -259,6 +265,7 @@ class Trainer:
         summary["nodes"] = len({p["node_id"] for p in fleet.placement})
         summary["shared_memory_workers"] = len(fleet.shared)
         summary["failures_survived"] = failures
+        summary.update(self.startup)
         if resumed_from > 0:  # the run's steps in all, this session's from resumed_from on
             summary["resumed_from_step"] = resumed_from
             summary["steps"] = last + 1

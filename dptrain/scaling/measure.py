@@ -248,11 +248,11 @@ def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3, blo
     loop = ray.remote(num_cpus=base.cpus_per_worker)(LocalLoop).remote(one, data_ref, *prepare(one, dataset),
                                                                         one.steps)
     local, dist, per_block = [], [], []
-    with running(Trainer(one, dataset=dataset)) as run_block:
+    with running(Trainer(one, dataset=dataset)) as trainer:
         for b in range(blocks):
             first = b * block
             lt = [r["time_s"] for r in ray.get(loop.run.remote(first, block))][2:]
-            dt = [r["step_s"] for r in run_block(first, block)][2:]
+            dt = [r["step_s"] for r in trainer.run_block(first, block)][2:]
             local += lt
             dist += dt
             per_block.append([1e3 * statistics.median(lt), 1e3 * statistics.median(dt)])
