@@ -24,6 +24,11 @@ def _choice(default: str, choices, help: str):
     return field(default=default, metadata={"help": help.format(choices=_or(choices)), "choices": choices})
 
 
+def choices(name: str) -> tuple:
+    """The valid values of TrainConfig field `name` (for command lines that offer them)."""
+    return next(f.metadata["choices"] for f in dataclasses.fields(TrainConfig) if f.name == name)
+
+
 def _or(choices) -> str:
     return ", ".join(choices[:-1]) + " or " + choices[-1] if len(choices) > 1 else choices[0]
 
@@ -89,9 +94,10 @@ class TrainConfig:
     gpus_per_worker: float = _f(0.0,
         "GPUs Ray reserves for each worker (fractions allowed); > 0 implies device cuda.")
     spread: bool = _f(False, "Place workers on different nodes where possible (a SPREAD placement group).")
-    transport: str = _choice("auto", ("auto", "object_store"),
+    transport: str = _choice("auto", ("auto", "object_store", "compiled_graph"),
         "How parameters and gradients travel ({choices}): auto, shared memory for CPU workers on the "
-        "server's node and Ray's object store for the others; object_store, always Ray objects.")
+        "server's node and Ray's object store for the others; object_store, always Ray objects; "
+        "compiled_graph, a Ray Compiled Graph (measured slower; docs/scaling.md).")
     progress: bool = _f(False, "Show a progress bar (the CLI turns it on in a terminal).")
     # ---- reliability
     checkpoint_every: int = _f(0,

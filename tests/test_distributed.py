@@ -41,6 +41,16 @@ def test_object_store_transport_equals_single_process(ray_local, workers):
     assert _max_rel_diff(dist.params, dp.train_local(cfg).params) < 1e-10
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [1, 3])
+def test_compiled_graph_transport_equals_single_process(ray_local, workers):
+    """The third transport behind the same boundary (a Ray Compiled Graph) carries the same steps."""
+    cfg = dp.TrainConfig(workers=workers, transport="compiled_graph", optimizer="sgd", momentum=0.9, lr=0.1, **BASE)
+    dist = dp.Trainer(cfg).fit()
+    assert dist.summary["shared_memory_workers"] == 0
+    assert _max_rel_diff(dist.params, dp.train_local(cfg).params) < 1e-10
+
+
 def test_shared_memory_is_used_and_released(ray_local):
     import os
     before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()

@@ -67,6 +67,20 @@ def test_dropout_model_replays_the_same_masks_after_faults(ray_local, tmp_path, 
     _same(result.params, dp.train_local(cfg.replace(out=None, checkpoint_every=0)).params)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", [{"rank": 1, "step": 9, "kind": "exit"}, {"rank": 0, "step": 5, "kind": "hang"},
+                                   {"role": "server", "step": 14, "kind": "exit"}], ids=["worker", "hang", "server"])
+def test_compiled_graph_transport_recovers(ray_local, clean, tmp_path, fault):
+    """Every transport reports a lost worker the same way: the compiled graph's recovery too
+    (after a server loss its workers are replaced with it: Ray keeps them in the old graph)."""
+    cfg = dp.TrainConfig(workers=3, transport="compiled_graph", step_timeout=3, out=str(tmp_path),
+                         checkpoint_every=4, **BASE)
+    result = dp.Trainer(cfg, faults=[fault]).fit()
+    assert result.summary["failures_survived"] == 1
+    assert [r["step"] for r in result.metrics["steps"]] == list(range(24))
+    _same(result.params, clean)
+
+
 def test_hung_worker_times_out_and_is_replaced(ray_local, clean):
     cfg = dp.TrainConfig(workers=3, step_timeout=3, **BASE)
     start = time.monotonic()
@@ -77,7 +91,9 @@ def test_hung_worker_times_out_and_is_replaced(ray_local, clean):
 
 
 def test_hung_server_is_replaced(ray_local, clean, tmp_path):
-    cfg = dp.TrainConfig(workers=3, step_timeout=2, out=str(tmp_path), checkpoint_every=4, **BASE)
+    """Declared lost near --step-timeout (its heartbeat shows no progress), whatever the chunk:
+    one chunk of 24 steps here, which a bound of 2 x steps x step-timeout would wait 106 s for."""
+    cfg = dp.TrainConfig(workers=3, step_timeout=2, out=str(tmp_path), checkpoint_every=4, **{**BASE, "log_every": 24})
     start = time.monotonic()
     result = dp.Trainer(cfg, faults=[{"role": "server", "step": 10, "kind": "hang"}]).fit()
     assert time.monotonic() - start < 60

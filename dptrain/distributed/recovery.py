@@ -4,7 +4,8 @@ One path whatever the transports: change the fleet (a new worker in the lost one
 rank; or the others renumbered to share the batch; or a new server restored from
 the newest checkpoint), then `Fleet.connect` hands the server its workers and the
 server's transports set up what changed. The steps after the server's state are
-run again; every step is a pure function of (parameters, step, data), so the
+run again (with a compiled-graph transport a new server gets new workers too: Ray keeps
+the old ones in the dead server's graph); every step is a pure function of (parameters, step, data), so the
 final parameters are those of a run without the failure.
 """
 
@@ -14,6 +15,7 @@ import logging
 
 import ray
 
+from . import transport
 from .errors import ServerLost, TrainingError, WorkerLost
 from .fleet import Fleet
 
@@ -69,3 +71,6 @@ def replace_server(fleet: Fleet, recorded: int) -> None:
     fleet.ps, node = fleet.start_actor("the parameter server", fleet.spawn_server, lambda actor: actor.ready.remote())
     log.info("a new parameter server runs on node %s", node[:8])
     fleet.restore(required=False, max_step=recorded)
+    if not transport.workers_outlive_server(fleet.cfg.transport):
+        for rank in range(len(fleet.workers)):
+            replace_worker(fleet, rank)

@@ -35,6 +35,7 @@ class Worker:
         self.replica = Replica(self.cfg, dataset, factory, loss)
         self.sampler = BatchSampler(len(dataset), self.cfg.batch_size, self.cfg.seed)
         self.link = None  # our end of the shared-memory transport, while we use it
+        self._busy = (None, 0.0)  # (step, time.monotonic() it started) while computing
 
     # ------------------------------------------------------------------ the step
 
@@ -42,8 +43,10 @@ class Worker:
         """Backpropagate the loss SUM over our shard of `step`, on the parameters loaded; the
         gradient stays in `replica.flat.grad`. Returns the metrics the server combines."""
         t0 = time.perf_counter()
+        self._busy = (step, time.monotonic())
         indices, first_position = self.sampler.shard_at(step, self.num_workers, self.rank)
         loss_sum, correct, count = self.replica.compute_gradients(indices, step, first_position)
+        self._busy = (None, 0.0)
         grad = self.replica.flat.grad
         # one reduction: NaN and Inf propagate through a sum (the server refuses such a step)
         finite = bool(np.isfinite(loss_sum) and np.isfinite(float(grad.sum())))
@@ -104,6 +107,12 @@ class Worker:
     def ready(self) -> dict:
         """Where this worker runs (the driver waits on it, with a timeout, before step 0)."""
         return {"rank": self.rank, "pid": os.getpid(), "node_id": node_id(), "device": self.cfg.device}
+
+    def status(self) -> dict:
+        """The step being computed and for how long (a compiled graph computes in a thread of
+        its own, so this answers meanwhile and tells a hung worker from a slow one)."""
+        step, since = self._busy
+        return {"step": step, "busy_s": time.monotonic() - since if step is not None else 0.0}
 
     def layout(self) -> list:
         """[name, shape, dtype] of every parameter of this replica (the driver checks they match the server's)."""

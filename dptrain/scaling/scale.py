@@ -24,7 +24,7 @@ import json
 import logging
 from pathlib import Path
 
-from ..config import ConfigError, TrainConfig, parse_model
+from ..config import ConfigError, TrainConfig, choices, parse_model
 from ..data import load_dataset
 from . import costmodel
 from .measure import (WARMUP_STEPS, aggregate, compute_ceiling, measure_cost_inputs, measure_floors,
@@ -47,7 +47,7 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=40, metavar="N", help=f"steps per run, {WARMUP_STEPS} of them warm-up (default: 40)")
     p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per point (default: 3)")
     p.add_argument("--lr", type=float, default=0.01, metavar="X", help="learning rate at the first count (default: 0.01)")
-    p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    p.add_argument("--dtype", choices=choices("dtype"), default="float32")
     p.add_argument("--target-accuracy", type=float, default=0.6, metavar="X",
                    help="MNIST-1D test accuracy for the time-to-accuracy phase (default: 0.6)")
     p.add_argument("--max-epochs", type=int, default=60, metavar="N", help="epoch limit of that phase (default: 60)")
@@ -59,7 +59,7 @@ def add_parser(sub) -> None:
     p.add_argument("--address", default=None, metavar="auto|HOST:PORT", help="a Ray cluster; none: embedded local Ray")
     p.add_argument("--cpus", type=int, default=None, metavar="N", help="logical CPUs of the embedded Ray")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="X")
-    p.add_argument("--transport", choices=["auto", "object_store"], default="auto")
+    p.add_argument("--transport", choices=choices("transport"), default="auto")
     p.add_argument("--seed", type=int, default=0, metavar="N")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/scale-<time>)")
     p.add_argument("--quiet", action="store_true")

@@ -16,6 +16,8 @@ comes out as `WorkerLost(rank, step, cause)`, and a worker whose code fails as
   the parameters from, and write their gradients into, shared-memory segments
   (shm.py); the step's request and the metrics go over a Unix socket (control.py).
   No copies through Ray, tens of microseconds of messaging per step.
+- `CompiledGraphTransport` (compiled_graph.py): a Ray Compiled Graph over all workers
+  (`--transport compiled_graph`); measured slower here, kept as the alternative.
 
 `assign` decides which transport carries which worker. Connecting is the
 transports' business (`connect(workers)`: the set of workers it carries from now
@@ -31,16 +33,25 @@ import time
 
 from ..errors import WorkerLost
 
-OBJECT_STORE, SHARED_MEMORY = "object_store", "shared_memory"
+OBJECT_STORE, SHARED_MEMORY, COMPILED_GRAPH = "object_store", "shared_memory", "compiled_graph"
 
 
 def assign(setting: str, placement: list, server_node: str) -> dict:
     """Rank -> transport name. `setting` is TrainConfig.transport: "auto" puts CPU workers on
     the server's node on shared memory and the others on the object store; "object_store"
-    puts every worker there."""
+    and "compiled_graph" put every worker on that one."""
+    if setting == COMPILED_GRAPH:
+        return {rank: COMPILED_GRAPH for rank in range(len(placement))}
+
     def fits_shared(p):
         return setting == "auto" and p["node_id"] == server_node and p["device"] == "cpu"
     return {rank: SHARED_MEMORY if fits_shared(p) else OBJECT_STORE for rank, p in enumerate(placement)}
+
+
+def workers_outlive_server(setting: str) -> bool:
+    """Whether workers can serve a new server after theirs died. Not those of a compiled graph:
+    Ray keeps them in the dead server's graph, so recovery replaces them too."""
+    return setting != COMPILED_GRAPH
 
 
 class Transport(abc.ABC):
@@ -120,6 +131,8 @@ def seconds_left(deadline: float) -> float:
 
 def transports(host) -> dict:
     """One transport of each kind for `host`, by name."""
+    from .compiled_graph import CompiledGraphTransport
     from .object_store import ObjectStoreTransport
     from .shared_memory import SharedMemoryTransport
-    return {OBJECT_STORE: ObjectStoreTransport(host), SHARED_MEMORY: SharedMemoryTransport(host)}
+    return {OBJECT_STORE: ObjectStoreTransport(host), SHARED_MEMORY: SharedMemoryTransport(host),
+            COMPILED_GRAPH: CompiledGraphTransport(host)}
