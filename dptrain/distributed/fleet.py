@@ -23,7 +23,7 @@ from ..models import first_difference
 from . import transport
 from .cluster import head_node_id
 from .errors import NonFiniteError, ServerLost, TrainingError, WorkerError, WorkerLost
-from .server import SERVER_OPTIONS, ParameterServer
+from .server import ParameterServer, Watch
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,7 @@ class Fleet:
         self.placement: list = []  # where each worker runs: rank, pid, node_id, device
         self.carried: dict = {}  # transport name -> ranks, as the server set them up
         self.pg = None
+        self.watch = None  # the server's heartbeat arrives here (server.Watch)
         self.submitted = -1  # the last step handed to the server: later faults are still to come
 
     @property
@@ -96,8 +97,13 @@ class Fleet:
             cls = FaultyServer
         else:
             cls = ParameterServer
-        actor = ray.remote(**SERVER_OPTIONS)(cls).options(**opts)
-        return actor.remote(*args, faults=self._remaining_faults()) if self.faults else actor.remote(*args)
+        actor = ray.remote(cls).options(**opts)
+        ps = actor.remote(*args, faults=self._remaining_faults()) if self.faults else actor.remote(*args)
+        if self.watch is None:
+            self.watch = ray.remote(Watch).options(num_cpus=0, **{k: v for k, v in opts.items() if k != "num_cpus"}).remote()
+        ray.get(self.watch.beat.remote(0, 0.0))  # a new server starts with a fresh beat
+        ps.start_heartbeat.remote(self.watch)
+        return ps
 
     def start(self) -> list:
         """Spawn everything and wait until it answers; the model's layout."""
@@ -199,21 +205,20 @@ class Fleet:
 
     def server_call(self, ref, step: int):
         """ray.get of a server call, failures turned into WorkerLost / ServerLost (recoverable) or
-        TrainingError. No call waits forever: while it runs, the server's heartbeat (answered from
-        its own thread) must come back and show progress within step_timeout + HEARTBEAT_SLACK_S;
-        past that the server is hung, so it is killed and replaced from its checkpoint."""
+        TrainingError. No call waits forever: while it runs, the server's heartbeat (sent from a
+        thread of its own to `watch`) must keep coming and show progress of the step loop within
+        step_timeout + HEARTBEAT_SLACK_S; past that the server is hung, so it is killed and
+        replaced from its checkpoint."""
         limit = self.cfg.step_timeout + HEARTBEAT_SLACK_S
         while not ray.wait([ref], timeout=min(5.0, limit / 3))[0]:
-            try:
-                beat = ray.get(self.ps.heartbeat.remote(), timeout=limit)
-            except ray.exceptions.GetTimeoutError:
+            beat = ray.get(self.watch.read.remote())
+            if beat["age_s"] > limit or beat["idle_s"] > limit:
+                if ray.wait([ref], timeout=0)[0]:
+                    break  # it answered after all
                 ray.kill(self.ps)
-                raise ServerLost(step, f"no heartbeat within {limit:g} s (hung?)") from None
-            except ray.exceptions.RayActorError:
-                break  # dead: the call's own error says how
-            if beat["idle_s"] > limit:
-                ray.kill(self.ps)
-                raise ServerLost(step, f"no progress for {beat['idle_s']:.0f} s at step {beat['step']} (hung?)")
+                why = (f"no heartbeat for {beat['age_s']:.0f} s" if beat["age_s"] > limit else
+                       f"no progress for {beat['idle_s']:.0f} s at step {beat['step']}")
+                raise ServerLost(step, f"{why} (hung?)")
         try:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as e:
@@ -252,7 +257,7 @@ class Fleet:
             ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=10)
         except Exception:  # a dead actor cannot clean up: its process exit unmaps, the driver unlinks
             pass
-        for actor in actors:
+        for actor in actors + ([self.watch] if self.watch is not None else []):
             ray.kill(actor)
         if self.pg is not None:
             remove_placement_group(self.pg)

@@ -16,7 +16,6 @@ import threading
 import time
 
 import numpy as np
-import ray
 
 from ..config import TrainConfig
 from ..loop import build_optimizer, build_schedule
@@ -33,9 +32,9 @@ class ParameterServer:
 
     `run_steps(first, n)` runs n steps over the workers given to `set_workers`;
     `update(step, grads, metrics)` is one step's arithmetic; `save_checkpoint` /
-    `restore_checkpoint` write and read its full state. `heartbeat` answers from its
-    own thread while a chunk of steps runs: how the driver tells a hung server from
-    a slow step.
+    `restore_checkpoint` write and read its full state. `start_heartbeat(watch)` makes
+    a thread of its own send the step loop's progress to the driver's `Watch` every
+    second: how the driver tells a hung server from a slow step.
     """
 
     def __init__(self, config: dict, factory: ModelFactory, total_steps: int, steps_per_epoch: int,
@@ -55,6 +54,7 @@ class ParameterServer:
         self.step = 0
         self.transports = transport.transports(self)
         self.carrier: list = []  # rank -> the transport carrying that worker
+        self._active: list = []  # the transports carrying any
         self._unreported: list = []
         self._progress_at = time.monotonic()  # when the step loop last got somewhere (heartbeat)
         self._busy = False
@@ -75,6 +75,7 @@ class ParameterServer:
         for name, t in self.transports.items():
             t.connect({rank: workers[rank] for rank in range(len(workers)) if plan[rank] == name}, self.step)
         self.carrier = [self.transports[plan[rank]] for rank in range(len(workers))]
+        self._active = [t for t in self.transports.values() if t.workers]
         return {name: sorted(t.workers) for name, t in self.transports.items()}
 
     def pause(self) -> None:
@@ -96,11 +97,21 @@ class ParameterServer:
     def current_step(self) -> int:
         return self.step
 
-    @ray.method(concurrency_group="heartbeat")
-    def heartbeat(self) -> dict:
-        """The step reached and how long the step loop has gone without progress (0 when idle)."""
-        idle = time.monotonic() - self._progress_at if self._busy else 0.0
-        return {"step": self.step, "idle_s": idle, "thread": threading.get_ident()}
+    def start_heartbeat(self, watch) -> None:
+        """Send `watch` (a Watch actor) the step reached and how long the step loop has gone
+        without progress (0 when idle), every HEARTBEAT_EVERY_S, from a daemon thread: it
+        stops when this process stops (killed, or SIGSTOPped), and its beats say when the
+        loop hangs. (A Ray concurrency group answering calls instead made every step 0.1 ms
+        slower: the actor's methods then run off its main thread.)"""
+        def beat():
+            while True:
+                idle = time.monotonic() - self._progress_at if self._busy else 0.0
+                try:
+                    watch.beat.remote(self.step, idle)
+                except Exception:  # the run is ending
+                    return
+                time.sleep(HEARTBEAT_EVERY_S)
+        threading.Thread(target=beat, name="dptrain-heartbeat", daemon=True).start()
 
     def _progressed(self) -> None:
         self._progress_at = time.monotonic()
@@ -156,7 +167,7 @@ class ParameterServer:
     def _gather(self, step: int) -> tuple[list, list]:
         """Every worker's gradient and metrics of `step`, in rank order; WorkerLost naming the first
         that failed. Every transport sends before any receives: all workers compute at once."""
-        active = [t for t in self.transports.values() if t.workers]
+        active = self._active
         for t in active:
             t.send(step)
         self._progressed()  # the workers' time starts now (opening sessions may have taken a while)
@@ -176,7 +187,7 @@ class ParameterServer:
         count = max(sum(m["count"] for m in metrics), 1)
         grad = self.flat.grad
         self.optimizer.lr = self.schedule(step)
-        watching = [t for t in self.transports.values() if t.progress]
+        watching = [t for t in self._active if t.progress]
 
         def final(stop):  # served workers copy the finished part while the rest is updated
             for t in watching:
@@ -233,4 +244,19 @@ class ParameterServer:
         return dict(self.model.state_dict())
 
 
-SERVER_OPTIONS = {"concurrency_groups": {"heartbeat": 1}}  # ray.remote options the class needs
+HEARTBEAT_EVERY_S = 1.0
+
+
+class Watch:
+    """The driver's end of the server's heartbeat (a small actor beside the driver): the last
+    beat and how long ago it came."""
+
+    def __init__(self):
+        self.last = {"step": 0, "idle_s": 0.0}
+        self.at = time.monotonic()
+
+    def beat(self, step: int, idle_s: float) -> None:
+        self.last, self.at = {"step": step, "idle_s": idle_s}, time.monotonic()
+
+    def read(self) -> dict:
+        return dict(self.last, age_s=time.monotonic() - self.at)

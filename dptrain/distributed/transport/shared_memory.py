@@ -42,6 +42,7 @@ class SharedMemoryTransport(Transport):
         self._listener: control.Listener | None = None
         self._sessions: dict = {}  # rank -> (Channel, ObjectRef of the worker's serve call)
         self._notified = 0  # how far served workers were told this update's parameters are final
+        self._by_rank: dict = {}  # rank -> its gradient array (what receive hands out every step)
 
     @property
     def progress(self) -> bool:
@@ -55,7 +56,9 @@ class SharedMemoryTransport(Transport):
             unlink(seg.name)
         new = {rank: w for rank, w in workers.items() if w not in self._grads}
         self.workers = dict(workers)
+        self._by_rank = {}
         if not new:
+            self._by_rank = {rank: self._grads[w].array for rank, w in workers.items()}
             return
         if self._params is None:
             flat = self.host.flat
@@ -67,6 +70,7 @@ class SharedMemoryTransport(Transport):
                               timeout=max(self.host.cfg.step_timeout, 60.0))
         for rank, name in names.items():
             self._grads[new[rank]] = SharedArray.attach(name, spec["size"], spec["dtype"])
+        self._by_rank = {rank: self._grads[w].array for rank, w in workers.items()}
 
     def send(self, step: int) -> None:
         self._open_sessions(step)
@@ -77,7 +81,7 @@ class SharedMemoryTransport(Transport):
                 self._session_lost(rank, step)
 
     def receive(self, step: int, deadline: float) -> dict:
-        return {rank: (self._grads[self.workers[rank]].array, self._reply(rank, step, deadline)["metrics"])
+        return {rank: (self._by_rank[rank], self._reply(rank, step, deadline)["metrics"])
                 for rank in sorted(self._sessions)}
 
     def evaluate(self, rank: int, split: str, deadline: float) -> dict:
@@ -111,6 +115,7 @@ class SharedMemoryTransport(Transport):
         if self._listener is not None:
             self._listener.close()
             self._listener = None
+        self._by_rank = {}
         for seg in [self._params, *self._grads.values()]:
             if seg is not None:
                 seg.close()
