@@ -11,8 +11,9 @@ workers, and 784-1024-1024-10 (synthetic, batch 256) at 1 and 2 workers.
 
 Each round runs every (setting, transport) once, in turn, each in a trainer of its own
 (`dptrain.scaling.hooks.running`: the actors `fit` starts, driven in blocks with no
-logging): a warm-up block, then timed blocks; the figure of a round is the median wall
-time per step over its blocks, and the result the median over rounds. The transports
+logging): a warm-up block, then timed blocks; the figure of a round is the median step
+time (the server's own measure of a whole step, as `dptrain scale` reports it), and the
+result the median over rounds. The transports
 never run side by side: a compiled graph's actors poll for input, which would slow the
 others down on a small machine. The final parameters of the three transports are
 compared: they run the same steps, so they must be equal.
@@ -25,7 +26,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -44,15 +44,13 @@ WARMUP = 5
 
 
 def timed(cfg: dp.TrainConfig, dataset, steps: int, block: int) -> tuple[float, np.ndarray]:
-    """Median ms per step over blocks of `block` steps after a warm-up; the final parameters."""
+    """Median ms per step (the server's own time of each whole step: request, workers, update;
+    an epoch end's evaluation is not in it) after a warm-up; the final parameters."""
     per_step = []
     with running(dp.Trainer(cfg, dataset=dataset)) as trainer:
         trainer.run_block(0, WARMUP)
         for first in range(WARMUP, WARMUP + steps, block):
-            n = min(block, WARMUP + steps - first)
-            t0 = time.perf_counter()
-            trainer.run_block(first, n)
-            per_step.append(1e3 * (time.perf_counter() - t0) / n)
+            per_step += [1e3 * r["step_s"] for r in trainer.run_block(first, min(block, WARMUP + steps - first))]
         return statistics.median(per_step), trainer.weights()
 
 
