@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group
@@ -58,7 +59,8 @@ class Fleet:
         self.placement: list = []  # where each worker runs: rank, pid, node_id, device
         self.carried: dict = {}  # transport name -> ranks, as the server set them up
         self.pg = None
-        self.watch = None  # the server's heartbeat arrives here (server.Watch)
+        self.watch = None  # the server's heartbeat arrives here (server.Watch), once a call waits long
+        self.watch_name = f"dptrain-watch-{run_key}-{uuid.uuid4().hex[:8]}"
         self.submitted = -1  # the last step handed to the server: later faults are still to come
 
     @property
@@ -91,19 +93,27 @@ class Fleet:
         if head is not None:  # next to the driver on the (live) head node; it needs no CPU, so it always fits.
             # Not soft: Ray then placed it on a worker node now and then, and that node's loss took it along.
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=False)
-        args = (self.cfg.to_dict(), self.factory, self.total_steps, self.steps_per_epoch, self.run_key)
+        args = (self.cfg.to_dict(), self.factory, self.total_steps, self.steps_per_epoch, self.run_key,
+                self.watch_name)
         if self.faults:
             from .faults import FaultyServer
             cls = FaultyServer
         else:
             cls = ParameterServer
         actor = ray.remote(cls).options(**opts)
-        ps = actor.remote(*args, faults=self._remaining_faults()) if self.faults else actor.remote(*args)
+        if self.watch is not None:  # a new server starts with a fresh beat (the driver's later
+            self.watch.beat.remote(0, 0.0)  # reads queue behind this call)
+        return actor.remote(*args, faults=self._remaining_faults()) if self.faults else actor.remote(*args)
+
+    def _watch(self):
+        """The server's heartbeat Watch, made on first need (a call that waits long)."""
         if self.watch is None:
-            self.watch = ray.remote(Watch).options(num_cpus=0, **{k: v for k, v in opts.items() if k != "num_cpus"}).remote()
-        ray.get(self.watch.beat.remote(0, 0.0))  # a new server starts with a fresh beat
-        ps.start_heartbeat.remote(self.watch)
-        return ps
+            opts = {"num_cpus": 0, "name": self.watch_name}
+            head = head_node_id()
+            if head is not None:
+                opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=False)
+            self.watch = ray.remote(Watch).options(**opts).remote()
+        return self.watch
 
     def start(self) -> list:
         """Spawn everything and wait until it answers; the model's layout."""
@@ -211,7 +221,7 @@ class Fleet:
         replaced from its checkpoint."""
         limit = self.cfg.step_timeout + HEARTBEAT_SLACK_S
         while not ray.wait([ref], timeout=min(5.0, limit / 3))[0]:
-            beat = ray.get(self.watch.read.remote())
+            beat = ray.get(self._watch().read.remote())
             if beat["age_s"] > limit or beat["idle_s"] > limit:
                 if ray.wait([ref], timeout=0)[0]:
                     break  # it answered after all

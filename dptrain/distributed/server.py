@@ -16,6 +16,7 @@ import threading
 import time
 
 import numpy as np
+import ray
 
 from ..config import TrainConfig
 from ..loop import build_optimizer, build_schedule
@@ -32,13 +33,13 @@ class ParameterServer:
 
     `run_steps(first, n)` runs n steps over the workers given to `set_workers`;
     `update(step, grads, metrics)` is one step's arithmetic; `save_checkpoint` /
-    `restore_checkpoint` write and read its full state. `start_heartbeat(watch)` makes
-    a thread of its own send the step loop's progress to the driver's `Watch` every
-    second: how the driver tells a hung server from a slow step.
+    `restore_checkpoint` write and read its full state. Given `watch_name`, a thread of
+    its own sends the step loop's progress to the driver's `Watch` every second: how the
+    driver tells a hung server from a slow step.
     """
 
     def __init__(self, config: dict, factory: ModelFactory, total_steps: int, steps_per_epoch: int,
-                 run_key: str = "run"):
+                 run_key: str = "run", watch_name: str | None = None):
         cfg = TrainConfig.from_dict(config)
         self.config = config
         self.checkpoints = os.path.join(cfg.out, "checkpoints") if cfg.out else None
@@ -58,6 +59,8 @@ class ParameterServer:
         self._unreported: list = []
         self._progress_at = time.monotonic()  # when the step loop last got somewhere (heartbeat)
         self._busy = False
+        if watch_name is not None:
+            self._heartbeat(watch_name)
 
     # ------------------------------------------------------------------ setup
 
@@ -97,20 +100,27 @@ class ParameterServer:
     def current_step(self) -> int:
         return self.step
 
-    def start_heartbeat(self, watch) -> None:
-        """Send `watch` (a Watch actor) the step reached and how long the step loop has gone
-        without progress (0 when idle), every HEARTBEAT_EVERY_S, from a daemon thread: it
-        stops when this process stops (killed, or SIGSTOPped), and its beats say when the
-        loop hangs. (A Ray concurrency group answering calls instead made every step 0.1 ms
-        slower: the actor's methods then run off its main thread.)"""
+    def _heartbeat(self, watch_name: str) -> None:
+        """Send the driver's Watch actor, named `watch_name`, the step reached and how long the
+        step loop has gone without progress (0 when idle), every HEARTBEAT_EVERY_S, from a daemon
+        thread: the beats stop when this process stops (killed, or SIGSTOPped) and say when the
+        loop hangs. The driver makes the Watch only when a call of its own waits long, so short
+        runs never start its process; until then the thread looks it up once a beat. (A Ray
+        concurrency group answering heartbeat calls instead made every step 0.1 ms slower: the
+        actor's methods then run off its main thread.)"""
         def beat():
+            watch = None
             while True:
-                idle = time.monotonic() - self._progress_at if self._busy else 0.0
+                time.sleep(HEARTBEAT_EVERY_S)
                 try:
+                    if watch is None:
+                        watch = ray.get_actor(watch_name)
+                    idle = time.monotonic() - self._progress_at if self._busy else 0.0
                     watch.beat.remote(self.step, idle)
+                except ValueError:  # no Watch yet
+                    continue
                 except Exception:  # the run is ending
                     return
-                time.sleep(HEARTBEAT_EVERY_S)
         threading.Thread(target=beat, name="dptrain-heartbeat", daemon=True).start()
 
     def _progressed(self) -> None:
