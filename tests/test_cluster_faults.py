@@ -86,11 +86,11 @@ def test_submit_works_when_the_default_agent_port_was_taken(tmp_path):
 
 @pytest.mark.fault
 @pytest.mark.parametrize("victim,sig", [("ray::Worker", "KILL"), ("ray::ParameterServer", "KILL"),
-                                        ("ray::Worker", "STOP")])
+                                        ("ray::Worker", "STOP"), ("ray::ParameterServer", "STOP")])
 def test_a_process_killed_or_frozen_from_outside(own_cluster, tmp_path, victim, sig):
-    """kill -9 of a worker's or the server's process, or SIGSTOP of a worker (a frozen machine),
-    found by its process title on the cluster's nodes, as an operator would: the run recovers and
-    ends with the fault-free run's parameters."""
+    """kill -9 of a worker's or the server's process, or SIGSTOP of either (a frozen machine; the
+    server's heartbeat stops), found by its process title on the cluster's nodes, as an operator
+    would: the run recovers and ends with the fault-free run's parameters."""
     import time
     import socket as s
     out = tmp_path / "run"
