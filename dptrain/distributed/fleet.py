@@ -221,7 +221,10 @@ class Fleet:
         replaced from its checkpoint."""
         limit = self.cfg.step_timeout + HEARTBEAT_SLACK_S
         while not ray.wait([ref], timeout=min(5.0, limit / 3))[0]:
-            beat = ray.get(self._watch().read.remote())
+            try:
+                beat = ray.get(self._watch().read.remote(), timeout=limit)
+            except ray.exceptions.GetTimeoutError:  # the Watch itself is slow to start: ask again
+                continue
             if beat["age_s"] > limit or beat["idle_s"] > limit:
                 if ray.wait([ref], timeout=0)[0]:
                     break  # it answered after all
