@@ -110,6 +110,9 @@ class TrainConfig:
     on_worker_loss: str = _choice("restart", ("restart", "shrink"),
         "{choices}. restart: replace a lost worker (another node if its node is gone); shrink: go on "
         "with the others, the same global batch split among them.")
+    straggler: Optional[str] = _f(None,
+        "Make a worker slower, for experiments: RANK:FACTOR (worker RANK takes FACTOR times its compute "
+        "time every step) or random:FACTOR (each step a worker drawn from the seed and the step).")
     on_nonfinite: str = _choice("stop", ("stop", "skip"),
         "A NaN or Inf loss or gradient ({choices}): stop, naming the step and worker (checkpoints are "
         "kept), or skip the step.")
@@ -179,6 +182,10 @@ class TrainConfig:
             bad("max_failures", self.max_failures, "must be >= 0")
         if not self.step_timeout > 0:
             bad("step_timeout", self.step_timeout, "must be > 0 seconds")
+        if self.straggler is not None:
+            who, factor = parse_straggler(self.straggler)
+            if who != "random" and who >= self.workers:
+                bad("straggler", self.straggler, f"worker {who} of {self.workers} (ranks 0 to {self.workers - 1})")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
@@ -221,6 +228,20 @@ def check_reference(text: str, field: str, builtins: tuple) -> None:
     raise ConfigError(f"invalid {field}: {text!r} (expected {'layer sizes like 40,256,256,10, ' if field == 'model' else ''}"
                       f"a built-in name ({', '.join(builtins)}), path/to/file.py:function or "
                       "package.module:function)", field=field)
+
+
+def parse_straggler(text: str) -> tuple:
+    """"RANK:FACTOR" -> (rank, factor); "random:FACTOR" -> ("random", factor). FACTOR >= 1."""
+    who, sep, factor = str(text).partition(":")
+    try:
+        f = float(factor)
+        rank = "random" if who == "random" else int(who)
+    except ValueError:
+        f, rank = None, None
+    if not sep or f is None or not math.isfinite(f) or f < 1 or (rank != "random" and rank < 0):
+        raise ConfigError(f"invalid straggler: {text!r} (expected RANK:FACTOR or random:FACTOR, a rank >= 0 "
+                          "and a factor >= 1, e.g. 1:3)", field="straggler")
+    return rank, f
 
 
 def parse_model(text: str) -> list:

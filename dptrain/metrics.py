@@ -119,6 +119,8 @@ def step_record(server: dict, steps_per_epoch: int, classification: bool) -> dic
            "apply_s": server["apply_s"]}
     if server.get("skipped"):
         rec["skipped"] = True
+    if "timeline" in server:
+        rec["timeline"] = server["timeline"]
     if classification:
         rec["correct"] = server["correct"]
         rec["accuracy"] = server["correct"] / max(server["count"], 1)

@@ -48,6 +48,8 @@ def dptrain(*args, timeout=300):
     (["--dataset", "moons", "--model", "3,8,2"], "takes 3 inputs but moons has 2 features"),
     (["--resume", "/nonexistent/run"], "invalid --resume: /nonexistent/run/config.json not found"),
     (["--on-worker-loss", "pray"], "invalid --on-worker-loss: 'pray' (restart or shrink)"),
+    (["--straggler", "slow"], "invalid --straggler: 'slow' (expected RANK:FACTOR or random:FACTOR"),
+    (["--workers", "2", "--straggler", "2:3"], "invalid --straggler: '2:3' (worker 2 of 2 (ranks 0 to 1))"),
     (["--step-timeout", "0"], "invalid --step-timeout: 0.0"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):

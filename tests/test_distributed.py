@@ -51,6 +51,30 @@ def test_compiled_graph_transport_equals_single_process(ray_local, workers):
     assert _max_rel_diff(dist.params, dp.train_local(cfg).params) < 1e-10
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("straggler", ["1:6", "random:6"])
+def test_a_straggler_slows_the_step_not_its_result(ray_local, straggler):
+    """--straggler makes one worker FACTOR times slower; the synchronous step waits for it, and
+    the timeline in every step record shows who waited for whom."""
+    cfg = dp.TrainConfig(workers=2, straggler=straggler,
+                         **{**BASE, "model": [2, 512, 512, 2], "batch_size": 100, "steps": 16})
+    dist = dp.Trainer(cfg).fit()
+    assert _max_rel_diff(dist.params, dp.train_local(cfg).params) < 1e-10
+    slowest = []
+    for rec in dist.metrics["steps"]:
+        line = rec["timeline"]
+        assert sorted(r for r, _, _ in line["compute"]) == [0, 1]
+        durations = {r: end - start for r, start, end in line["compute"]}
+        assert line["apply"][0] >= max(end for _, _, end in line["compute"]) - 1e-3  # the update waited for all
+        ranked = sorted(durations, key=durations.get)
+        assert durations[ranked[-1]] > 2.5 * durations[ranked[0]]  # one worker FACTOR times slower
+        slowest.append(ranked[-1])
+    if straggler.startswith("1:"):
+        assert set(slowest) == {1}
+    else:  # a worker drawn per step: both, over 16 steps
+        assert set(slowest) == {0, 1}
+
+
 def test_shared_memory_is_used_and_released(ray_local):
     import os
     before = set(os.listdir("/dev/shm")) if os.path.isdir("/dev/shm") else set()

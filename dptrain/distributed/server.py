@@ -160,12 +160,17 @@ class ParameterServer:
         if bad and self.cfg.on_nonfinite == "stop":
             raise NonFiniteError(f"step {step}: NaN or Inf in the loss or gradient of worker(s) {bad}; "
                                  "the parameters are those of the step before (and the last checkpoint is kept)")
+        apply_start = time.time()
         if bad:  # skip: no update; the step number still advances, so later batches are unchanged
             record = dict(step_metrics(step, metrics, self.schedule(step)), apply_s=0.0, skipped=True)
             self.step += 1
         else:
             record = self.update(step, grads, metrics)
         record["step_s"] = time.perf_counter() - t0
+        # who waited for whom: each worker's computation and the server's update, wall clock
+        record["timeline"] = {"compute": [[m["rank"], round(m["start"], 6), round(m["end"], 6)] for m in metrics
+                                          if "start" in m],
+                              "apply": [round(apply_start, 6), round(time.time(), 6)]}
         out.append(record)  # the step is done: its record goes out whatever follows
         self._progressed()
         if (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.total_steps:

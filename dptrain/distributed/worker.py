@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from .. import backend
-from ..config import TrainConfig
+from ..config import TrainConfig, parse_straggler
 from ..data import BatchSampler, Dataset
 from ..models import ModelFactory, layout
 from ..step import Replica
@@ -41,17 +41,31 @@ class Worker:
 
     def compute(self, step: int) -> dict:
         """Backpropagate the loss SUM over our shard of `step`, on the parameters loaded; the
-        gradient stays in `replica.flat.grad`. Returns the metrics the server combines."""
-        t0 = time.perf_counter()
+        gradient stays in `replica.flat.grad`. Returns the metrics the server combines, with
+        when the computation started and ended (wall clock: the step's timeline)."""
+        start, t0 = time.time(), time.perf_counter()
         self._busy = (step, time.monotonic())
         indices, first_position = self.sampler.shard_at(step, self.num_workers, self.rank)
         loss_sum, correct, count = self.replica.compute_gradients(indices, step, first_position)
-        self._busy = (None, 0.0)
         grad = self.replica.flat.grad
         # one reduction: NaN and Inf propagate through a sum (the server refuses such a step)
         finite = bool(np.isfinite(loss_sum) and np.isfinite(float(grad.sum())))
+        factor = self._slowdown(step)
+        if factor > 1:  # an injected straggler (--straggler): FACTOR times this step's compute time
+            time.sleep((factor - 1) * (time.perf_counter() - t0))
+        self._busy = (None, 0.0)
         return {"rank": self.rank, "loss_sum": loss_sum, "correct": correct, "count": count, "finite": finite,
-                "compute_s": time.perf_counter() - t0}
+                "compute_s": time.perf_counter() - t0, "start": start, "end": time.time()}
+
+    def _slowdown(self, step: int) -> float:
+        """How many times slower than it is this worker is at `step` (--straggler; 1: not slowed).
+        The random mode draws the slow rank from (seed, step): the same in a replayed step."""
+        if self.cfg.straggler is None:
+            return 1.0
+        who, factor = parse_straggler(self.cfg.straggler)
+        if who == "random":
+            who = int(np.random.default_rng([self.cfg.seed, step, 0x5106]).integers(self.num_workers))
+        return factor if who == self.rank else 1.0
 
     def run_step(self, step: int) -> dict:
         """`compute`, with a failure of its code as WorkerError naming this worker and the step."""
