@@ -119,8 +119,8 @@ class ParameterServer:
                     watch.beat.remote(self.step, idle)
                 except ValueError:  # no Watch yet
                     continue
-                except Exception:  # the run is ending
-                    return
+                except Exception:  # a passing failure to reach it: look it up again next beat
+                    watch = None
         threading.Thread(target=beat, name="dptrain-heartbeat", daemon=True).start()
 
     def _progressed(self) -> None:
