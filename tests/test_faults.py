@@ -81,6 +81,19 @@ def test_compiled_graph_transport_recovers(ray_local, clean, tmp_path, fault):
     _same(result.params, clean)
 
 
+@pytest.mark.parametrize("transport", ["auto", "object_store", "compiled_graph"])
+def test_shrink_renumbers_the_others_on_every_transport(ray_local, clean, transport):
+    """The server tells the remaining workers their new ranks (one recovery path): their shards
+    cover the same global batch, so the parameters are the fault-free run's."""
+    cfg = dp.TrainConfig(workers=3, on_worker_loss="shrink", transport=transport, **BASE)
+    trainer = dp.Trainer(cfg, faults=[{"rank": 0, "step": 9, "kind": "exit"}])
+    result = trainer.fit()
+    assert result.summary["workers"] == 2 and result.summary["failures_survived"] == 1
+    assert [p["rank"] for p in trainer.placement] == [0, 1]
+    assert result.summary["shared_memory_workers"] == (2 if transport == "auto" else 0)
+    _same(result.params, clean)
+
+
 def test_hung_worker_times_out_and_is_replaced(ray_local, clean):
     cfg = dp.TrainConfig(workers=3, step_timeout=3, **BASE)
     start = time.monotonic()

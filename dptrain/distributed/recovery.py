@@ -54,11 +54,8 @@ def shrink(fleet: Fleet, rank: int) -> None:
     """Go on without worker `rank`: the others take its share of every global batch."""
     ray.kill(fleet.workers.pop(rank))
     fleet.placement.pop(rank)
-    fleet.server_call(fleet.ps.pause.remote(), fleet.submitted)  # served workers must take the calls below
-    n = len(fleet.workers)
-    for new_rank, w in enumerate(fleet.workers):
-        fleet.worker_call(new_rank, w.set_rank.remote(new_rank, n))
-        fleet.placement[new_rank]["rank"] = new_rank
+    for new_rank, where in enumerate(fleet.placement):  # the server tells the workers (Fleet.connect)
+        where["rank"] = new_rank
 
 
 def replace_server(fleet: Fleet, recorded: int) -> None:

@@ -56,6 +56,7 @@ class ParameterServer:
         self.transports = transport.transports(self)
         self.carrier: list = []  # rank -> the transport carrying that worker
         self._active: list = []  # the transports carrying any
+        self._ranks: dict = {}  # actor -> (rank, workers) it was last given
         self._unreported: list = []
         self._progress_at = time.monotonic()  # when the step loop last got somewhere (heartbeat)
         self._busy = False
@@ -70,19 +71,26 @@ class ParameterServer:
 
     def set_workers(self, workers: list, placement: list) -> dict:
         """Drive these worker actors (in rank order; `placement`: each one's node and device) from
-        now on. Each transport sets up the workers it newly carries and releases the ones it no
-        longer does: the same call at the start, after a worker was replaced or the others took
-        a lost one's share, and for a new server. Returns transport name -> ranks."""
+        now on. Each worker is told its rank among them (its shard of every batch), and each
+        transport sets up the workers it newly carries and releases the ones it no longer does:
+        the same call at the start, after a worker was replaced or the others took a lost one's
+        share, and for a new server. Returns transport name -> ranks."""
         plan = transport.assign(self.cfg.transport, placement, node_id())
-        self.pause()  # served workers must take the setup calls
+        self._pause()  # served workers must take the setup calls
+        n = len(workers)
+        renumbered = {rank: w for rank, w in enumerate(workers) if self._ranks.get(w) != (rank, n)}
+        if renumbered:  # each worker's shard of the batch: by its rank among n (after a shrink, new ones)
+            transport.call_all(renumbered, {r: w.set_rank.remote(r, n) for r, w in renumbered.items()}, self.step,
+                               max(self.cfg.step_timeout, 60.0))
+        self._ranks = {w: (rank, n) for rank, w in enumerate(workers)}
         for name, t in self.transports.items():
             t.connect({rank: workers[rank] for rank in range(len(workers)) if plan[rank] == name}, self.step)
         self.carrier = [self.transports[plan[rank]] for rank in range(len(workers))]
         self._active = [t for t in self.transports.values() if t.workers]
         return {name: sorted(t.workers) for name, t in self.transports.items()}
 
-    def pause(self) -> None:
-        """Let every worker take other Ray calls (the driver is about to make some)."""
+    def _pause(self) -> None:
+        """Let every worker take other Ray calls (ours, during a change of setup)."""
         for t in self.transports.values():
             t.pause()
 
@@ -235,7 +243,7 @@ class ParameterServer:
         """Load the newest intact checkpoint (of this model, of at most `max_step` steps) from
         `folder` or our own; returns its step (None: there is none)."""
         from .. import checkpoint
-        self.pause()  # served workers keep copies of the parameters they saw
+        self._pause()  # served workers keep copies of the parameters they saw
         folder = folder or self.checkpoints
         if folder is None:  # no checkpoints kept: a new server starts from the initial parameters
             return None

@@ -75,7 +75,8 @@ class Worker:
             raise WorkerError(f"worker {self.rank} failed at step {step}: {type(e).__name__}: {e}") from e
 
     def set_rank(self, rank: int, num_workers: int) -> None:
-        """Take shard `rank` of `num_workers` from now on (after another worker was lost)."""
+        """Take shard `rank` of `num_workers` from now on (the server says so whenever its
+        workers change: after a lost one's share went to the others, say)."""
         self.rank, self.num_workers = rank, num_workers
 
     # ------------------------------------------------------------------ over the object store

@@ -108,21 +108,30 @@ class Transport(abc.ABC):
     def call_all(self, refs: dict, step: int, timeout: float | None = None) -> dict:
         """rank -> result of the Ray calls `refs` (rank -> ObjectRef); WorkerLost for a worker that
         died, lost its result or missed the timeout (step_timeout by default)."""
-        import ray
+        return call_all(self.workers, refs, step, self.host.cfg.step_timeout if timeout is None else timeout)
 
-        from ..errors import lost_cause
-        timeout = self.host.cfg.step_timeout if timeout is None else timeout
-        ranks, waiting = list(refs), list(refs.values())
-        _, pending = ray.wait(waiting, num_returns=len(waiting), timeout=max(timeout, 0.0))
-        if pending:
-            raise self.hung([ranks[waiting.index(r)] for r in pending], step)
-        out = {}
-        for rank, ref in refs.items():
-            try:
-                out[rank] = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
-                raise WorkerLost(rank, step, lost_cause(e)) from None
-        return out
+
+def call_all(workers: dict, refs: dict, step: int, timeout: float) -> dict:
+    """rank -> result of the Ray calls `refs` (rank -> ObjectRef) to `workers` (rank -> actor);
+    WorkerLost for the first that died or lost its result, or for one that missed the timeout
+    (killed: a hung worker must not come back stale)."""
+    import ray
+
+    from ..errors import lost_cause
+    ranks, waiting = list(refs), list(refs.values())
+    _, pending = ray.wait(waiting, num_returns=len(waiting), timeout=max(timeout, 0.0))
+    if pending:
+        late = [ranks[waiting.index(r)] for r in pending]
+        for rank in late:
+            ray.kill(workers[rank])
+        raise WorkerLost(late[0], step, f"no answer within {timeout:g} s (hung?)")
+    out = {}
+    for rank, ref in refs.items():
+        try:
+            out[rank] = ray.get(ref)
+        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
+            raise WorkerLost(rank, step, lost_cause(e)) from None
+    return out
 
 
 def seconds_left(deadline: float) -> float:
