@@ -26,16 +26,13 @@ NODE_RUN = ["--dataset", "moons", "--model", "2,256,256,2", "--batch-size", "60"
             "--seed", "3", "--log-every", "10", "--workers", "2", "--spread"]
 
 
-@pytest.mark.fault
-@pytest.mark.parametrize("mode", ["restart", "shrink"])
-def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode):
-    """Every process of a worker node SIGKILLed mid-run (not Cluster.remove_node)."""
+def _train_on(cluster, out, *flags):
+    """`dptrain train` of NODE_RUN on `cluster`, started and run until it has logged 100 steps."""
+    import socket
     import time
-    import socket as s
-    out = tmp_path / "run"
-    address = f"{s.gethostbyname(s.gethostname())}:{own_cluster['port']}"
-    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", "--address", address, *NODE_RUN,
-                             "--step-timeout", "30", "--on-worker-loss", mode, "--no-progress", "--out", str(out)],
+    address = f"{socket.gethostbyname(socket.gethostname())}:{cluster['port']}"
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", "--address", address, *NODE_RUN, *flags,
+                             "--no-progress", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     metrics = out / "metrics.jsonl"
     deadline = time.monotonic() + 120
@@ -43,6 +40,25 @@ def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode):
         if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 100:
             break
         time.sleep(0.05)
+    return proc
+
+
+def _assert_fault_free_parameters(out):
+    """The run's final parameters are those of NODE_RUN in one process, without faults."""
+    import dptrain as dp
+    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=1500,
+                                          dtype="float64", seed=3)).params
+    with np.load(out / "params.npz", allow_pickle=False) as params:
+        for k in clean:  # the same global batch whatever the worker count: the same parameters
+            np.testing.assert_allclose(params[k], clean[k], rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("mode", ["restart", "shrink"])
+def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode):
+    """Every process of a worker node SIGKILLed mid-run (not Cluster.remove_node)."""
+    out = tmp_path / "run"
+    proc = _train_on(own_cluster, out, "--step-timeout", "30", "--on-worker-loss", mode)
     sid = int(Path(own_cluster["state"], "node-1.sid").read_text())
     subprocess.run(["pkill", "-KILL", "-s", str(sid)])  # the whole node, as a crashed machine
     stdout, stderr = proc.communicate(timeout=300)
@@ -51,12 +67,7 @@ def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1500 and summary["failures_survived"] >= 1
     assert summary["workers"] == (2 if mode == "restart" else 1)
-    import dptrain as dp
-    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=1500,
-                                          dtype="float64", seed=3)).params
-    with np.load(out / "params.npz", allow_pickle=False) as params:
-        for k in clean:  # the same global batch whatever the worker count: the same parameters
-            np.testing.assert_allclose(params[k], clean[k], rtol=1e-10, atol=1e-13)
+    _assert_fault_free_parameters(out)
 
 
 def test_submit_works_when_the_default_agent_port_was_taken(tmp_path):
@@ -91,19 +102,8 @@ def test_a_process_killed_or_frozen_from_outside(own_cluster, tmp_path, victim, 
     """kill -9 of a worker's or the server's process, or SIGSTOP of either (a frozen machine; the
     server's heartbeat stops), found by its process title on the cluster's nodes, as an operator
     would: the run recovers and ends with the fault-free run's parameters."""
-    import time
-    import socket as s
     out = tmp_path / "run"
-    address = f"{s.gethostbyname(s.gethostname())}:{own_cluster['port']}"
-    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", "--address", address, *NODE_RUN,
-                             "--step-timeout", "5", "--checkpoint-every", "100", "--no-progress", "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 100:
-            break
-        time.sleep(0.05)
+    proc = _train_on(own_cluster, out, "--step-timeout", "5", "--checkpoint-every", "100")
     sessions = [int(p.read_text()) for p in Path(own_cluster["state"]).glob("*.sid")]
     pids = [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", victim],
                                                              capture_output=True, text=True).stdout.split()]
@@ -116,9 +116,4 @@ def test_a_process_killed_or_frozen_from_outside(own_cluster, tmp_path, victim, 
     assert "Traceback" not in stderr and ("lost" in stderr or "hung" in stderr)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1500 and summary["failures_survived"] >= 1
-    import dptrain as dp
-    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=1500,
-                                          dtype="float64", seed=3)).params
-    with np.load(out / "params.npz", allow_pickle=False) as params:
-        for k in clean:
-            np.testing.assert_allclose(params[k], clean[k], rtol=1e-10, atol=1e-13)
+    _assert_fault_free_parameters(out)
