@@ -18,7 +18,7 @@ from .data import BatchSampler, Dataset, load_dataset
 from .metrics import MetricsLog, TrainResult, epoch_record, reached_target, summary_record
 from .models import ModelFactory, check, loss_function, model_factory
 from .optim import OPTIMIZERS, Optimizer, Schedule
-from .step import Replica, mean_gradient, step_metrics
+from .step import Replica, mean_gradient
 
 log = logging.getLogger(__name__)
 
@@ -93,9 +93,7 @@ class LocalLoop:
         mean_gradient([replica.flat.grad], count, out=replica.flat.grad)
         opt.lr = self.schedule(step)
         opt.step()
-        m = step_metrics(step, [{"loss_sum": loss_sum, "correct": correct, "count": count, "compute_s": 0.0}],
-                         opt.lr)
-        rec = {"step": step, "epoch": step // self.sampler.steps_per_epoch, "loss": m["loss"], "count": count,
+        rec = {"step": step, "epoch": step // self.sampler.steps_per_epoch, "loss": loss_sum / count, "count": count,
                "lr": opt.lr, "time_s": time.perf_counter() - t0}
         if replica.task == "classification":
             rec["correct"] = correct

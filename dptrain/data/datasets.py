@@ -192,7 +192,7 @@ def mnist1d() -> Dataset:
 
     Generated locally by the `mnist1d` package with its standard settings (no
     download). Generation takes a few seconds, so the arrays are cached in
-    ~/.cache/dptrain (or $DPTRAIN_CACHE), keyed by the package's settings.
+    ~/.cache/dptrain (or $DPTRAIN_CACHE), keyed by the package's version.
     """
     # keyed by the package's version, whose standard settings fix the data: a cached copy loads
     # without importing mnist1d (a second: it imports scipy)

@@ -4,9 +4,8 @@
 driver) and the workers (in a SPREAD placement group with `spread`), waits until
 they answer, checks that every worker built the server's model, and hands the
 server its workers and where they run (`connect`): the server's transports do the
-rest. Every call the driver makes goes through `server_call` or `worker_call`,
-which turn Ray's errors into the failure vocabulary (errors.py) with deadlines: no
-call waits forever.
+rest. The driver's calls to the server go through `server_call`, which turns Ray's
+errors into the failure vocabulary (errors.py) with deadlines: no call waits forever.
 """
 
 from __future__ import annotations
@@ -201,17 +200,6 @@ class Fleet:
     def connect(self) -> None:
         """Hand the server its workers and where they run: its transports set them up."""
         self.carried = self.server_call(self.ps.set_workers.remote(self.workers, self.placement), self.submitted)
-
-    def worker_call(self, rank: int, ref):
-        """ray.get of a call to worker `rank` during setup or recovery: a dead or hung worker is
-        WorkerLost (recovered like one lost in a step), not an escaping Ray error."""
-        try:
-            return ray.get(ref, timeout=READY_TIMEOUT_S)
-        except ray.exceptions.RayActorError as e:
-            raise WorkerLost(rank, self.submitted, f"its process died ({type(e).__name__})") from None
-        except ray.exceptions.GetTimeoutError:
-            ray.kill(self.workers[rank])
-            raise WorkerLost(rank, self.submitted, f"no answer within {READY_TIMEOUT_S:.0f} s") from None
 
     def server_call(self, ref, step: int):
         """ray.get of a server call, failures turned into WorkerLost / ServerLost (recoverable) or

@@ -176,8 +176,7 @@ class ParameterServer:
             record = self.update(step, grads, metrics)
         record["step_s"] = time.perf_counter() - t0
         # who waited for whom: each worker's computation and the server's update, wall clock
-        record["timeline"] = {"compute": [[m["rank"], round(m["start"], 6), round(m["end"], 6)] for m in metrics
-                                          if "start" in m],
+        record["timeline"] = {"compute": [[m["rank"], round(m["start"], 6), round(m["end"], 6)] for m in metrics],
                               "apply": [round(apply_start, 6), round(time.time(), 6)]}
         out.append(record)  # the step is done: its record goes out whatever follows
         self._progressed()

@@ -152,8 +152,7 @@ class Trainer:
         finally:
             if fleet is not None:
                 fleet.stop()
-            for name in shm.names(f"dptrain-{key}-"):  # what a killed actor could not remove (this node)
-                shm.unlink(name)
+            _unlink_segments(key)  # what a killed actor could not remove (this node)
             if started:
                 ray.shutdown()
 
@@ -278,8 +277,13 @@ def _clean_shared_memory(key: str | None) -> None:
     """Remove what killed runs left in this node's /dev/shm: an earlier run of this output
     folder (`key`), and any run's segments that no living process maps."""
     if key:
-        for name in shm.names(f"dptrain-{key}-"):
-            shm.unlink(name)
+        _unlink_segments(key)
     orphans = shm.sweep_orphans()
     if orphans:
         log.info("removed %d shared-memory segment(s) that killed runs left in /dev/shm", len(orphans))
+
+
+def _unlink_segments(key: str) -> None:
+    """Remove this node's shared-memory segments of the run `key`."""
+    for name in shm.names(f"dptrain-{key}-"):
+        shm.unlink(name)

@@ -36,6 +36,7 @@ class Worker:
         self.sampler = BatchSampler(len(dataset), self.cfg.batch_size, self.cfg.seed)
         self.link = None  # our end of the shared-memory transport, while we use it
         self._busy = (None, 0.0)  # (step, time.monotonic() it started) while computing
+        self._straggler = parse_straggler(self.cfg.straggler) if self.cfg.straggler else None  # (rank, factor)
 
     # ------------------------------------------------------------------ the step
 
@@ -60,9 +61,9 @@ class Worker:
     def _slowdown(self, step: int) -> float:
         """How many times slower than it is this worker is at `step` (--straggler; 1: not slowed).
         The random mode draws the slow rank from (seed, step): the same in a replayed step."""
-        if self.cfg.straggler is None:
+        if self._straggler is None:
             return 1.0
-        who, factor = parse_straggler(self.cfg.straggler)
+        who, factor = self._straggler
         if who == "random":
             who = int(np.random.default_rng([self.cfg.seed, step, 0x5106]).integers(self.num_workers))
         return factor if who == self.rank else 1.0

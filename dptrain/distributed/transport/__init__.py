@@ -100,10 +100,13 @@ class Transport(abc.ABC):
 
     def hung(self, ranks: list, step: int, what: str = "no answer") -> WorkerLost:
         """Kill workers that missed the deadline; the error naming the first."""
+        return kill_hung(self.workers, ranks, step, f"{what} within {self.host.cfg.step_timeout:g} s")
+
+    def evaluate_by_call(self, rank: int, split: str, deadline: float) -> dict:
+        """Worker `rank`'s evaluation of the current parameters, sent as a Ray call's argument."""
         import ray
-        for rank in ranks:
-            ray.kill(self.workers[rank])
-        return WorkerLost(ranks[0], step, f"{what} within {self.host.cfg.step_timeout:g} s (hung?)")
+        ref = self.workers[rank].evaluate.remote(ray.put(self.host.flat.data), split)
+        return self.call_all({rank: ref}, self.host.step, timeout=seconds_left(deadline))[rank]
 
     def call_all(self, refs: dict, step: int, timeout: float | None = None) -> dict:
         """rank -> result of the Ray calls `refs` (rank -> ObjectRef); WorkerLost for a worker that
@@ -121,10 +124,7 @@ def call_all(workers: dict, refs: dict, step: int, timeout: float) -> dict:
     ranks, waiting = list(refs), list(refs.values())
     _, pending = ray.wait(waiting, num_returns=len(waiting), timeout=max(timeout, 0.0))
     if pending:
-        late = [ranks[waiting.index(r)] for r in pending]
-        for rank in late:
-            ray.kill(workers[rank])
-        raise WorkerLost(late[0], step, f"no answer within {timeout:g} s (hung?)")
+        raise kill_hung(workers, [ranks[waiting.index(r)] for r in pending], step, f"no answer within {timeout:g} s")
     out = {}
     for rank, ref in refs.items():
         try:
@@ -132,6 +132,15 @@ def call_all(workers: dict, refs: dict, step: int, timeout: float) -> dict:
         except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
             raise WorkerLost(rank, step, lost_cause(e)) from None
     return out
+
+
+def kill_hung(workers: dict, ranks: list, step: int, what: str) -> WorkerLost:
+    """Kill the workers `ranks` that missed a deadline (a hung worker must not come back stale);
+    the error naming the first."""
+    import ray
+    for rank in ranks:
+        ray.kill(workers[rank])
+    return WorkerLost(ranks[0], step, f"{what} (hung?)")
 
 
 def seconds_left(deadline: float) -> float:

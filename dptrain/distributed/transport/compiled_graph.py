@@ -79,9 +79,7 @@ class CompiledGraphTransport(Transport):
         return dict(zip(self._ranks, outputs))
 
     def evaluate(self, rank: int, split: str, deadline: float) -> dict:
-        import ray
-        ref = self.workers[rank].evaluate.remote(ray.put(self.host.flat.data), split)
-        return self.call_all({rank: ref}, self.host.step, timeout=seconds_left(deadline))[rank]
+        return self.evaluate_by_call(rank, split, deadline)  # outside the graph: a Ray call
 
     def hung(self, ranks: list, step: int, what: str = "no answer") -> WorkerLost:
         self._broken = True  # the graph cannot go on without the killed worker

@@ -10,7 +10,6 @@ why co-located CPU workers use shared memory instead.
 
 from __future__ import annotations
 
-from ..errors import WorkerLost, lost_cause
 from . import OBJECT_STORE, Transport, seconds_left
 
 
@@ -41,11 +40,4 @@ class ObjectStoreTransport(Transport):
         return self.call_all(refs, step, timeout=seconds_left(deadline)) if refs else {}
 
     def evaluate(self, rank: int, split: str, deadline: float) -> dict:
-        import ray
-        ref = self.workers[rank].evaluate.remote(ray.put(self.host.flat.data), split)
-        try:
-            return ray.get(ref, timeout=seconds_left(deadline))
-        except ray.exceptions.GetTimeoutError:
-            raise self.hung([rank], self.host.step, "no evaluation") from None
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
-            raise WorkerLost(rank, self.host.step, lost_cause(e)) from None
+        return self.evaluate_by_call(rank, split, deadline)
