@@ -70,8 +70,9 @@ def _sha256(path: Path) -> str:
 
 
 def save(folder, step: int, params: np.ndarray, optimizer_state: dict, layout: list, config: dict,
-         keep: int = 3) -> Path:
-    """Write the checkpoint of `step` and delete all but the newest `keep`. Returns the JSON path."""
+         keep: int = 3, relaxed: dict | None = None) -> Path:
+    """Write the checkpoint of `step` and delete all but the newest `keep`. Returns the JSON path.
+    `relaxed`: what a relaxed run had in flight (relaxed.py; a resume computes it again)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     stem = f"ckpt-{step:08d}"
@@ -83,6 +84,8 @@ def save(folder, step: int, params: np.ndarray, optimizer_state: dict, layout: l
     meta = {"format": FORMAT, "step": step, "layout": layout, "dtype": str(params.dtype),
             "size": int(params.size), "optimizer": {k: v for k, v in optimizer_state.items() if k != "state"},
             "config": config, "npz": npz.name, "npz_bytes": npz.stat().st_size, "npz_sha256": _sha256(npz)}
+    if relaxed is not None:
+        meta["relaxed"] = relaxed
     meta["meta_sha256"] = _meta_sha256(meta)
     meta_path = folder / f"{stem}.json"
     _write_atomic(meta_path, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
@@ -191,7 +194,7 @@ def read(meta_path, layout: list | None = None, dtype: str | None = None) -> dic
 
 RUN_FIELDS = ("dataset", "data", "label", "seq_len", "model", "loss", "activation", "batch_size", "epochs", "steps",
               "lr", "optimizer", "momentum", "nesterov", "weight_decay", "schedule", "warmup", "step_size", "gamma",
-              "seed", "dtype")  # what makes a run's arithmetic (workers and placement do not)
+              "seed", "dtype", "staleness", "backup_workers")  # what makes a run's arithmetic (workers and placement do not)
 
 
 class RunMismatch(CheckpointError):

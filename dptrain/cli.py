@@ -1,4 +1,5 @@
-"""The command line: `dptrain train`, `dptrain scale` (dptrain/scaling/scale.py), `dptrain bench` (dptrain/scaling/bench.py).
+"""The command line: `dptrain train`, `dptrain scale` (dptrain/scaling/scale.py), `dptrain stragglers`
+(dptrain/scaling/stragglers.py), `dptrain bench` (dptrain/scaling/bench.py).
 
     dptrain train --dataset mnist1d --workers 4 --epochs 10
     dptrain train --address auto ...            # join a running `ray start` cluster
@@ -106,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", metavar="DIR", default=None,
                        help="continue the run in DIR (its config.json and newest intact checkpoint); "
                             "the other config flags are ignored")
-    from .scaling import bench, scale  # these commands' flags live with them
+    from .scaling import bench, scale, stragglers  # these commands' flags live with them
     scale.add_parser(sub)
+    stragglers.add_parser(sub)
     bench.add_parser(sub)
     return parser
 
@@ -330,9 +332,9 @@ def main(argv=None) -> int:
         if args.command == "bench":
             from .scaling import bench
             return bench.run(args)
-        from .scaling import scale
+        from .scaling import scale, stragglers
         args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
-        return scale.run(args)
+        return (stragglers if args.command == "stragglers" else scale).run(args)
     except (ConfigError, DataError, ClusterError) as e:
         message = str(e)
         if isinstance(e, ConfigError) and e.field:  # name the flag the user typed

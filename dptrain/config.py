@@ -113,6 +113,13 @@ class TrainConfig:
     straggler: Optional[str] = _f(None,
         "Make a worker slower, for experiments: RANK:FACTOR (worker RANK takes FACTOR times its compute "
         "time every step) or random:FACTOR (each step a worker drawn from the seed and the step).")
+    staleness: float = _f(0,
+        "Bounded staleness TAU (a whole number, or inf): 0 is the exact synchronous step; TAU > 0 lets "
+        "workers take the next shards of the coming steps as soon as they are free, computing on "
+        "parameters up to TAU versions old (docs/stragglers.md).")
+    backup_workers: int = _f(0,
+        "B backup workers: workers + B replicas compute every step, each on its 1/(workers + B) of the "
+        "batch, and the server averages the first `workers` gradients to arrive (docs/stragglers.md).")
     on_nonfinite: str = _choice("stop", ("stop", "skip"),
         "A NaN or Inf loss or gradient ({choices}): stop, naming the step and worker (checkpoints are "
         "kept), or skip the step.")
@@ -182,14 +189,35 @@ class TrainConfig:
             bad("max_failures", self.max_failures, "must be >= 0")
         if not self.step_timeout > 0:
             bad("step_timeout", self.step_timeout, "must be > 0 seconds")
+        if not (self.staleness == math.inf or (float(self.staleness).is_integer() and self.staleness >= 0)):
+            bad("staleness", self.staleness, "a whole number of parameter versions >= 0, or inf")
+        if not (isinstance(self.backup_workers, (int, np.integer)) and self.backup_workers >= 0):
+            bad("backup_workers", self.backup_workers, "must be a whole number >= 0")
+        if self.staleness and self.backup_workers:
+            bad("backup_workers", self.backup_workers, "choose bounded staleness or backup workers, not both")
+        if (self.staleness or self.backup_workers) and self.transport == "compiled_graph":
+            bad("transport", self.transport, "a compiled graph runs only the synchronous step: use auto or "
+                                             "object_store with staleness or backup workers")
+        if self.batch_size < self.replicas:
+            bad("batch_size", self.batch_size, f"smaller than the {self.replicas} worker replicas: each needs an example")
         if self.straggler is not None:
             who, factor = parse_straggler(self.straggler)
-            if who != "random" and who >= self.workers:
-                bad("straggler", self.straggler, f"worker {who} of {self.workers} (ranks 0 to {self.workers - 1})")
+            if who != "random" and who >= self.replicas:
+                bad("straggler", self.straggler, f"worker {who} of {self.replicas} (ranks 0 to {self.replicas - 1})")
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 bad(f.name, getattr(self, f.name), _or(choices))
+
+    @property
+    def replicas(self) -> int:
+        """Worker actors the run starts: `workers`, plus the backup workers."""
+        return self.workers + self.backup_workers
+
+    @property
+    def relaxed(self) -> bool:
+        """Whether steps run relaxed (bounded staleness or backup workers) instead of exactly synchronous."""
+        return bool(self.staleness or self.backup_workers)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -7,7 +7,7 @@ so metrics.jsonl and the log lines read the same whichever ran.
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
 from .config import TrainConfig
@@ -103,12 +103,16 @@ def summary_record(log_: MetricsLog, wall_s: float, final_train: dict, final_tes
     if "accuracy" in final_test:
         out["train_accuracy"] = final_train["accuracy"]
         out["test_accuracy"] = final_test["accuracy"]
+    if any("versions" in r for r in log_.steps):  # bounded staleness: how old the applied gradients were
+        ages = Counter(r["step"] - v for r in log_.steps for _, _, v in r.get("versions", []))
+        out["staleness_histogram"] = {str(age): ages[age] for age in sorted(ages)}
+    if any("dropped" in r for r in log_.steps):  # backup workers: gradients left out, by rank
+        dropped = Counter(rank for r in log_.steps for rank in r.get("dropped", []))
+        out["dropped_by_rank"] = {str(rank): dropped[rank] for rank in sorted(dropped)}
     if log_.cfg.target_accuracy is not None:
         out["target_accuracy"] = log_.cfg.target_accuracy
         out.update(log_.target or {"time_to_target_s": None, "target_step": None, "target_epoch": None})
     return out
-
-
 
 
 def step_record(server: dict, steps_per_epoch: int, classification: bool) -> dict:
@@ -119,8 +123,9 @@ def step_record(server: dict, steps_per_epoch: int, classification: bool) -> dic
            "apply_s": server["apply_s"]}
     if server.get("skipped"):
         rec["skipped"] = True
-    if "timeline" in server:
-        rec["timeline"] = server["timeline"]
+    for key in ("timeline", "versions", "counted", "dropped"):  # the latter three: relaxed steps (relaxed.py)
+        if key in server:
+            rec[key] = server[key]
     if classification:
         rec["correct"] = server["correct"]
         rec["accuracy"] = server["correct"] / max(server["count"], 1)

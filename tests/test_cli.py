@@ -51,6 +51,15 @@ def dptrain(*args, timeout=300):
     (["--straggler", "slow"], "invalid --straggler: 'slow' (expected RANK:FACTOR or random:FACTOR"),
     (["--workers", "2", "--straggler", "2:3"], "invalid --straggler: '2:3' (worker 2 of 2 (ranks 0 to 1))"),
     (["--step-timeout", "0"], "invalid --step-timeout: 0.0"),
+    (["--staleness", "-1"], "invalid --staleness: -1.0 (a whole number of parameter versions >= 0, or inf)"),
+    (["--staleness", "1.5"], "invalid --staleness: 1.5 (a whole number"),
+    (["--staleness", "soon"], "argument --staleness: invalid float value: 'soon'"),
+    (["--backup-workers", "-1"], "invalid --backup-workers: -1 (must be a whole number >= 0)"),
+    (["--staleness", "2", "--backup-workers", "1"], "choose bounded staleness or backup workers, not both"),
+    (["--backup-workers", "1", "--transport", "compiled_graph"], "invalid --transport: 'compiled_graph' (a "
+                                                                  "compiled graph runs only the synchronous step"),
+    (["--workers", "2", "--backup-workers", "1", "--straggler", "3:2"], "(worker 3 of 3 (ranks 0 to 2))"),
+    (["--workers", "2", "--backup-workers", "1", "--batch-size", "2"], "smaller than the 3 worker replicas"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     r = dptrain("train", *args)

@@ -75,8 +75,11 @@ def served_worker():
     reference = Worker(cfg.to_dict(), factory, loss, ds, 0, 1)  # object-store style: gets the parameters passed
     params = SharedArray.create(ps.flat.size, ps.flat.data.dtype, "test-params")  # as the transport sets it up
     ps.place_parameters(params.array)
+    header = SharedArray.create(2, "int64", "test-pver")  # [sequence, version]
+    header.array[:] = (0, 0)
     worker.use_shared_memory({"params": params.name, "size": ps.flat.size, "dtype": str(ps.flat.data.dtype),
-                              "tag": "test"})
+                              "tag": "test", "header": header.name})
+    worker.header = header.array  # the test plays the server's side of the seqlock
     listener = control.Listener("test")
     served = {}
 
@@ -90,6 +93,7 @@ def served_worker():
     yield ps, worker, reference, start, served
     worker.close()
     params.close()
+    header.close()
     listener.close()
 
 
@@ -159,3 +163,26 @@ def test_orphaned_segments_are_swept_and_live_ones_kept():
         live.close()
         shm.unlink(young.name)
         shm.unlink(orphan.name)
+
+
+def test_a_task_reads_one_version_even_during_an_update(served_worker):
+    """Relaxed steps send tasks while the server may be updating: a worker's copy of the
+    parameters waits out an update (odd sequence) and reports the version it got."""
+    ps, worker, reference, start, served = served_worker
+    chan, t = start()
+    try:
+        worker.header[0] = 1  # an update under way
+        chan.send({"op": "task", "step": 3, "shard": 0, "of": 1})
+        with pytest.raises(control.ChannelTimeout):  # it waits for the update to end
+            chan.recv(time.monotonic() + 0.3)
+        ps.flat.data[...] *= 0.5  # the update's new parameters
+        worker.header[1] = 7
+        worker.header[0] = 2  # even: version 7 is whole
+        reply = chan.recv(time.monotonic() + 30)
+        assert reply["metrics"]["version"] == 7 and reply["metrics"]["step"] == 3
+        grad, metrics = reference.compute_gradients(ps.get_weights().copy(), 3)
+        np.testing.assert_array_equal(worker.link.grad.array, grad)  # computed on the new parameters
+        assert metrics["loss_sum"] == reply["metrics"]["loss_sum"]
+    finally:
+        chan.send({"op": "stop"})
+        t.join(10)

@@ -1,7 +1,9 @@
 """Fault injection for tests and scripts/soak.py, kept out of the production classes.
 
 A fault is a dict: {"rank": r, "step": k, "kind": raise|exit|nan|hang[, "seconds": s]}
-for worker r, or {"role": "server", "step": k, "kind": exit|hang} for the server.
+for worker r (at the first step it computes from k on: with bounded staleness a
+worker may compute no shard of step k), or {"role": "server", "step": k, "kind":
+exit|hang} for the server.
 raise: an exception in the worker's code; exit: the process dies; nan: a NaN in the
 gradient; hang: a sleep (an hour unless `seconds`). The trainer spawns these
 subclasses only when it is given faults; a replacement actor gets only the faults
@@ -43,8 +45,10 @@ class FaultyWorker(Worker):
         super().__init__(*args)
         self.faults = for_worker(faults, self.rank)
 
-    def compute(self, step: int) -> dict:
-        fault = self.faults.get(step)
+    def compute(self, step: int, shard: int | None = None, of: int | None = None) -> dict:
+        # at the first step computed at or after the fault's (a relaxed run's worker may skip steps)
+        due = [s for s in self.faults if s <= step]
+        fault = self.faults.pop(min(due)) if due else None
         kind = fault and fault["kind"]
         if kind == "raise":
             raise RuntimeError(f"injected fault (rank {self.rank}, step {step})")
@@ -52,7 +56,7 @@ class FaultyWorker(Worker):
             os._exit(1)
         if kind == "hang":
             time.sleep(fault.get("seconds", 3600))
-        metrics = super().compute(step)
+        metrics = super().compute(step, shard, of)
         if kind == "nan":
             self.replica.flat.grad[0] = float("nan")
             metrics["finite"] = False
@@ -64,10 +68,9 @@ class FaultyServer(ParameterServer):
         super().__init__(*args, **kwargs)
         self.faults = for_server(faults)
 
-    def run_step(self, step: int, out: list) -> None:
+    def starting(self, step: int) -> None:
         fault = self.faults.get(step)
         if fault and fault["kind"] == "exit":  # the server dies, or hangs, before the step
             os._exit(1)
         if fault and fault["kind"] == "hang":
             time.sleep(fault.get("seconds", 3600))
-        super().run_step(step, out)

@@ -119,7 +119,7 @@ class Fleet:
         cfg = self.cfg
         if cfg.spread:
             self.pg = self._reserve_spread()
-        self.workers = [self.spawn_worker(rank, cfg.workers) for rank in range(cfg.workers)]
+        self.workers = [self.spawn_worker(rank, cfg.replicas) for rank in range(cfg.replicas)]
         self.ps = self.spawn_server()
         return self._wait_ready()
 
@@ -128,16 +128,16 @@ class Fleet:
         bundle = {"CPU": max(cfg.cpus_per_worker, 0.01)}
         if cfg.gpus_per_worker:
             bundle["GPU"] = cfg.gpus_per_worker
-        pg = placement_group([dict(bundle) for _ in range(cfg.workers)], strategy="SPREAD")
+        pg = placement_group([dict(bundle) for _ in range(cfg.replicas)], strategy="SPREAD")
         try:
             ready, _ = ray.wait([pg.ready()], timeout=WAIT_NOTICE_S)
             if not ready:
                 log.warning("waiting for the cluster to reserve %d x %s across its nodes; giving up after %.0f s",
-                            cfg.workers, bundle, READY_TIMEOUT_S)
+                            cfg.replicas, bundle, READY_TIMEOUT_S)
             ray.get(pg.ready(), timeout=READY_TIMEOUT_S - WAIT_NOTICE_S)
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(pg)
-            raise TrainingError(f"could not reserve {cfg.workers} x {bundle} across the cluster's nodes "
+            raise TrainingError(f"could not reserve {cfg.replicas} x {bundle} across the cluster's nodes "
                                 f"within {READY_TIMEOUT_S:.0f} s (its resources are taken?)") from None
         return pg
 

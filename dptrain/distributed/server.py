@@ -25,6 +25,7 @@ from ..nn import flatten
 from ..step import mean_gradient, step_metrics
 from . import transport
 from .errors import NonFiniteError
+from .relaxed import Relaxed
 from .worker import node_id
 
 
@@ -54,6 +55,7 @@ class ParameterServer:
         self.run_key = run_key  # names this run's shared-memory segments
         self.step = 0
         self.transports = transport.transports(self)
+        self.relaxed = Relaxed(self) if self.cfg.relaxed else None  # bounded staleness or backup workers
         self.carrier: list = []  # rank -> the transport carrying that worker
         self._active: list = []  # the transports carrying any
         self._ranks: dict = {}  # actor -> (rank, workers) it was last given
@@ -77,6 +79,8 @@ class ParameterServer:
         share, and for a new server. Returns transport name -> ranks."""
         plan = transport.assign(self.cfg.transport, placement, node_id())
         self._pause()  # served workers must take the setup calls
+        if self.relaxed is not None:
+            self.relaxed.reset()  # what was in flight is computed again (with the new workers)
         n = len(workers)
         renumbered = {rank: w for rank, w in enumerate(workers) if self._ranks.get(w) != (rank, n)}
         if renumbered:  # each worker's shard of the batch: by its rank among n (after a shrink, new ones)
@@ -150,8 +154,11 @@ class ParameterServer:
         self._busy = True
         self._progressed()
         try:
-            for step in range(first, first + count):
-                self.run_step(step, out)
+            if self.relaxed is not None:
+                self.relaxed.run(first, count, out)
+            else:
+                for step in range(first, first + count):
+                    self.run_step(step, out)
         except BaseException:
             self._unreported.extend(out)
             raise
@@ -159,11 +166,22 @@ class ParameterServer:
             self._busy = False
         return out
 
+    def starting(self, step: int) -> None:
+        """Called as each step begins (faults.py injects server faults here)."""
+
     def run_step(self, step: int, out: list) -> None:
-        """One step: fan out, fan in, update (or skip a non-finite one), maybe evaluate and save."""
+        """One synchronous step: fan out, fan in, then `conclude` it."""
+        self.starting(step)
         t0 = time.perf_counter()
         grads, metrics = self._gather(step)
         self._progressed()
+        self.conclude(step, grads, metrics, t0, out)
+
+    def conclude(self, step: int, grads: list, metrics: list, t0: float, out: list, extra: dict | None = None,
+                 notify: bool = True) -> None:
+        """Update from a step's gradients (or skip a non-finite one), record it (with `extra`),
+        maybe evaluate and save. `notify`: let served workers copy finished parameters during
+        the update (the synchronous step; a relaxed one's tasks read a consistent snapshot)."""
         bad = [m["rank"] for m in metrics if not m.get("finite", True)]
         if bad and self.cfg.on_nonfinite == "stop":
             raise NonFiniteError(f"step {step}: NaN or Inf in the loss or gradient of worker(s) {bad}; "
@@ -173,11 +191,12 @@ class ParameterServer:
             record = dict(step_metrics(step, metrics, self.schedule(step)), apply_s=0.0, skipped=True)
             self.step += 1
         else:
-            record = self.update(step, grads, metrics)
+            record = self.update(step, grads, metrics, notify)
         record["step_s"] = time.perf_counter() - t0
         # who waited for whom: each worker's computation and the server's update, wall clock
         record["timeline"] = {"compute": [[m["rank"], round(m["start"], 6), round(m["end"], 6)] for m in metrics],
                               "apply": [round(apply_start, 6), round(time.time(), 6)]}
+        record.update(extra or {})
         out.append(record)  # the step is done: its record goes out whatever follows
         self._progressed()
         if (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.total_steps:
@@ -200,23 +219,28 @@ class ParameterServer:
         ranks = range(len(self.carrier))
         return [results[r][0] for r in ranks], [results[r][1] for r in ranks]
 
-    def update(self, step: int, grads: list, metrics: list) -> dict:
+    def update(self, step: int, grads: list, metrics: list, notify: bool = True) -> dict:
         """Step `step`'s update from the workers' gradients of loss sums and metrics (rank order):
-        their mean gradient, computed block by block inside the optimizer's pass; the step's metrics."""
+        their mean gradient, computed block by block inside the optimizer's pass; the step's metrics.
+        The transports see it begin and end (`updating`), so a worker never reads a torn version."""
         t0 = time.perf_counter()
         if step != self.step:
             raise RuntimeError(f"parameter server at step {self.step} was sent gradients for step {step}")
         count = max(sum(m["count"] for m in metrics), 1)
         grad = self.flat.grad
         self.optimizer.lr = self.schedule(step)
-        watching = [t for t in self._active if t.progress]
+        watching = [t for t in self._active if t.progress] if notify else []
 
         def final(stop):  # served workers copy the finished part while the rest is updated
             for t in watching:
                 t.params_final(stop)
+        for t in self._active:
+            t.updating(True, self.step)
         self.optimizer.update(self.flat.data, grad, lambda start, stop: mean_gradient(grads, count, grad, start, stop),
                               final if watching else None)
         self.step += 1
+        for t in self._active:
+            t.updating(False, self.step)
         return dict(step_metrics(step, metrics, self.optimizer.lr), apply_s=time.perf_counter() - t0)
 
     def take_unreported(self) -> list:
@@ -226,6 +250,8 @@ class ParameterServer:
 
     def evaluate(self, split: str = "test") -> dict:
         """Loss (and accuracy) of the current parameters on a split, computed by worker 0."""
+        if self.relaxed is not None:
+            self.relaxed.settle()  # no task in flight: worker 0 is free and the parameters stay put
         return self.carrier[0].evaluate(0, split, time.monotonic() + self.cfg.step_timeout)
 
     # ------------------------------------------------------------------ state
@@ -236,7 +262,8 @@ class ParameterServer:
             return None
         from .. import checkpoint
         return str(checkpoint.save(self.checkpoints, self.step, self.flat.data, self.optimizer.state_dict(),
-                                   self.layout, self.config, keep=self.cfg.keep_checkpoints))
+                                   self.layout, self.config, keep=self.cfg.keep_checkpoints,
+                                   relaxed=self.relaxed.checkpoint() if self.relaxed is not None else None))
 
     def restore_checkpoint(self, folder: str | None = None, max_step: int | None = None) -> int | None:
         """Load the newest intact checkpoint (of this model, of at most `max_step` steps) from
@@ -252,6 +279,8 @@ class ParameterServer:
         self.flat.data[...] = state["params"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
+        if self.relaxed is not None:
+            self.relaxed.restored(folder)
         return self.step
 
     def get_layout(self) -> list:

@@ -120,7 +120,7 @@ class Trainer:
         self._check_out_folder(layout(factory.on("cpu")()), steps)
         steps_per_epoch = BatchSampler(len(dataset), cfg.batch_size).steps_per_epoch
         t1 = time.perf_counter()
-        started = connect(cfg.address, num_cpus=embedded_cpus(cfg.workers, cfg.cpus_per_worker, cfg.cpus),
+        started = connect(cfg.address, num_cpus=embedded_cpus(cfg.replicas, cfg.cpus_per_worker, cfg.cpus),
                           num_gpus=None)
         t2 = time.perf_counter()
         key = run_key(cfg.out)
@@ -129,7 +129,7 @@ class Trainer:
             ray.cloudpickle.register_pickle_by_value(module)
         fleet = None
         try:
-            check_resources(cfg.workers, cfg.cpus_per_worker, cfg.gpus_per_worker)
+            check_resources(cfg.replicas, cfg.cpus_per_worker, cfg.gpus_per_worker)
             data_ref = ray.put(prepare_dataset(dataset, cfg.dtype))
             fleet = self.fleet = Fleet(cfg, factory, loss_fn, data_ref, steps, steps_per_epoch, key, self.faults)
             model_layout = fleet.start()
@@ -140,7 +140,7 @@ class Trainer:
             except WorkerLost as e:
                 raise TrainingError(f"{e} while the run was starting") from None
             log.info("training %s on %d worker(s) across %d node(s) (%d through shared memory): model %s "
-                     "(%s parameters), %d steps, global batch %d", dataset.name, cfg.workers,
+                     "(%s parameters), %d steps, global batch %d", dataset.name, cfg.replicas,
                      len({p["node_id"] for p in fleet.placement}), len(fleet.shared), factory.name,
                      f"{sum(int(np.prod(p[1])) for p in model_layout):,}", steps,
                      min(cfg.batch_size, len(dataset)))

@@ -40,13 +40,15 @@ class Worker:
 
     # ------------------------------------------------------------------ the step
 
-    def compute(self, step: int) -> dict:
-        """Backpropagate the loss SUM over our shard of `step`, on the parameters loaded; the
-        gradient stays in `replica.flat.grad`. Returns the metrics the server combines, with
-        when the computation started and ended (wall clock: the step's timeline)."""
+    def compute(self, step: int, shard: int | None = None, of: int | None = None) -> dict:
+        """Backpropagate the loss SUM over shard `shard` of `of` of `step`'s batch (default: ours,
+        by rank) on the parameters loaded; the gradient stays in `replica.flat.grad`. Returns
+        the metrics the server combines, with when the computation started and ended (wall
+        clock: the step's timeline)."""
         start, t0 = time.time(), time.perf_counter()
         self._busy = (step, time.monotonic())
-        indices, first_position = self.sampler.shard_at(step, self.num_workers, self.rank)
+        shard, of = (self.rank, self.num_workers) if shard is None else (shard, of)
+        indices, first_position = self.sampler.shard_at(step, of, shard)
         loss_sum, correct, count = self.replica.compute_gradients(indices, step, first_position)
         grad = self.replica.flat.grad
         # one reduction: NaN and Inf propagate through a sum (the server refuses such a step)
@@ -55,8 +57,9 @@ class Worker:
         if factor > 1:  # an injected straggler (--straggler): FACTOR times this step's compute time
             time.sleep((factor - 1) * (time.perf_counter() - t0))
         self._busy = (None, 0.0)
-        return {"rank": self.rank, "loss_sum": loss_sum, "correct": correct, "count": count, "finite": finite,
-                "compute_s": time.perf_counter() - t0, "start": start, "end": time.time()}
+        return {"rank": self.rank, "step": step, "shard": shard, "loss_sum": loss_sum, "correct": correct,
+                "count": count, "finite": finite, "compute_s": time.perf_counter() - t0, "start": start,
+                "end": time.time()}
 
     def _slowdown(self, step: int) -> float:
         """How many times slower than it is this worker is at `step` (--straggler; 1: not slowed).
@@ -68,10 +71,10 @@ class Worker:
             who = int(np.random.default_rng([self.cfg.seed, step, 0x5106]).integers(self.num_workers))
         return factor if who == self.rank else 1.0
 
-    def run_step(self, step: int) -> dict:
+    def run_step(self, step: int, shard: int | None = None, of: int | None = None) -> dict:
         """`compute`, with a failure of its code as WorkerError naming this worker and the step."""
         try:
-            return self.compute(step)
+            return self.compute(step, shard, of)
         except Exception as e:
             raise WorkerError(f"worker {self.rank} failed at step {step}: {type(e).__name__}: {e}") from e
 
@@ -87,6 +90,14 @@ class Worker:
         self.replica.load_parameters(params)
         metrics = self.run_step(step)
         return backend.to_numpy(self.replica.flat.grad), metrics
+
+    def compute_task(self, params: np.ndarray, version: int, task: dict) -> tuple[np.ndarray, dict]:
+        """A relaxed step's task (relaxed.py): shard task["shard"] of task["of"] of step
+        task["step"], on `params`, parameter version `version`; (flat gradient, metrics with
+        the version)."""
+        self.replica.load_parameters(params)
+        metrics = self.run_step(task["step"], task["shard"], task["of"])
+        return backend.to_numpy(self.replica.flat.grad), dict(metrics, version=version)
 
     def evaluate(self, params: np.ndarray, split: str = "test") -> dict:
         """Loss (and accuracy) of the flat parameters `params` on a split."""

@@ -88,6 +88,24 @@ class Transport(abc.ABC):
     def params_final(self, upto: int) -> None:
         """During the server's update: parameters [0, upto) hold their new values."""
 
+    def updating(self, begins: bool, version: int) -> None:
+        """The server's update begins (the parameters are version `version`), or has ended (they
+        are now version `version`)."""
+
+    # ------------------------------------------------------------------ relaxed steps (relaxed.py)
+
+    reuses_buffers = False  # whether a gradient handed out by poll is overwritten by the worker's next task
+
+    def assign(self, rank: int, task: dict) -> None:
+        """Hand worker `rank` a task (relaxed.py): the gradient of shard task["shard"] of
+        task["of"] of step task["step"]'s batch, on the newest parameters."""
+        raise NotImplementedError(f"the {self.name} transport runs only the synchronous step")
+
+    def poll(self, timeout: float) -> list:
+        """[(rank, gradient, metrics)] of the tasks finished, waiting up to `timeout` s for one;
+        the metrics say the parameter version computed on. WorkerLost for a worker that died."""
+        raise NotImplementedError(f"the {self.name} transport runs only the synchronous step")
+
     def pause(self) -> None:
         """Let the workers take other Ray calls (the server is about to change its setup)."""
 

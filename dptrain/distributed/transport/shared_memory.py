@@ -18,11 +18,21 @@ the rest: most of the copy leaves the step's critical path.
 
 Requests: {"op": "step", "step": k} -> {"metrics": ...}; {"op": "evaluate",
 "split": s} -> {"evaluation": ...}; {"op": "params", "upto": i}, no answer;
+{"op": "task", "step": k, "shard": j, "of": n} -> {"metrics": ... with "version"};
 {"op": "stop"}. A failure is answered with {"error": message}.
+
+Relaxed steps (relaxed.py) break that order: a task may start while the server
+updates. A small header segment, [sequence, version], makes each task's read of the
+parameters a consistent snapshot (a seqlock): the server makes the sequence odd
+before an update and even after it, and a worker copies the parameters between two
+reads of an even, unchanged sequence, else again. (x86 keeps stores in order and
+loads in order, which is what this needs; on a weaker memory model it would need
+fences.)
 """
 
 from __future__ import annotations
 
+import select
 import time
 
 from ..errors import WorkerError, WorkerLost
@@ -43,6 +53,10 @@ class SharedMemoryTransport(Transport):
         self._sessions: dict = {}  # rank -> (Channel, ObjectRef of the worker's serve call)
         self._notified = 0  # how far served workers were told this update's parameters are final
         self._by_rank: dict = {}  # rank -> its gradient array (what receive hands out every step)
+        self._header: SharedArray | None = None  # [sequence, version] of the parameters (a seqlock)
+        self._tasks: dict = {}  # rank -> step of its relaxed task in flight
+
+    reuses_buffers = True  # a worker's gradient segment is its next task's too
 
     @property
     def progress(self) -> bool:
@@ -64,8 +78,10 @@ class SharedMemoryTransport(Transport):
             flat = self.host.flat
             self._params = SharedArray.create(flat.size, flat.data.dtype, f"{self.host.run_key}-params")
             self.host.place_parameters(self._params.array)
+            self._header = SharedArray.create(2, "int64", f"{self.host.run_key}-pver")
+            self._header.array[:] = (0, self.host.step)
         spec = {"params": self._params.name, "size": self.host.flat.size, "dtype": str(self.host.flat.data.dtype),
-                "tag": self.host.run_key}
+                "tag": self.host.run_key, "header": self._header.name}
         names = self.call_all({rank: w.use_shared_memory.remote(spec) for rank, w in new.items()}, step,
                               timeout=max(self.host.cfg.step_timeout, 60.0))
         for rank, name in names.items():
@@ -106,7 +122,38 @@ class SharedMemoryTransport(Transport):
             except control.ChannelClosed:  # that worker is gone: the next step's send says so
                 pass
 
+    def updating(self, begins: bool, version: int) -> None:
+        if self._header is not None:
+            header = self._header.array
+            if begins:
+                header[0] += 1  # odd: an update is under way
+            else:
+                header[1] = version
+                header[0] += 1  # even again, and another snapshot than before
+
+    def assign(self, rank: int, task: dict) -> None:
+        self._open_sessions(task["step"])
+        try:
+            self._sessions[rank][0].send(dict(task, op="task"))
+        except control.ChannelClosed:
+            self._session_lost(rank, task["step"])
+        self._tasks[rank] = task["step"]
+
+    def poll(self, timeout: float) -> list:
+        waiting = {self._sessions[rank][0].sock: rank for rank in self._tasks}
+        if not waiting:
+            return []
+        readable, _, _ = select.select(list(waiting), [], [], max(timeout, 0.0))
+        out = []
+        for sock in readable:
+            rank = waiting[sock]
+            step = self._tasks.pop(rank)
+            reply = self._reply(rank, step, time.monotonic() + self.host.cfg.step_timeout)
+            out.append((rank, self._by_rank[rank], reply["metrics"]))
+        return out
+
     def pause(self) -> None:
+        self._tasks = {}
         for rank in list(self._sessions):
             self._drop_session(rank, stop=True)
 
@@ -116,10 +163,10 @@ class SharedMemoryTransport(Transport):
             self._listener.close()
             self._listener = None
         self._by_rank = {}
-        for seg in [self._params, *self._grads.values()]:
+        for seg in [self._params, self._header, *self._grads.values()]:
             if seg is not None:
                 seg.close()
-        self._params, self._grads = None, {}
+        self._params, self._header, self._grads = None, None, {}
 
     # ------------------------------------------------------------------ sessions
 
@@ -198,6 +245,7 @@ class WorkerLink:
         replica = worker.replica
         self.params = SharedArray.attach(spec["params"], spec["size"], spec["dtype"])
         self.params.array.flags.writeable = False  # workers never write parameters
+        self.header = SharedArray.attach(spec["header"], 2, "int64")
         self.grad = SharedArray.create(spec["size"], spec["dtype"], f"{spec['tag']}-grad{worker.rank}")
         replica.bind_gradients(self.grad.array)
         self.loaded = 0  # parameters [0, loaded) of the server's segment are copied in and current
@@ -207,6 +255,21 @@ class WorkerLink:
         if upto > self.loaded:
             self.worker.replica.load_parameters(self.params.array, self.loaded, upto)
             self.loaded = upto
+
+    def snapshot(self) -> int:
+        """Copy the server's parameters into the model as one version, even while it updates them
+        (the seqlock of the module's docstring); returns that version."""
+        header, replica = self.header.array, self.worker.replica
+        while True:
+            before = int(header[0])
+            if before % 2:  # an update is under way
+                time.sleep(0.0001)
+                continue
+            version = int(header[1])
+            replica.load_parameters(self.params.array)
+            if int(header[0]) == before:
+                self.loaded = 0  # the next step's or task's copy starts over
+                return version
 
     def serve(self, address: str) -> int:
         """Take the server's requests until it says stop or goes away; how many were served."""
@@ -225,6 +288,12 @@ class WorkerLink:
                     self.load(int(request["upto"]))
                     continue
                 try:
+                    if op == "task":
+                        version = self.snapshot()
+                        metrics = worker.run_step(int(request["step"]), int(request["shard"]), int(request["of"]))
+                        chan.send({"metrics": dict(metrics, version=version)})
+                        served += 1
+                        continue
                     self.load(size)
                     if op == "step":
                         step = int(request["step"])
@@ -247,4 +316,5 @@ class WorkerLink:
     def close(self) -> None:
         self.worker.replica.bind_gradients(None)  # no views of the segment may outlive it
         self.params.close()
+        self.header.close()
         self.grad.close()
