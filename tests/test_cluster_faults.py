@@ -117,3 +117,36 @@ def test_a_process_killed_or_frozen_from_outside(own_cluster, tmp_path, victim, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 1500 and summary["failures_survived"] >= 1
     _assert_fault_free_parameters(out)
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("mode", [["--staleness", "2"], ["--backup-workers", "1"]])
+def test_a_relaxed_run_survives_kill_9_of_a_worker(own_cluster, tmp_path, mode):
+    """kill -9 of a worker's process in a bounded-staleness or backup-worker run spread over two
+    nodes (shared memory on one, the object store to the other): the run finishes every step,
+    and is exactly what its records say it applied (tests/test_stragglers.py's replay)."""
+    import dptrain as dp
+    from test_stragglers import _max_rel_diff, _replay
+    out = tmp_path / "run"
+    proc = _train_on(own_cluster, out, *mode, "--straggler", "1:3", "--step-timeout", "5")
+    sessions = [int(p.read_text()) for p in Path(own_cluster["state"]).glob("*.sid")]
+    pids = [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", "ray::Worker"],
+                                                             capture_output=True, text=True).stdout.split()]
+    assert pids, "no worker process found"
+    subprocess.run(["kill", "-KILL", pids[0]])
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "Traceback" not in stderr and "lost" in stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == 1500 and summary["failures_survived"] >= 1
+    records = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "step":
+            records[rec["step"]] = rec  # a step run again after the loss: its last record
+    assert sorted(records) == list(range(1500))
+    cfg = dp.TrainConfig(**{k: v for k, v in json.loads((out / "config.json").read_text()).items()
+                            if k in dp.TrainConfig.__dataclass_fields__})
+    with np.load(out / "params.npz", allow_pickle=False) as params:
+        final = {k: params[k] for k in params.files}
+    assert _max_rel_diff(final, _replay(cfg, [records[k] for k in range(1500)])) < 1e-10

@@ -187,11 +187,13 @@ class Relaxed:
     def checkpoint(self) -> dict:
         """What a checkpoint records of the loop: the mode, and what was in flight or arrived but
         not applied (a resume computes those tasks again)."""
-        pending = [[t["step"], t["shard"], rank] for rank, (t, _, _) in sorted(self.in_flight.items())]
-        pending += [[step, shard, rank] for step, got in sorted(self.arrived.items())
+        version = self.server.step  # (a backup worker's late task of an applied step is not needed)
+        pending = [[t["step"], t["shard"], rank] for rank, (t, _, _) in sorted(self.in_flight.items())
+                   if t["step"] >= version]
+        pending += [[step, shard, rank] for step, got in sorted(self.arrived.items()) if step >= version
                     for shard, (rank, _, _) in sorted(got.items())]
         return {"staleness": None if math.isinf(self.tau) else self.tau, "backup_workers": self.backups,
-                "version": self.server.step, "not_applied": pending}
+                "version": version, "not_applied": pending}
 
     def restored(self, folder: str) -> None:
         """The server restored a checkpoint from `folder`: resume from its step, with the run's

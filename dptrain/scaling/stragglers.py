@@ -41,7 +41,8 @@ def add_parser(sub) -> None:
     p.add_argument("--workers", type=int, default=4, metavar="N", help="workers whose gradients count (default: 4)")
     p.add_argument("--model", default="40,256,256,10", metavar="SIZES", help="layer sizes (default: 40,256,256,10)")
     p.add_argument("--batch-size", type=int, default=256, metavar="N", help="global batch (default: 256)")
-    p.add_argument("--lr", type=float, default=0.1, metavar="X", help="SGD learning rate, momentum 0.9 (default: 0.1)")
+    p.add_argument("--lr", type=float, default=0.1, metavar="X", help="SGD learning rate (default: 0.1)")
+    p.add_argument("--momentum", type=float, default=0.9, metavar="X", help="SGD momentum (default: 0.9)")
     p.add_argument("--target-accuracy", type=float, default=0.6, metavar="X",
                    help="MNIST-1D test accuracy to reach (default: 0.6)")
     p.add_argument("--max-epochs", type=int, default=60, metavar="N", help="epoch limit of a run (default: 60)")
@@ -87,7 +88,7 @@ def run(args) -> int:
         raise ConfigError(f"invalid --repeats: {args.repeats} (must be >= 1)", field="repeats")
     parse_straggler(args.straggler)
     base = TrainConfig(dataset="mnist1d", model=parse_model(args.model), workers=args.workers,
-                       batch_size=args.batch_size, epochs=args.max_epochs, lr=args.lr, momentum=0.9,
+                       batch_size=args.batch_size, epochs=args.max_epochs, lr=args.lr, momentum=args.momentum,
                        target_accuracy=args.target_accuracy, seed=args.seed, address=args.address, cpus=args.cpus,
                        cpus_per_worker=args.cpus_per_worker, transport=args.transport, log_every=10**6)
     configs = [(name, straggled, base.replace(**settings, straggler=args.straggler if straggled else None))
@@ -191,7 +192,7 @@ def report(command: str, base: TrainConfig, straggler: str, table: list, images:
     lines = [f"# Stragglers: sync, bounded staleness and backup workers ({datetime.date.today()})", "",
              f"Command: `{command}`", "",
              f"MNIST-1D, model {','.join(map(str, base.model))}, global batch {base.batch_size}, SGD lr {base.lr} "
-             f"momentum 0.9, {base.workers} workers (+ B backups in backup:B), target test accuracy "
+             f"momentum {base.momentum}, {base.workers} workers (+ B backups in backup:B), target test accuracy "
              f"{base.target_accuracy:.0%} (checked at every epoch end), at most {base.epochs} epochs. The straggled "
              f"runs: `--straggler {straggler}`. Medians over the repeats; time from the first step.", "",
              "| mode | straggler | time to target (s) | reached | steps | final test acc | x same mode, no straggler "
