@@ -194,3 +194,17 @@ def test_model_that_does_not_fit_the_data_file(tmp_path):
     np.savez(npz, x=np.random.default_rng(0).standard_normal((64, 3)), y=np.arange(64) % 2)
     r = dptrain("train", "--data", str(npz), "--model", "3,4,1", "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "has 1 outputs but" in r.stderr and "2 classes" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--modes", "sync,ssp:0"], "invalid --modes: 'ssp:0' (expected sync, ssp:TAU with TAU >= 1 or inf"),
+    (["--modes", "async"], "invalid --modes: 'async'"),
+    (["--modes", "backup:x"], "invalid --modes: 'backup:x'"),
+    (["--straggler", "4:3", "--workers", "4"], "invalid --straggler: '4:3' (worker 4 of 4"),
+    (["--repeats", "0"], "invalid --repeats: 0"),
+])
+def test_stragglers_bad_input_is_one_line_and_exit_2(args, message):
+    r = dptrain("stragglers", *args)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], r.stderr

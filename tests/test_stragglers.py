@@ -144,3 +144,39 @@ def test_a_relaxed_run_survives_a_killed_worker_and_server(ray_local, tmp_path, 
     if "staleness" in mode:
         _check_staleness(result, 2, 3)
     assert _max_rel_diff(result.params, _replay(cfg, result.metrics["steps"])) < 1e-10
+
+
+def test_the_experiments_arithmetic():
+    """Slowdowns against the same mode without a straggler and against sync without one."""
+    from dptrain.scaling.stragglers import parse_modes, summarize
+    assert parse_modes("sync, ssp:2,ssp:inf,backup:1") == [
+        ("sync", {}), ("ssp:2", {"staleness": 2.0}), ("ssp:inf", {"staleness": float("inf")}),
+        ("backup:1", {"backup_workers": 1})]
+    runs = [{"mode": m, "straggler": s, "time_to_target_s": t, "steps": 10, "final_test_accuracy": 0.6}
+            for m, s, t in [("sync", None, 2.0), ("sync", "3:3", 5.0), ("sync", "3:3", 7.0),
+                            ("backup:1", None, 2.5), ("backup:1", "3:3", 3.0), ("backup:1", "3:3", None)]]
+    rows = {(r["mode"], r["straggler"]): r for r in summarize(runs, ["sync", "backup:1"])}
+    assert rows[("sync", "3:3")]["time_to_target_s"] == 6.0 and rows[("sync", "3:3")]["slowdown"] == 3.0
+    straggled = rows[("backup:1", "3:3")]
+    assert straggled["reached"] == 1 and straggled["runs"] == 2  # a run that missed the target is not timed
+    assert straggled["slowdown"] == 3.0 / 2.5 and straggled["vs_sync"] == 1.5
+
+
+@pytest.mark.slow
+def test_stragglers_command_end_to_end(tmp_path):
+    import subprocess
+    import sys
+    out = tmp_path / "strag"
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "stragglers", "--modes", "sync,backup:1", "--workers", "2",
+                        "--straggler", "1:3", "--model", "40,64,10", "--target-accuracy", "0.3", "--max-epochs", "3",
+                        "--repeats", "1", "--cpus-per-worker", "0.5", "--quiet", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    assert sorted((x["mode"], x["straggler"] or "") for x in runs) == [("backup:1", ""), ("backup:1", "1:3"),
+                                                                      ("sync", ""), ("sync", "1:3")]
+    assert all(x["curve"] and x["final_test_accuracy"] > 0 for x in runs)
+    assert all(x["dropped_by_rank"] for x in runs if x["mode"] == "backup:1")
+    report = (out / "report.md").read_text()
+    assert report.count("| sync |") == 2 and report.count("| backup:1 |") == 2
+    assert (out / "accuracy_vs_time.png").stat().st_size > 0 and (out / "timeline.png").stat().st_size > 0

@@ -42,14 +42,22 @@ def markdown_table(rows: list, columns: list) -> str:
     return "\n".join(lines)
 
 
-def plots(out: Path, table: dict, curves: dict) -> list:
-    """throughput.png, efficiency.png and loss_vs_time.png; [] when matplotlib is missing."""
+def pyplot():
+    """matplotlib.pyplot drawing to files, or None (with a warning) when matplotlib is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         log.warning("plots skipped: matplotlib is not installed (pip install 'dptrain[plots]')")
+        return None
+    return plt
+
+
+def plots(out: Path, table: dict, curves: dict) -> list:
+    """throughput.png, efficiency.png and loss_vs_time.png; [] when matplotlib is missing."""
+    plt = pyplot()
+    if plt is None:
         return []
     made = []
     for name, key, ylabel in (("throughput.png", "samples_per_s", "samples / s"),

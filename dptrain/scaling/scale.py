@@ -56,12 +56,17 @@ def add_parser(sub) -> None:
                    help="measure the overhead floors and fit the cost model")
     p.add_argument("--network-gbit", type=float, default=10.0, metavar="X",
                    help="server link bandwidth assumed by the cluster predictions (default: 10 Gbit/s)")
+    add_run_flags(p, "scale")
+
+
+def add_run_flags(p, command: str) -> None:
+    """The flags every experiment command shares: where it runs, the seed, the output folder."""
     p.add_argument("--address", default=None, metavar="auto|HOST:PORT", help="a Ray cluster; none: embedded local Ray")
     p.add_argument("--cpus", type=int, default=None, metavar="N", help="logical CPUs of the embedded Ray")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="X")
     p.add_argument("--transport", choices=choices("transport"), default="auto")
     p.add_argument("--seed", type=int, default=0, metavar="N")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/scale-<time>)")
+    p.add_argument("--out", default=None, metavar="DIR", help=f"output folder (default: runs/{command}-<time>)")
     p.add_argument("--quiet", action="store_true")
 
 

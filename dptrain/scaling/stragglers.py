@@ -15,7 +15,6 @@ straggled run per mode: who computed when, and when the server applied).
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -23,8 +22,10 @@ import statistics
 import time
 from pathlib import Path
 
-from ..config import ConfigError, TrainConfig, choices, parse_model, parse_straggler
+from ..config import ConfigError, TrainConfig, parse_model, parse_straggler
 from ..data import load_dataset
+from .report import pyplot
+from .scale import add_run_flags
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +48,7 @@ def add_parser(sub) -> None:
                    help="MNIST-1D test accuracy to reach (default: 0.6)")
     p.add_argument("--max-epochs", type=int, default=60, metavar="N", help="epoch limit of a run (default: 60)")
     p.add_argument("--repeats", type=int, default=3, metavar="N", help="runs per point (default: 3)")
-    p.add_argument("--address", default=None, metavar="auto|HOST:PORT", help="a Ray cluster; none: embedded local Ray")
-    p.add_argument("--cpus", type=int, default=None, metavar="N", help="logical CPUs of the embedded Ray")
-    p.add_argument("--cpus-per-worker", type=float, default=1.0, metavar="X")
-    p.add_argument("--transport", choices=choices("transport"), default="auto")
-    p.add_argument("--seed", type=int, default=0, metavar="N")
-    p.add_argument("--out", default=None, metavar="DIR", help="output folder (default: runs/stragglers-<time>)")
-    p.add_argument("--quiet", action="store_true")
+    add_run_flags(p, "stragglers")
 
 
 def parse_modes(text: str) -> list:
@@ -208,12 +203,8 @@ def report(command: str, base: TrainConfig, straggler: str, table: list, images:
 
 def plots(out: Path, runs: list, modes: list) -> list:
     """accuracy_vs_time.png and timeline.png; [] when matplotlib is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("plots skipped: matplotlib is not installed (pip install 'dptrain[plots]')")
+    plt = pyplot()
+    if plt is None:
         return []
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for i, mode in enumerate(modes):
