@@ -9,6 +9,7 @@ from typing import Optional
 
 import numpy as np
 
+from . import compress
 from .optim import OPTIMIZERS, SCHEDULES
 
 
@@ -120,6 +121,9 @@ class TrainConfig:
     backup_workers: int = _f(0,
         "B backup workers: workers + B replicas compute every step, each on its 1/(workers + B) of the "
         "batch, and the server averages the first `workers` gradients to arrive (docs/stragglers.md).")
+    compress: str = _f("none",
+        "Compress the gradients workers send: none, fp16, bf16 (2 bytes an entry) or topk:RATIO (the "
+        "largest RATIO of entries, 0 < RATIO <= 0.5, with error feedback); parameters stay exact.")
     on_nonfinite: str = _choice("stop", ("stop", "skip"),
         "A NaN or Inf loss or gradient ({choices}): stop, naming the step and worker (checkpoints are "
         "kept), or skip the step.")
@@ -200,6 +204,10 @@ class TrainConfig:
                                              "object_store with staleness or backup workers")
         if self.batch_size < self.replicas:
             bad("batch_size", self.batch_size, f"smaller than the {self.replicas} worker replicas: each needs an example")
+        try:
+            compress.parse(self.compress)
+        except ValueError as e:
+            raise ConfigError(f"invalid compress: {e}", field="compress") from None
         if self.straggler is not None:
             who, factor = parse_straggler(self.straggler)
             if who != "random" and who >= self.replicas:

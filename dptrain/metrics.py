@@ -103,6 +103,9 @@ def summary_record(log_: MetricsLog, wall_s: float, final_train: dict, final_tes
     if "accuracy" in final_test:
         out["train_accuracy"] = final_train["accuracy"]
         out["test_accuracy"] = final_test["accuracy"]
+    sent = [b for r in log_.steps for b in r.get("sent_bytes", [])]
+    if sent:  # what a worker sent of its gradient per step (--compress changes it)
+        out["sent_bytes_per_worker_step"] = sum(sent) / len(sent)
     if any("versions" in r for r in log_.steps):  # bounded staleness: how old the applied gradients were
         ages = Counter(r["step"] - v for r in log_.steps for _, _, v in r.get("versions", []))
         out["staleness_histogram"] = {str(age): ages[age] for age in sorted(ages)}
@@ -123,7 +126,7 @@ def step_record(server: dict, steps_per_epoch: int, classification: bool) -> dic
            "apply_s": server["apply_s"]}
     if server.get("skipped"):
         rec["skipped"] = True
-    for key in ("timeline", "versions", "counted", "dropped"):  # the latter three: relaxed steps (relaxed.py)
+    for key in ("sent_bytes", "timeline", "versions", "counted", "dropped"):  # the last three: relaxed steps
         if key in server:
             rec[key] = server[key]
     if classification:

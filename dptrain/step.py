@@ -130,8 +130,12 @@ def mean_gradient(grads: list, count: int, out, start: int = 0, stop: int | None
 
 def step_metrics(step: int, metrics: list, lr: float) -> dict:
     """The step's record from the workers' metrics (in rank order): the batch's mean loss, its
-    example and correct counts, the learning rate, and the slowest worker's compute time."""
+    example and correct counts, the learning rate, the slowest worker's compute time, and the
+    bytes each worker sent of its gradient."""
     count = sum(m["count"] for m in metrics)
-    return {"step": step, "loss": sum(m["loss_sum"] for m in metrics) / max(count, 1), "count": count,
-            "correct": sum(m["correct"] for m in metrics), "lr": lr,
-            "compute_s": max(m["compute_s"] for m in metrics)}
+    record = {"step": step, "loss": sum(m["loss_sum"] for m in metrics) / max(count, 1), "count": count,
+              "correct": sum(m["correct"] for m in metrics), "lr": lr,
+              "compute_s": max(m["compute_s"] for m in metrics)}
+    if metrics and "sent_bytes" in metrics[0]:  # what the gradients used cost on the wire (distributed)
+        record["sent_bytes"] = [m["sent_bytes"] for m in metrics]
+    return record

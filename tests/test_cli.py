@@ -60,6 +60,9 @@ def dptrain(*args, timeout=300):
                                                                   "compiled graph runs only the synchronous step"),
     (["--workers", "2", "--backup-workers", "1", "--straggler", "3:2"], "(worker 3 of 3 (ranks 0 to 2))"),
     (["--workers", "2", "--backup-workers", "1", "--batch-size", "2"], "smaller than the 3 worker replicas"),
+    (["--compress", "zip"], "invalid --compress: 'zip' (expected none, fp16, bf16 or topk:RATIO"),
+    (["--compress", "topk:0.9"], "invalid --compress: 'topk:0.9' (expected none, fp16, bf16 or topk:RATIO with "
+                                 "0 < RATIO <= 0.5"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     r = dptrain("train", *args)
@@ -208,3 +211,10 @@ def test_stragglers_bad_input_is_one_line_and_exit_2(args, message):
     assert r.returncode == 2, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_scale_refuses_a_bad_compress_setting():
+    r = dptrain("scale", "--compress", "none,topk:2")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "invalid --compress: 'topk:2' (expected none, fp16, bf16 or topk:RATIO" in lines[0], r.stderr

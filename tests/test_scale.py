@@ -94,6 +94,26 @@ def test_cost_model_behaves_like_the_machine_it_describes():
         costmodel.step_time(INPUTS, 0, 256)
 
 
+def test_cost_model_of_compressed_gradients():
+    """Fewer gradient bytes shorten the transfers and move N*; encoding costs each worker its
+    time; decoding replaces the server's dense adds."""
+    cluster = costmodel.CostInputs(**{**INPUTS.to_dict(), "cores": 10**9, "server_bytes_per_s": 1.25e9})
+    dense, half = costmodel.step_time(cluster, 8, 256), costmodel.step_time(cluster, 8, 256, ratio=0.5)
+    assert half["network_s"] == pytest.approx(dense["network_s"] * 1.5 / 2)  # parameters stay dense
+    assert half["transfer_s"] == pytest.approx(dense["transfer_s"] * 1.5 / 2)
+    assert half["compute_s"] == dense["compute_s"] and half["server_s"] == dense["server_s"]
+    assert costmodel.server_bound_workers(cluster, 256, ratio=0.01) == pytest.approx(
+        costmodel.server_bound_workers(cluster, 256) * math.sqrt(2 / 1.01))
+    for ratio in (0.5, 0.01):  # at N*, the link's time equals the compute's, compressed or not
+        n_star = costmodel.server_bound_workers(cluster, 256, ratio=ratio)
+        at = costmodel.step_time(cluster, n_star, 256, ratio=ratio)
+        assert at["network_s"] == pytest.approx(at["compute_s"], rel=1e-6)
+    encoded = costmodel.step_time(cluster, 8, 256, ratio=0.5, encode_s=0.003)
+    assert encoded["step_s"] == pytest.approx(half["step_s"] + 0.003)
+    decoded = costmodel.step_time(cluster, 8, 256, ratio=0.5, decode_s=0.0)  # free decoding: one zeroing pass
+    assert decoded["server_s"] == pytest.approx(dense["server_s"] - 7 * INPUTS.grad_bytes / INPUTS.memory_bytes_per_s)
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path):
@@ -101,7 +121,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dptrain.cli", "scale", "--workers", "1,2", "--dataset", "moons",
                         "--model", "2,16,2", "--batch-size", "32", "--steps", "12", "--repeats", "1",
                         "--target-accuracy", "0.8", "--max-epochs", "5", "--cpus", "3", "--quiet",
-                        "--out", str(out)], capture_output=True, text=True, timeout=600)
+                        "--compress", "fp16", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert {(x["mode"], x["workers"]) for x in runs} == {("strong", 1), ("strong", 2), ("weak", 1), ("weak", 2)}
@@ -128,6 +148,16 @@ def test_tiny_sweep_end_to_end(tmp_path):
     report = (out / "report.md").read_text()
     assert "### Strong scaling" in report and "### Cost model" in report and "Time to accuracy" in report
     assert "### Compute ceiling" in report and "round by round" in report
+    with open(out / "compression.csv") as f:  # --compress fp16: "none" measured beside it, bytes halved
+        rows = {(r["compress"], int(r["workers"])): r for r in csv.DictReader(f)}
+    assert set(rows) == {("none", 1), ("none", 2), ("fp16", 1), ("fp16", 2)}
+    for n in (1, 2):
+        assert float(rows[("fp16", n)]["sent_bytes_per_worker_step"]) * 2 == float(rows[("none", n)]["sent_bytes_per_worker_step"])
+        assert float(rows[("fp16", n)]["server_bytes_per_step"]) == n * float(rows[("fp16", n)]["sent_bytes_per_worker_step"])
+    compression = json.loads((out / "compression.json").read_text())
+    assert compression["costs"]["fp16"]["ratio"] == 0.5 and len(compression["time_to_accuracy"]) == 2
+    assert all("predicted_ms" in r for r in compression["rows"])
+    assert "### Compressed gradients" in report
     for png in ("throughput.png", "efficiency.png", "loss_vs_time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     tta = list(csv.DictReader(open(out / "time_to_accuracy.csv")))

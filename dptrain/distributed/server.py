@@ -18,6 +18,7 @@ import time
 import numpy as np
 import ray
 
+from .. import compress
 from ..config import TrainConfig
 from ..loop import build_optimizer, build_schedule
 from ..models import ModelFactory, layout
@@ -51,6 +52,8 @@ class ParameterServer:
         self.optimizer = build_optimizer(self.cfg, self.model.parameters())
         self.schedule = build_schedule(self.cfg, total_steps)
         self.flat = self.optimizer.flat
+        self.decoder = compress.make(self.cfg.compress, self.flat.size, self.flat.data.dtype)  # --compress
+        self._dense = None  # where compressed gradients are added up
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.run_key = run_key  # names this run's shared-memory segments
         self.step = 0
@@ -228,6 +231,8 @@ class ParameterServer:
             raise RuntimeError(f"parameter server at step {self.step} was sent gradients for step {step}")
         count = max(sum(m["count"] for m in metrics), 1)
         grad = self.flat.grad
+        if self.decoder is not None:  # compressed: their sum, in rank order, first
+            grads = [self._decompressed(grads, metrics)]
         self.optimizer.lr = self.schedule(step)
         watching = [t for t in self._active if t.progress] if notify else []
 
@@ -242,6 +247,16 @@ class ParameterServer:
         for t in self._active:
             t.updating(False, self.step)
         return dict(step_metrics(step, metrics, self.optimizer.lr), apply_s=time.perf_counter() - t0)
+
+    def _decompressed(self, payloads: list, metrics: list) -> np.ndarray:
+        """The sum of the workers' compressed gradients (rank order), dense."""
+        if self._dense is None:
+            self._dense = np.zeros(self.flat.size, self.flat.data.dtype)
+        dense = self._dense
+        dense[...] = 0
+        for payload, m in zip(payloads, metrics):
+            self.decoder.decode_add(payload, m["payload"], dense)
+        return dense
 
     def take_unreported(self) -> list:
         """Metrics of the steps a failed run_steps call completed before it failed."""

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from .. import backend
+from .. import backend, compress
 from ..config import TrainConfig, parse_straggler
 from ..data import BatchSampler, Dataset
 from ..models import ModelFactory, layout
@@ -37,6 +37,12 @@ class Worker:
         self.link = None  # our end of the shared-memory transport, while we use it
         self._busy = (None, 0.0)  # (step, time.monotonic() it started) while computing
         self._straggler = parse_straggler(self.cfg.straggler) if self.cfg.straggler else None  # (rank, factor)
+        flat = self.replica.flat
+        self.compressor = compress.make(self.cfg.compress, flat.size, flat.data.dtype)  # None: dense gradients
+        if self.compressor is not None and self.compressor.max_bytes > flat.size * flat.data.dtype.itemsize:
+            raise ValueError(f"--compress {self.cfg.compress}: a payload of {self.compressor.max_bytes} bytes is larger "
+                             f"than this model's {flat.size}-entry gradient")
+        self._payload = np.empty(self.compressor.max_bytes, np.uint8) if self.compressor else None
 
     # ------------------------------------------------------------------ the step
 
@@ -85,19 +91,32 @@ class Worker:
 
     # ------------------------------------------------------------------ over the object store
 
+    def outgoing(self, metrics: dict, into: np.ndarray | None = None) -> np.ndarray:
+        """What we send of the gradient just computed: the flat gradient as numpy, or with
+        --compress its payload (written into the byte buffer `into` if given; the payload's
+        meta goes into `metrics`). `metrics["sent_bytes"]` says how many bytes it is."""
+        grad = backend.to_numpy(self.replica.flat.grad)
+        if self.compressor is None:
+            metrics["sent_bytes"] = grad.nbytes
+            return grad
+        buf = self._payload if into is None else into
+        meta = self.compressor.encode(grad, buf)
+        metrics["payload"], metrics["sent_bytes"] = meta, meta["bytes"]
+        return buf[:meta["bytes"]]
+
     def compute_gradients(self, params: np.ndarray, step: int) -> tuple[np.ndarray, dict]:
-        """Load the flat parameters `params`, compute `step`; (our flat gradient as numpy, metrics)."""
+        """Load the flat parameters `params`, compute `step`; (what we send of our gradient, metrics)."""
         self.replica.load_parameters(params)
         metrics = self.run_step(step)
-        return backend.to_numpy(self.replica.flat.grad), metrics
+        return self.outgoing(metrics), metrics
 
     def compute_task(self, params: np.ndarray, version: int, task: dict) -> tuple[np.ndarray, dict]:
         """A relaxed step's task (relaxed.py): shard task["shard"] of task["of"] of step
         task["step"], on `params`, parameter version `version`; (flat gradient, metrics with
         the version)."""
         self.replica.load_parameters(params)
-        metrics = self.run_step(task["step"], task["shard"], task["of"])
-        return backend.to_numpy(self.replica.flat.grad), dict(metrics, version=version)
+        metrics = dict(self.run_step(task["step"], task["shard"], task["of"]), version=version)
+        return self.outgoing(metrics), metrics
 
     def evaluate(self, params: np.ndarray, split: str = "test") -> dict:
         """Loss (and accuracy) of the flat parameters `params` on a split."""

@@ -12,6 +12,11 @@ For N workers, a global batch B, a model of G gradient bytes, K server shards:
          + N * G / (K * bw_memory)                  and adds N gradients
          + t_opt * G / K                            optimizer update, per byte of its shard
 
+With compressed gradients (`--compress`, a payload of r * G bytes for a gradient of G), the
+gradient's part of every transfer shrinks by r, each worker pays t_encode per step (on its
+cores, so times s), and the server decodes each payload into a dense buffer instead of
+adding a dense gradient: N * t_decode + G / bw_memory (zeroing it) in place of N * G / bw_memory.
+
 with t_fixed, c (seconds per example), bw_object (bytes/s of a worker's copy), bw_memory (bytes/s
 of one pass over an array) and t_opt measured on this machine. For a cluster bw_object is Ray's
 object store (a put and a get) and t_fixed two actor round trips; on one machine with shared
@@ -25,8 +30,8 @@ ceiling (N processes sharing its memory bandwidth and caches: 1.5-1.9 for 2 on t
 development machine, not 2).
 
 Speedup S(N) = T(1) / T(N) with the same global batch (strong scaling), efficiency S(N) / N.
-The server saturates where its per-step traffic 2 * N * G / (K * bw_server) equals the
-compute time c * B / N: N* = sqrt(c * B * K * bw_server / (2 * G)).
+The server saturates where its per-step traffic (1 + r) * N * G / (K * bw_server) equals the
+compute time c * B / N: N* = sqrt(c * B * K * bw_server / ((1 + r) * G)).
 """
 
 from __future__ import annotations
@@ -53,8 +58,11 @@ class CostInputs:
         return asdict(self)
 
 
-def step_time(inp: CostInputs, workers: int, batch: int, shards: int = 1) -> dict:
-    """Predicted seconds per step, split into compute, transfer, server and fixed parts."""
+def step_time(inp: CostInputs, workers: int, batch: int, shards: int = 1, ratio: float = 1.0,
+              encode_s: float = 0.0, decode_s: float | None = None) -> dict:
+    """Predicted seconds per step, split into compute, transfer, server and fixed parts. `ratio`:
+    a compressed gradient's bytes over the dense gradient's; `encode_s` / `decode_s`: a worker's
+    encoding and the server's decoding of one gradient (None: uncompressed, a dense add)."""
     if workers < 1 or batch < 1 or shards < 1:
         raise ValueError(f"workers, batch and shards must be >= 1, got {workers}, {batch}, {shards}")
     g = inp.grad_bytes
@@ -63,9 +71,10 @@ def step_time(inp: CostInputs, workers: int, batch: int, shards: int = 1) -> dic
         compute = inp.compute_s_per_example * batch / inp.parallel_speedup[workers]
     else:
         compute = inp.compute_s_per_example * batch / workers * share
-    transfer = 2 * g / inp.object_bytes_per_s * share
-    network = 2 * workers * g / (shards * inp.server_bytes_per_s)
-    server = workers * g / (shards * inp.memory_bytes_per_s) + inp.optimizer_s_per_byte * g / shards
+    transfer = ((1 + ratio) * g / inp.object_bytes_per_s + encode_s) * share
+    network = (1 + ratio) * workers * g / (shards * inp.server_bytes_per_s)
+    adds = workers * g / inp.memory_bytes_per_s if decode_s is None else workers * decode_s + g / inp.memory_bytes_per_s
+    server = (adds + inp.optimizer_s_per_byte * g) / shards
     total = inp.fixed_s + compute + transfer + network + server
     return {"workers": workers, "shards": shards, "step_s": total, "compute_s": compute, "transfer_s": transfer,
             "network_s": network, "server_s": server, "fixed_s": inp.fixed_s}
@@ -84,12 +93,13 @@ def scaling(inp: CostInputs, worker_counts, batch: int, shards: int = 1) -> list
     return rows
 
 
-def server_bound_workers(inp: CostInputs, batch: int, shards: int = 1) -> float:
+def server_bound_workers(inp: CostInputs, batch: int, shards: int = 1, ratio: float = 1.0) -> float:
     """N* where the server's network time equals the compute time: beyond it, adding workers
     makes steps slower (infinite when the server has no network limit)."""
     if math.isinf(inp.server_bytes_per_s):
         return math.inf
-    return math.sqrt(inp.compute_s_per_example * batch * shards * inp.server_bytes_per_s / (2 * inp.grad_bytes))
+    return math.sqrt(inp.compute_s_per_example * batch * shards * inp.server_bytes_per_s
+                     / ((1 + ratio) * inp.grad_bytes))
 
 
 def relative_errors(inp: CostInputs, measured: dict, batch: int) -> dict:

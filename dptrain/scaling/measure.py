@@ -327,3 +327,66 @@ def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float, shar
                                 cores=os.cpu_count() or 1)
     cluster = costmodel.CostInputs(**common, object_bytes_per_s=object_bw, fixed_s=2 * rtt_ms / 1e3)
     return here, cluster
+
+
+# --------------------------------------------------------------------------- compressed gradients
+
+def compression_sweep(base: TrainConfig, dataset, worker_counts: list, settings: list, repeats: int,
+                      progress=None) -> list:
+    """Strong-scaling runs of every --compress setting at every worker count, round by round:
+    step time and the bytes each worker sent per step (the payloads' measured lengths), and
+    what one server received per step (one server: all the workers' bytes)."""
+    runs = []
+    for rep in range(repeats):
+        for setting in settings:
+            for n in worker_counts:
+                result = _timed_fit(base.replace(workers=n, compress=setting), dataset)
+                run = summarize_run(result.metrics["steps"], n, "strong", base.batch_size, rep)
+                run["compress"] = setting
+                run["sent_bytes_per_worker_step"] = result.summary["sent_bytes_per_worker_step"]
+                run["server_bytes_per_step"] = n * run["sent_bytes_per_worker_step"]
+                runs.append(run)
+                if progress:
+                    progress(f"{setting} N={n} #{rep + 1}: {run['step_ms']:.1f} ms/step")
+    return runs
+
+
+def aggregate_compression(runs: list) -> list:
+    """Median over repeats of each (compress, workers); bytes cut against "none" where it ran."""
+    rows = []
+    for setting, n in sorted({(r["compress"], r["workers"]) for r in runs}, key=lambda k: (k[1], k[0] != "none")):
+        group = [r for r in runs if r["compress"] == setting and r["workers"] == n]
+        row = {"compress": setting, "workers": n, "repeats": len(group)}
+        for k in ("step_ms", "compute_ms", "apply_ms", "other_ms", "sent_bytes_per_worker_step",
+                  "server_bytes_per_step"):
+            row[k] = statistics.median(g[k] for g in group)
+        rows.append(row)
+    dense = {r["workers"]: r["sent_bytes_per_worker_step"] for r in rows if r["compress"] == "none"}
+    for r in rows:
+        r["bytes_cut"] = dense[r["workers"]] / r["sent_bytes_per_worker_step"] if r["workers"] in dense else None
+    return rows
+
+
+def compression_costs(base: TrainConfig, settings: list) -> dict:
+    """setting -> the cost model's compression terms for this model, measured here: ratio (payload
+    bytes over the dense gradient's), encode_s (a worker's encoding of one gradient) and decode_s
+    (the server's adding of one payload into a dense buffer)."""
+    from .. import compress
+    from ..nn import MLP
+    from .bench import time_interleaved
+    flat = MLP(base.model, activation=base.activation, dtype=base.dtype, seed=base.seed).flat()
+    grad = np.random.default_rng(0).standard_normal(flat.size).astype(flat.data.dtype)
+    out = {}
+    for setting in settings:
+        c = compress.make(setting, flat.size, flat.data.dtype)
+        if c is None:
+            continue
+        buf = np.empty(c.max_bytes, np.uint8)
+        dense = np.zeros_like(grad)
+        meta = c.encode(grad, buf)
+        times = time_interleaved({"encode": lambda x, y: c.encode(grad, buf),
+                                  "decode": lambda x, y: c.decode_add(buf, meta, dense)}, None, None,
+                                 repeats=10, warmup=1)
+        out[setting] = {"ratio": meta["bytes"] / grad.nbytes, "encode_s": times["encode"],
+                        "decode_s": times["decode"]}
+    return out

@@ -95,7 +95,7 @@ def plots(out: Path, table: dict, curves: dict) -> list:
 
 
 def report(command: str, base: TrainConfig, table: dict, floors: dict | None, tta: list, model: dict | None,
-           images: list) -> str:
+           images: list, compression: dict | None = None) -> str:
     cols = [("workers", "workers", 0), ("global batch", "batch", 0), ("ms/step", "step_ms", 1),
             ("steps/s", "steps_per_s", 1), ("samples/s", "samples_per_s", 0), ("speedup", "speedup", 2),
             ("efficiency", "efficiency", 2), ("compute ms", "compute_ms", 1), ("apply ms", "apply_ms", 1),
@@ -146,6 +146,8 @@ def report(command: str, base: TrainConfig, table: dict, floors: dict | None, tt
                                             ("final test accuracy", "final_test_accuracy", 3)]))
     if model:
         parts.append(model["markdown"])
+    if compression:
+        parts.append(compression["markdown"])
     if images:
         parts.append("\n".join(f"![{i}]({i})" for i in images))
     return "\n\n".join(parts) + "\n"
@@ -199,3 +201,33 @@ def cost_model_section(inp: costmodel.CostInputs, cluster_inp: costmodel.CostInp
           + ": beyond N*, one server makes every added worker slow the step down; K shards raise N* by sqrt(K)."]
     return {"markdown": "\n".join(md), "check": check, "predictions": pred_rows, "n_star": nstar,
             "inputs": inp.to_dict(), "cluster_inputs": cluster.to_dict()}
+
+
+def compression_section(rows: list, tta: list, inp: costmodel.CostInputs | None, costs: dict, batch: int,
+                        transport: str) -> dict:
+    """The compressed-gradient runs (`rows`: medians per setting and worker count), their time to
+    accuracy, and the cost model's prediction of each measured step (`inp` measured in this run,
+    `costs`: each setting's ratio, encode and decode times)."""
+    for r in rows:
+        if inp is not None and (not inp.parallel_speedup or r["workers"] in inp.parallel_speedup):
+            terms = costs.get(r["compress"], {})
+            r["predicted_ms"] = 1e3 * costmodel.step_time(inp, r["workers"], batch, **terms)["step_s"]
+            r["error"] = abs(r["predicted_ms"] - r["step_ms"]) / r["step_ms"]
+    cols = [("compress", "compress", 0), ("workers", "workers", 0), ("ms/step", "step_ms", 2),
+            ("bytes/worker/step", "sent_bytes_per_worker_step", 0), ("bytes/server/step", "server_bytes_per_step", 0),
+            ("fewer bytes", "bytes_cut", 1)]
+    if any("predicted_ms" in r for r in rows):
+        cols += [("model ms", "predicted_ms", 2), ("model error", "error", 2)]
+    md = ["### Compressed gradients", "",
+          f"Strong scaling with each `--compress` setting ({transport} transport), measured in the same rounds; "
+          "bytes are the payloads' measured lengths, and one server receives every worker's. "
+          + ("The cost model's terms, measured here: " + "; ".join(
+              f"{k}: ratio {v['ratio']:.4f}, encode {1e3 * v['encode_s']:.2f} ms, decode {1e3 * v['decode_s']:.2f} ms"
+              for k, v in costs.items()) + "." if costs else ""), "",
+          markdown_table(rows, cols)]
+    if tta:
+        md += ["", "Time to accuracy per setting (MNIST-1D, 40-256-256-10, batch 256, SGD 0.1 momentum 0.9):", "",
+               markdown_table(tta, [("compress", "compress", 0), ("workers", "workers", 0),
+                                    ("target", "target_accuracy", 2), ("seconds", "time_to_target_s", 1),
+                                    ("steps", "steps", 0), ("final test accuracy", "final_test_accuracy", 3)])]
+    return {"markdown": "\n".join(md), "rows": rows, "time_to_accuracy": tta, "costs": costs}

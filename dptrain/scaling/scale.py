@@ -24,12 +24,14 @@ import json
 import logging
 from pathlib import Path
 
+from .. import compress
 from ..config import ConfigError, TrainConfig, choices, parse_model
 from ..data import load_dataset
 from . import costmodel
-from .measure import (WARMUP_STEPS, aggregate, compute_ceiling, measure_cost_inputs, measure_floors,
-                      median_ceilings, paired_strong, speedup_table, sweep, time_to_accuracy)
-from .report import cost_model_section, plots, report, write_csv
+from .measure import (WARMUP_STEPS, aggregate, aggregate_compression, compression_costs, compression_sweep,
+                      compute_ceiling, measure_cost_inputs, measure_floors, median_ceilings, paired_strong,
+                      speedup_table, sweep, time_to_accuracy)
+from .report import compression_section, cost_model_section, plots, report, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +56,9 @@ def add_parser(sub) -> None:
     p.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True, help="run the time-to-accuracy phase")
     p.add_argument("--floors", action=argparse.BooleanOptionalAction, default=True,
                    help="measure the overhead floors and fit the cost model")
+    p.add_argument("--compress", default="none", metavar="LIST",
+                   help="gradient compression settings to compare (none, fp16, bf16, topk:RATIO; e.g. "
+                        "none,fp16,topk:0.01): bytes per step, step time, time to accuracy, the cost model")
     p.add_argument("--network-gbit", type=float, default=10.0, metavar="X",
                    help="server link bandwidth assumed by the cluster predictions (default: 10 Gbit/s)")
     add_run_flags(p, "scale")
@@ -80,8 +85,22 @@ def _counts(text: str) -> list:
     return counts
 
 
+def _compressions(text: str) -> list:
+    """["none", ...] from "none,fp16,topk:0.01"; "none" first (the baseline) whenever others are given."""
+    settings = [c.strip() for c in text.split(",") if c.strip()]
+    for c in settings:
+        try:
+            compress.parse(c)
+        except ValueError as e:
+            raise ConfigError(f"invalid --compress: {e}") from None
+    if not settings:
+        raise ConfigError(f"invalid --compress: {text!r} (name at least one setting, e.g. none,fp16)")
+    return ["none"] + [c for c in dict.fromkeys(settings) if c != "none"]
+
+
 def run(args) -> int:
     counts = _counts(args.workers)
+    compressions = _compressions(args.compress)
     if args.steps <= WARMUP_STEPS:
         raise ConfigError(f"invalid --steps: {args.steps} (must exceed the {WARMUP_STEPS} warm-up steps)", field="steps")
     if args.repeats < 1:
@@ -107,7 +126,9 @@ def run(args) -> int:
     started = connect(args.address, num_cpus=embedded_cpus(max(counts), args.cpus_per_worker, args.cpus))
     logging.getLogger("dptrain.metrics").setLevel(logging.WARNING)  # a sweep logs per run, not per step
     logging.getLogger("dptrain.distributed.trainer").setLevel(logging.WARNING)
-    total = len(modes) * len(counts) * args.repeats + (len(counts) if args.tta else 0) + (1 if args.floors else 0)
+    compressing = len(compressions) > 1
+    total = (len(modes) * len(counts) * args.repeats + (len(counts) if args.tta else 0) + (1 if args.floors else 0)
+             + (len(compressions) * (len(counts) * args.repeats + (1 if args.tta else 0)) if compressing else 0))
     from tqdm import tqdm
     bar = tqdm(total=total, unit="run", disable=args.quiet, dynamic_ncols=True)
 
@@ -122,7 +143,7 @@ def run(args) -> int:
                 f.write(json.dumps(r) + "\n")
         table = {mode: speedup_table(aggregate(runs), mode) for mode in modes}
         write_csv(out / "runs.csv", [r for rows in table.values() for r in rows])
-        floors = model = None
+        floors = model = inp = None
         if args.floors:
             floors = measure_floors(base, dataset, args.steps, repeats=max(args.repeats, 3))
             if not ceilings:  # weak scaling only: one ceiling measurement
@@ -144,11 +165,26 @@ def run(args) -> int:
         if args.tta:
             tta, curves = time_to_accuracy(base, counts, args.target_accuracy, args.max_epochs, progress)
             write_csv(out / "time_to_accuracy.csv", tta)
+        compression = None
+        if compressing:
+            crows = aggregate_compression(compression_sweep(base, dataset, counts, compressions, args.repeats,
+                                                            progress))
+            ctta = []
+            if args.tta:  # each setting at the largest count
+                for setting in compressions:
+                    rows, _ = time_to_accuracy(base.replace(compress=setting), [counts[-1]], args.target_accuracy,
+                                               args.max_epochs, progress)
+                    ctta += [dict(r, compress=setting) for r in rows]
+            compression = compression_section(crows, ctta, inp, compression_costs(base, compressions),
+                                              base.batch_size, base.transport)
+            write_csv(out / "compression.csv", crows)
+            (out / "compression.json").write_text(json.dumps({k: v for k, v in compression.items() if k != "markdown"},
+                                                             indent=2, default=str) + "\n")
         if model:
             (out / "costmodel.json").write_text(json.dumps({k: v for k, v in model.items() if k != "markdown"},
                                                            indent=2, default=str) + "\n")
         images = plots(out, table, curves)
-        (out / "report.md").write_text(report(command, base, table, floors, tta, model, images))
+        (out / "report.md").write_text(report(command, base, table, floors, tta, model, images, compression))
     finally:
         bar.close()
         if started:
@@ -165,5 +201,10 @@ def run(args) -> int:
         print(f"1 worker vs single process: {floors['one_worker_step_ms']:.1f} vs {floors['local_step_ms']:.1f} ms "
               f"({100 * floors['one_worker_overhead']:+.1f}%); tiny model with 2 workers: {floors['tiny_two_worker_step_ms']:.2f} ms "
               f"= 2 x {floors['actor_round_trip_ms']:.2f} ms round trips {floors['tiny_added_ms']:+.2f} ms")
-    print(f"results: {out}/ (report.md, runs.jsonl, runs.csv{', plots' if images else ''})")
+    for r in (compression or {}).get("rows", []):
+        cut = f" ({r['bytes_cut']:.1f}x fewer)" if r.get("bytes_cut") and r["compress"] != "none" else ""
+        print(f"{r['compress']:>10} N={r['workers']:<3} {r['step_ms']:8.1f} ms/step {r['sent_bytes_per_worker_step']:12,.0f} "
+              f"bytes/worker/step{cut}")
+    print(f"results: {out}/ (report.md, runs.jsonl, runs.csv{', compression.csv' if compression else ''}"
+          f"{', plots' if images else ''})")
     return 0

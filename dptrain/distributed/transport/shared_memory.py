@@ -35,6 +35,8 @@ from __future__ import annotations
 import select
 import time
 
+import numpy as np
+
 from ..errors import WorkerError, WorkerLost
 from . import SHARED_MEMORY, Transport, control
 from .shm import SharedArray, unlink
@@ -247,7 +249,9 @@ class WorkerLink:
         self.params.array.flags.writeable = False  # workers never write parameters
         self.header = SharedArray.attach(spec["header"], 2, "int64")
         self.grad = SharedArray.create(spec["size"], spec["dtype"], f"{spec['tag']}-grad{worker.rank}")
-        replica.bind_gradients(self.grad.array)
+        if worker.compressor is None:  # backward writes the gradient straight here
+            replica.bind_gradients(self.grad.array)
+        self.payload = self.grad.array.view(np.uint8)  # else: the compressed gradient is written here
         self.loaded = 0  # parameters [0, loaded) of the server's segment are copied in and current
 
     def load(self, upto: int) -> None:
@@ -255,6 +259,15 @@ class WorkerLink:
         if upto > self.loaded:
             self.worker.replica.load_parameters(self.params.array, self.loaded, upto)
             self.loaded = upto
+
+    def sent(self, metrics: dict) -> dict:
+        """The gradient just computed, in our segment for the server (compressed there with
+        --compress; already there otherwise); `metrics` with what was sent."""
+        if self.worker.compressor is None:
+            metrics["sent_bytes"] = self.grad.array.nbytes
+        else:
+            self.worker.outgoing(metrics, into=self.payload)
+        return metrics
 
     def snapshot(self) -> int:
         """Copy the server's parameters into the model as one version, even while it updates them
@@ -291,14 +304,14 @@ class WorkerLink:
                     if op == "task":
                         version = self.snapshot()
                         metrics = worker.run_step(int(request["step"]), int(request["shard"]), int(request["of"]))
-                        chan.send({"metrics": dict(metrics, version=version)})
+                        chan.send({"metrics": self.sent(dict(metrics, version=version))})
                         served += 1
                         continue
                     self.load(size)
                     if op == "step":
                         step = int(request["step"])
                         self.loaded = 0  # the server's next update changes them
-                        reply = {"metrics": worker.run_step(step)}
+                        reply = {"metrics": self.sent(worker.run_step(step))}
                     elif op == "evaluate":
                         reply = {"evaluation": worker.replica.evaluate(request["split"])}
                     else:
@@ -315,6 +328,7 @@ class WorkerLink:
 
     def close(self) -> None:
         self.worker.replica.bind_gradients(None)  # no views of the segment may outlive it
+        self.payload = None
         self.params.close()
         self.header.close()
         self.grad.close()

@@ -1,0 +1,134 @@
+"""Compressed gradients: what a worker sends, in fewer bytes (`--compress`).
+
+Parameters always travel exact; only the gradients workers send are compressed:
+
+- `fp16`: each entry as an IEEE half (2 bytes; numpy's float16, round to nearest).
+- `bf16`: each entry as a bfloat16 (2 bytes: a float32's upper half, rounded to nearest
+  even; float32's range, 8 bits of precision).
+- `topk:RATIO`: the ceil(RATIO x size) entries of largest magnitude, as values and int32
+  positions, with error feedback (Stich et al. 2018; Lin et al. 2018): the worker keeps
+  what it did not send as a residual and adds it to its next gradient, so every part of
+  every gradient is sent eventually. Exactly: sent + kept = gradient + old residual.
+
+A payload is a byte buffer (a uint8 array, or the first bytes of a worker's shared-memory
+gradient segment) plus a small `meta` dict that travels with the step's metrics; the
+server adds each decoded payload into one dense buffer in rank order (`decode_add`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+KINDS = ("none", "fp16", "bf16", "topk:RATIO")
+
+
+def parse(text: str | None) -> tuple:
+    """"none" -> ("none", None); "fp16", "bf16"; "topk:0.01" -> ("topk", 0.01). ValueError naming
+    the value otherwise."""
+    text = "none" if text is None else str(text)
+    if text in ("none", "fp16", "bf16"):
+        return text, None
+    kind, sep, ratio = text.partition(":")
+    try:
+        r = float(ratio)
+    except ValueError:
+        r = None
+    if kind != "topk" or not sep or r is None or not 0 < r <= 0.5:
+        raise ValueError(f"{text!r} (expected none, fp16, bf16 or topk:RATIO with 0 < RATIO <= 0.5, e.g. topk:0.01)")
+    return "topk", r
+
+
+def make(text: str | None, size: int, dtype) -> "Compressor | None":
+    """The compressor of a `--compress` setting for gradients of `size` entries of `dtype`;
+    None for "none"."""
+    kind, ratio = parse(text)
+    if kind == "none":
+        return None
+    return {"fp16": Half, "bf16": BFloat16, "topk": TopK}[kind](size, np.dtype(dtype), ratio)
+
+
+class Compressor:
+    """Encodes a dense gradient into bytes and adds decoded bytes into a dense buffer."""
+
+    def __init__(self, size: int, dtype: np.dtype, ratio: float | None = None):
+        self.size, self.dtype, self.ratio = size, dtype, ratio
+
+    @property
+    def max_bytes(self) -> int:
+        """The largest payload (what a buffer for it needs)."""
+        raise NotImplementedError
+
+    def encode(self, grad: np.ndarray, into: np.ndarray) -> dict:
+        """Write `grad`'s payload into the byte buffer `into` (uint8, at least max_bytes); its meta
+        (with "bytes", the payload's length)."""
+        raise NotImplementedError
+
+    def decode_add(self, payload: np.ndarray, meta: dict, out: np.ndarray) -> None:
+        """out += the gradient the payload (any array whose bytes begin with it) encodes."""
+        raise NotImplementedError
+
+
+class Half(Compressor):
+    @property
+    def max_bytes(self) -> int:
+        return 2 * self.size
+
+    def encode(self, grad, into):
+        np.copyto(into[:2 * self.size].view(np.float16), grad, casting="same_kind")
+        return {"bytes": 2 * self.size}
+
+    def decode_add(self, payload, meta, out):
+        out += _bytes(payload)[:2 * self.size].view(np.float16)
+
+
+class BFloat16(Compressor):
+    @property
+    def max_bytes(self) -> int:
+        return 2 * self.size
+
+    def encode(self, grad, into):
+        bits = np.ascontiguousarray(grad, dtype=np.float32).view(np.uint32)
+        # round to nearest even on the upper 16 bits (NaN and Inf keep their class)
+        rounded = (bits + (np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16)
+        into[:2 * self.size].view(np.uint16)[:] = rounded.astype(np.uint16)
+        return {"bytes": 2 * self.size}
+
+    def decode_add(self, payload, meta, out):
+        halves = _bytes(payload)[:2 * self.size].view(np.uint16)
+        out += (halves.astype(np.uint32) << np.uint32(16)).view(np.float32)
+
+
+class TopK(Compressor):
+    """The largest-magnitude entries of gradient + residual; the rest kept as the residual."""
+
+    def __init__(self, size, dtype, ratio):
+        super().__init__(size, dtype, ratio)
+        self.k = min(size, max(1, math.ceil(ratio * size)))
+        self.residual = np.zeros(size, dtype)
+
+    @property
+    def max_bytes(self) -> int:
+        return self.k * (self.dtype.itemsize + 4)
+
+    def encode(self, grad, into):
+        acc = self.residual
+        acc += grad  # gradient + old residual, in place: what is not sent stays here
+        k, item = self.k, self.dtype.itemsize
+        picked = np.argpartition(np.abs(acc), self.size - k)[self.size - k:] if k < self.size else np.arange(k)
+        picked.sort()  # in order: the server's adds walk memory forwards
+        values = into[:k * item].view(self.dtype)
+        np.take(acc, picked, out=values)
+        into[k * item:k * (item + 4)].view(np.int32)[:] = picked
+        acc[picked] = 0  # sent: no longer owed
+        return {"bytes": k * (item + 4), "k": k}
+
+    def decode_add(self, payload, meta, out):
+        k, item = meta["k"], self.dtype.itemsize
+        raw = _bytes(payload)
+        out[raw[k * item:k * (item + 4)].view(np.int32)] += raw[:k * item].view(self.dtype)
+
+
+def _bytes(payload: np.ndarray) -> np.ndarray:
+    return payload.reshape(-1).view(np.uint8)
