@@ -6,7 +6,9 @@ divided once by the batch's example count, fed to the optimizer block by block i
 the same pass. It drives chunks of steps itself (`run_steps`), so a step costs one
 fan-out and fan-in, not a round trip through the driver; the workers are reached
 only through transports (transport/), which it sets up itself from the driver's list
-of workers and where they run (`set_workers`).
+of workers and where they run (`set_workers`). With --staleness or --backup-workers the
+steps run relaxed (relaxed.py), each concluded by the same `conclude`; with --compress
+the workers' payloads are decoded and added up in rank order before the update.
 """
 
 from __future__ import annotations

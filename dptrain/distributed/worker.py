@@ -5,7 +5,9 @@ without Ray). Its step is the contract's part 2 (step.py): the gradient of the l
 sum over `sampler.shard_at(step, num_workers, rank)`, left in the replica's flat
 gradient buffer. How the parameters arrive and the gradient leaves is the
 transport's: `compute_gradients(params, step)` over the object store,
-`use_shared_memory` + `serve` over shared memory (transport/).
+`use_shared_memory` + `serve` over shared memory (transport/). A relaxed step's task
+(relaxed.py) names any shard of any step; with --compress the worker sends a payload
+(`outgoing`, compress.py) and keeps top-k's residual.
 """
 
 from __future__ import annotations
