@@ -39,6 +39,8 @@ def test_object_store_transport_equals_single_process(ray_local, workers):
     dist = trainer.fit()
     assert trainer.shared == [] and dist.summary["shared_memory_workers"] == 0
     assert _max_rel_diff(dist.params, dp.train_local(cfg).params) < 1e-10
+    size = prepare(cfg, dp.data.load_dataset("moons"))[0]().flat().size  # bytes sent: the dense float64 gradient
+    assert all(rec["sent_bytes"] == [8 * size] * workers for rec in dist.metrics["steps"])
 
 
 @pytest.mark.slow
