@@ -80,12 +80,13 @@ def step_time(inp: CostInputs, workers: int, batch: int, shards: int = 1, ratio:
             "network_s": network, "server_s": server, "fixed_s": inp.fixed_s}
 
 
-def scaling(inp: CostInputs, worker_counts, batch: int, shards: int = 1) -> list:
-    """Strong scaling predictions: step time, speedup and efficiency against 1 worker."""
-    base = step_time(inp, 1, batch, shards)["step_s"]
+def scaling(inp: CostInputs, worker_counts, batch: int, shards: int = 1, **compression) -> list:
+    """Strong scaling predictions: step time, speedup and efficiency against 1 worker (with
+    `compression`: step_time's ratio, encode_s, decode_s)."""
+    base = step_time(inp, 1, batch, shards, **compression)["step_s"]
     rows = []
     for n in worker_counts:
-        row = step_time(inp, n, batch, shards)
+        row = step_time(inp, n, batch, shards, **compression)
         row["speedup"] = base / row["step_s"]
         row["efficiency"] = row["speedup"] / n
         row["samples_per_s"] = batch / row["step_s"]

@@ -351,10 +351,11 @@ def compression_sweep(base: TrainConfig, dataset, worker_counts: list, settings:
     return runs
 
 
-def aggregate_compression(runs: list) -> list:
-    """Median over repeats of each (compress, workers); bytes cut against "none" where it ran."""
+def aggregate_compression(runs: list, settings: list) -> list:
+    """Median over repeats of each (compress, workers), in the order of `settings`; bytes cut
+    against "none" where it ran."""
     rows = []
-    for setting, n in sorted({(r["compress"], r["workers"]) for r in runs}, key=lambda k: (k[1], k[0] != "none")):
+    for setting, n in sorted({(r["compress"], r["workers"]) for r in runs}, key=lambda k: (k[1], settings.index(k[0]))):
         group = [r for r in runs if r["compress"] == setting and r["workers"] == n]
         row = {"compress": setting, "workers": n, "repeats": len(group)}
         for k in ("step_ms", "compute_ms", "apply_ms", "other_ms", "sent_bytes_per_worker_step",

@@ -203,11 +203,16 @@ def cost_model_section(inp: costmodel.CostInputs, cluster_inp: costmodel.CostInp
             "inputs": inp.to_dict(), "cluster_inputs": cluster.to_dict()}
 
 
-def compression_section(rows: list, tta: list, inp: costmodel.CostInputs | None, costs: dict, batch: int,
-                        transport: str) -> dict:
+def compression_section(rows: list, tta: list, model: dict | None, costs: dict, batch: int,
+                        transport: str, network_gbit: float) -> dict:
     """The compressed-gradient runs (`rows`: medians per setting and worker count), their time to
-    accuracy, and the cost model's prediction of each measured step (`inp` measured in this run,
-    `costs`: each setting's ratio, encode and decode times)."""
+    accuracy, the cost model's prediction of each measured step and for a cluster (`model`: the
+    cost model section of this run, its inputs measured here; `costs`: each setting's ratio,
+    encode and decode times)."""
+    inp = costmodel.CostInputs(**model["inputs"]) if model else None
+    if inp is not None and inp.parallel_speedup:  # JSON-like keys back to worker counts
+        inp = costmodel.CostInputs(**{**inp.to_dict(), "parallel_speedup": {
+            int(k): v for k, v in inp.parallel_speedup.items()}})
     for r in rows:
         if inp is not None and (not inp.parallel_speedup or r["workers"] in inp.parallel_speedup):
             terms = costs.get(r["compress"], {})
@@ -230,4 +235,24 @@ def compression_section(rows: list, tta: list, inp: costmodel.CostInputs | None,
                markdown_table(tta, [("compress", "compress", 0), ("workers", "workers", 0),
                                     ("target", "target_accuracy", 2), ("seconds", "time_to_target_s", 1),
                                     ("steps", "steps", 0), ("final test accuracy", "final_test_accuracy", 3)])]
-    return {"markdown": "\n".join(md), "rows": rows, "time_to_accuracy": tta, "costs": costs}
+    cluster_rows = []
+    if model:
+        cluster = costmodel.CostInputs(**model["cluster_inputs"])
+        counts = [8, 32, 128]
+        for setting in ["none", *costs]:
+            terms = costs.get(setting, {})
+            pred = costmodel.scaling(cluster, [1, *counts], batch, **terms)
+            row = {"compress": setting, "n_star": costmodel.server_bound_workers(cluster, batch,
+                                                                                ratio=terms.get("ratio", 1.0))}
+            for p in pred[1:]:
+                row[f"ms_{p['workers']}"], row[f"speedup_{p['workers']}"] = 1e3 * p["step_s"], p["speedup"]
+            cluster_rows.append(row)
+        md += ["", f"The cost model for a cluster (one server, a {network_gbit:g} Gbit/s link, a core set per "
+               "worker, this machine's compute and encode/decode times): compressing the gradients leaves the "
+               "parameters' broadcast dense, so the server's traffic shrinks by at most half and N* grows by "
+               "at most sqrt(2):", "",
+               markdown_table(cluster_rows, [("compress", "compress", 0), ("N*", "n_star", 1)] + [
+                   (h.format(n=n), k.format(n=n), d) for n in counts
+                   for h, k, d in (("ms N={n}", "ms_{n}", 1), ("speedup N={n}", "speedup_{n}", 2))])]
+    return {"markdown": "\n".join(md), "rows": rows, "time_to_accuracy": tta, "costs": costs,
+            "cluster": cluster_rows}
