@@ -301,21 +301,20 @@ class WorkerLink:
                     self.load(int(request["upto"]))
                     continue
                 try:
-                    if op == "task":
+                    if op == "task":  # any shard of any step, on a consistent snapshot of the parameters
                         version = self.snapshot()
                         metrics = worker.run_step(int(request["step"]), int(request["shard"]), int(request["of"]))
-                        chan.send({"metrics": self.sent(dict(metrics, version=version))})
-                        served += 1
-                        continue
-                    self.load(size)
-                    if op == "step":
-                        step = int(request["step"])
-                        self.loaded = 0  # the server's next update changes them
-                        reply = {"metrics": self.sent(worker.run_step(step))}
-                    elif op == "evaluate":
-                        reply = {"evaluation": worker.replica.evaluate(request["split"])}
-                    else:
-                        reply = {"error": f"worker {worker.rank}: unknown request {op!r}"}
+                        reply = {"metrics": self.sent(dict(metrics, version=version))}
+                    else:  # the rest of the parameters the server's update made final
+                        self.load(size)
+                        if op == "step":
+                            step = int(request["step"])
+                            self.loaded = 0  # the server's next update changes them
+                            reply = {"metrics": self.sent(worker.run_step(step))}
+                        elif op == "evaluate":
+                            reply = {"evaluation": worker.replica.evaluate(request["split"])}
+                        else:
+                            reply = {"error": f"worker {worker.rank}: unknown request {op!r}"}
                 except Exception as e:
                     reply = {"error": str(e)}
                 chan.send(reply)
