@@ -159,8 +159,6 @@ class TrainConfig:
             bad("workers", self.workers, "must be >= 1")
         if self.batch_size < 1:
             bad("batch_size", self.batch_size, "must be >= 1")
-        if self.batch_size < self.workers:
-            bad("batch_size", self.batch_size, f"smaller than the {self.workers} workers: each needs an example")
         if self.steps is None and self.epochs < 1:
             bad("epochs", self.epochs, "must be >= 1")
         if self.steps is not None and self.steps < 1:
@@ -202,8 +200,9 @@ class TrainConfig:
         if (self.staleness or self.backup_workers) and self.transport == "compiled_graph":
             bad("transport", self.transport, "a compiled graph runs only the synchronous step: use auto or "
                                              "object_store with staleness or backup workers")
-        if self.batch_size < self.replicas:
-            bad("batch_size", self.batch_size, f"smaller than the {self.replicas} worker replicas: each needs an example")
+        if self.batch_size < self.replicas:  # (checked once backup_workers is known good)
+            who = f"{self.replicas} worker replicas" if self.backup_workers else f"{self.workers} workers"
+            bad("batch_size", self.batch_size, f"smaller than the {who}: each needs an example")
         try:
             compress.parse(self.compress)
         except ValueError as e:
