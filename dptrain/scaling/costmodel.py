@@ -58,6 +58,11 @@ class CostInputs:
         return asdict(self)
 
 
+def on_cluster(inp: CostInputs, network_gbit: float) -> CostInputs:
+    """`inp` on a cluster: a core set per worker, and a server link of `network_gbit` Gbit/s."""
+    return CostInputs(**{**inp.to_dict(), "cores": 10**9, "server_bytes_per_s": network_gbit * 1e9 / 8})
+
+
 def step_time(inp: CostInputs, workers: int, batch: int, shards: int = 1, ratio: float = 1.0,
               encode_s: float = 0.0, decode_s: float | None = None) -> dict:
     """Predicted seconds per step, split into compute, transfer, server and fixed parts. `ratio`:

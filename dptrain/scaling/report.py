@@ -160,8 +160,7 @@ def cost_model_section(inp: costmodel.CostInputs, cluster_inp: costmodel.CostInp
     errors = costmodel.relative_errors(inp, measured, batch)
     check = [{"workers": n, "measured_ms": 1e3 * t, "predicted_ms": 1e3 * costmodel.step_time(inp, n, batch)["step_s"],
               "error": errors[n]} for n, t in sorted(measured.items())]
-    cluster = costmodel.CostInputs(**{**cluster_inp.to_dict(), "cores": 10**9,
-                                      "server_bytes_per_s": network_gbit * 1e9 / 8})
+    cluster = costmodel.on_cluster(cluster_inp, network_gbit)
     counts = [8, 16, 32, 64, 128, 256]
     predictions = {k: costmodel.scaling(cluster, [1] + counts, batch, shards=k) for k in (1, 4, 16)}
     pred_rows = []
@@ -203,16 +202,13 @@ def cost_model_section(inp: costmodel.CostInputs, cluster_inp: costmodel.CostInp
             "inputs": inp.to_dict(), "cluster_inputs": cluster.to_dict()}
 
 
-def compression_section(rows: list, tta: list, model: dict | None, costs: dict, batch: int,
-                        transport: str, network_gbit: float) -> dict:
+def compression_section(rows: list, tta: list, inp: costmodel.CostInputs | None,
+                        cluster: costmodel.CostInputs | None, costs: dict, batch: int, transport: str,
+                        network_gbit: float) -> dict:
     """The compressed-gradient runs (`rows`: medians per setting and worker count), their time to
-    accuracy, the cost model's prediction of each measured step and for a cluster (`model`: the
-    cost model section of this run, its inputs measured here; `costs`: each setting's ratio,
-    encode and decode times)."""
-    inp = costmodel.CostInputs(**model["inputs"]) if model else None
-    if inp is not None and inp.parallel_speedup:  # JSON-like keys back to worker counts
-        inp = costmodel.CostInputs(**{**inp.to_dict(), "parallel_speedup": {
-            int(k): v for k, v in inp.parallel_speedup.items()}})
+    accuracy, and the cost model's prediction of each measured step (`inp`: this machine's inputs
+    measured in this run) and for a cluster (`cluster`, costmodel.on_cluster); `costs`: each
+    setting's ratio, encode and decode times."""
     for r in rows:
         if inp is not None and (not inp.parallel_speedup or r["workers"] in inp.parallel_speedup):
             terms = costs.get(r["compress"], {})
@@ -236,8 +232,7 @@ def compression_section(rows: list, tta: list, model: dict | None, costs: dict, 
                                     ("target", "target_accuracy", 2), ("seconds", "time_to_target_s", 1),
                                     ("steps", "steps", 0), ("final test accuracy", "final_test_accuracy", 3)])]
     cluster_rows = []
-    if model:
-        cluster = costmodel.CostInputs(**model["cluster_inputs"])
+    if cluster is not None:
         counts = [8, 32, 128]
         for setting in ["none", *costs]:
             terms = costs.get(setting, {})

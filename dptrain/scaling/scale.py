@@ -143,7 +143,7 @@ def run(args) -> int:
                 f.write(json.dumps(r) + "\n")
         table = {mode: speedup_table(aggregate(runs), mode) for mode in modes}
         write_csv(out / "runs.csv", [r for rows in table.values() for r in rows])
-        floors = model = None
+        floors = model = inp = cluster_inp = None
         if args.floors:
             floors = measure_floors(base, dataset, args.steps, repeats=max(args.repeats, 3))
             if not ceilings:  # weak scaling only: one ceiling measurement
@@ -175,8 +175,9 @@ def run(args) -> int:
                     rows, _ = time_to_accuracy(base.replace(compress=setting), [counts[-1]], args.target_accuracy,
                                                args.max_epochs, progress)
                     ctta += [dict(r, compress=setting) for r in rows]
-            compression = compression_section(crows, ctta, model, compression_costs(base, compressions),
-                                              base.batch_size, base.transport, args.network_gbit)
+            compression = compression_section(
+                crows, ctta, inp, costmodel.on_cluster(cluster_inp, args.network_gbit) if cluster_inp else None,
+                compression_costs(base, compressions), base.batch_size, base.transport, args.network_gbit)
             write_csv(out / "compression.csv", crows)
             (out / "compression.json").write_text(json.dumps({k: v for k, v in compression.items() if k != "markdown"},
                                                              indent=2, default=str) + "\n")
