@@ -120,20 +120,21 @@ def test_a_process_killed_or_frozen_from_outside(own_cluster, tmp_path, victim, 
 
 
 @pytest.mark.fault
-def test_a_relaxed_run_survives_kill_9_of_a_worker(own_cluster, tmp_path):
-    """kill -9 of a worker's process in a bounded-staleness run spread over two nodes (shared
-    memory on one, the object store to the other): the run finishes every step, and is exactly
-    what its records say it applied (tests/test_stragglers.py's replay). (Backup workers lose a
-    worker in test_stragglers.py; the relaxed loop and its recovery are the same code.)"""
-    mode = ["--staleness", "2"]
+@pytest.mark.parametrize("mode,victim", [(["--staleness", "2"], "ray::Worker"),
+                                         (["--backup-workers", "1"], "ray::ParameterServer")])
+def test_a_relaxed_run_survives_kill_9(own_cluster, tmp_path, mode, victim):
+    """kill -9 of a worker's process in a bounded-staleness run, and of the server's in a
+    backup-worker run, spread over two nodes (shared memory on one, the object store to the
+    other): the run finishes every step, and is exactly what its records say it applied
+    (tests/test_stragglers.py's replay)."""
     import dptrain as dp
     from test_stragglers import _max_rel_diff, _replay
     out = tmp_path / "run"
-    proc = _train_on(own_cluster, out, *mode, "--straggler", "1:3", "--step-timeout", "5")
+    proc = _train_on(own_cluster, out, *mode, "--straggler", "1:3", "--step-timeout", "5", "--checkpoint-every", "100")
     sessions = [int(p.read_text()) for p in Path(own_cluster["state"]).glob("*.sid")]
-    pids = [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", "ray::Worker"],
+    pids = [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", victim],
                                                              capture_output=True, text=True).stdout.split()]
-    assert pids, "no worker process found"
+    assert pids, f"no {victim} process found"
     subprocess.run(["kill", "-KILL", pids[0]])
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
