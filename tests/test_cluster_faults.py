@@ -1,6 +1,7 @@
-"""Tests that need a `cluster/start.sh` cluster of their own: a node killed as a crashed machine
-dies, and a cluster started while Ray's default job-agent port is taken. In a module of their own,
-so that test_real_cluster.py's shared cluster is stopped before these start theirs."""
+"""Faults from outside on `cluster/start.sh` clusters: a node killed as a crashed machine dies
+(a cluster of its own each), a process killed or frozen (one cluster shared by those tests), and
+a cluster started while Ray's default job-agent port is taken. In a module of their own, so that
+test_real_cluster.py's shared cluster is stopped before these start theirs."""
 
 import json
 import subprocess
@@ -22,8 +23,18 @@ def own_cluster():
         yield c
 
 
-NODE_RUN = ["--dataset", "moons", "--model", "2,256,256,2", "--batch-size", "60", "--steps", "1500", "--dtype", "float64",
-            "--seed", "3", "--log-every", "10", "--workers", "2", "--spread"]
+@pytest.fixture(scope="module")
+def shared_cluster():
+    """One such cluster for the tests that kill or freeze a single process: the nodes outlive
+    it, so each test finds the cluster as a user would after the last one recovered. (Started
+    after the own_cluster tests above have stopped theirs: pytest keeps the file's order.)"""
+    with started_cluster(prefix="dps-") as c:
+        yield c
+
+
+STEPS = 500  # the victim is killed after 100 logged steps: the rest run after the recovery
+NODE_RUN = ["--dataset", "moons", "--model", "2,256,256,2", "--batch-size", "60", "--steps", str(STEPS), "--dtype",
+            "float64", "--seed", "3", "--log-every", "10", "--workers", "2", "--spread"]
 
 
 def _train_on(cluster, out, *flags):
@@ -46,7 +57,7 @@ def _train_on(cluster, out, *flags):
 def _assert_fault_free_parameters(out):
     """The run's final parameters are those of NODE_RUN in one process, without faults."""
     import dptrain as dp
-    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=1500,
+    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=STEPS,
                                           dtype="float64", seed=3)).params
     with np.load(out / "params.npz", allow_pickle=False) as params:
         for k in clean:  # the same global batch whatever the worker count: the same parameters
@@ -65,7 +76,7 @@ def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode):
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr and "lost" in stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 1500 and summary["failures_survived"] >= 1
+    assert summary["steps"] == STEPS and summary["failures_survived"] >= 1
     assert summary["workers"] == (2 if mode == "restart" else 1)
     _assert_fault_free_parameters(out)
 
@@ -98,13 +109,13 @@ def test_submit_works_when_the_default_agent_port_was_taken(tmp_path):
 @pytest.mark.fault
 @pytest.mark.parametrize("victim,sig", [("ray::Worker", "KILL"), ("ray::ParameterServer", "KILL"),
                                         ("ray::Worker", "STOP"), ("ray::ParameterServer", "STOP")])
-def test_a_process_killed_or_frozen_from_outside(own_cluster, tmp_path, victim, sig):
+def test_a_process_killed_or_frozen_from_outside(shared_cluster, tmp_path, victim, sig):
     """kill -9 of a worker's or the server's process, or SIGSTOP of either (a frozen machine; the
     server's heartbeat stops), found by its process title on the cluster's nodes, as an operator
     would: the run recovers and ends with the fault-free run's parameters."""
     out = tmp_path / "run"
-    proc = _train_on(own_cluster, out, "--step-timeout", "5", "--checkpoint-every", "100")
-    sessions = [int(p.read_text()) for p in Path(own_cluster["state"]).glob("*.sid")]
+    proc = _train_on(shared_cluster, out, "--step-timeout", "5", "--checkpoint-every", "100")
+    sessions = [int(p.read_text()) for p in Path(shared_cluster["state"]).glob("*.sid")]
     pids = [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", victim],
                                                              capture_output=True, text=True).stdout.split()]
     assert pids, f"no {victim} process found"
@@ -115,14 +126,14 @@ def test_a_process_killed_or_frozen_from_outside(own_cluster, tmp_path, victim, 
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr and ("lost" in stderr or "hung" in stderr)
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 1500 and summary["failures_survived"] >= 1
+    assert summary["steps"] == STEPS and summary["failures_survived"] >= 1
     _assert_fault_free_parameters(out)
 
 
 @pytest.mark.fault
 @pytest.mark.parametrize("mode,victim", [(["--staleness", "2"], "ray::Worker"),
                                          (["--backup-workers", "1"], "ray::ParameterServer")])
-def test_a_relaxed_run_survives_kill_9(own_cluster, tmp_path, mode, victim):
+def test_a_relaxed_run_survives_kill_9(shared_cluster, tmp_path, mode, victim):
     """kill -9 of a worker's process in a bounded-staleness run, and of the server's in a
     backup-worker run, spread over two nodes (shared memory on one, the object store to the
     other): the run finishes every step, and is exactly what its records say it applied
@@ -130,8 +141,8 @@ def test_a_relaxed_run_survives_kill_9(own_cluster, tmp_path, mode, victim):
     import dptrain as dp
     from test_stragglers import _max_rel_diff, _replay
     out = tmp_path / "run"
-    proc = _train_on(own_cluster, out, *mode, "--straggler", "1:3", "--step-timeout", "5", "--checkpoint-every", "100")
-    sessions = [int(p.read_text()) for p in Path(own_cluster["state"]).glob("*.sid")]
+    proc = _train_on(shared_cluster, out, *mode, "--straggler", "1:3", "--step-timeout", "5", "--checkpoint-every", "100")
+    sessions = [int(p.read_text()) for p in Path(shared_cluster["state"]).glob("*.sid")]
     pids = [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", victim],
                                                              capture_output=True, text=True).stdout.split()]
     assert pids, f"no {victim} process found"
@@ -140,15 +151,15 @@ def test_a_relaxed_run_survives_kill_9(own_cluster, tmp_path, mode, victim):
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr and "lost" in stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == 1500 and summary["failures_survived"] >= 1
+    assert summary["steps"] == STEPS and summary["failures_survived"] >= 1
     records = {}
     for line in (out / "metrics.jsonl").read_text().splitlines():
         rec = json.loads(line)
         if rec.get("kind") == "step":
             records[rec["step"]] = rec  # a step run again after the loss: its last record
-    assert sorted(records) == list(range(1500))
+    assert sorted(records) == list(range(STEPS))
     cfg = dp.TrainConfig(**{k: v for k, v in json.loads((out / "config.json").read_text()).items()
                             if k in dp.TrainConfig.__dataclass_fields__})
     with np.load(out / "params.npz", allow_pickle=False) as params:
         final = {k: params[k] for k in params.files}
-    assert _max_rel_diff(final, _replay(cfg, [records[k] for k in range(1500)])) < 1e-10
+    assert _max_rel_diff(final, _replay(cfg, [records[k] for k in range(STEPS)])) < 1e-10
