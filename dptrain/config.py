@@ -99,6 +99,10 @@ class TrainConfig:
         "How parameters and gradients travel ({choices}): auto, shared memory for CPU workers on the "
         "server's node and Ray's object store for the others; object_store, always Ray objects; "
         "compiled_graph, a Ray Compiled Graph (measured slower; docs/scaling.md).")
+    servers: int = _f(1,
+        "Parameter servers K: with K > 1 each of K server actors (placed SPREAD across nodes) owns a "
+        "contiguous 1/K of the parameters and their optimizer state, and workers exchange each "
+        "server's slice with it directly over the object store (docs/design.md).")
     progress: bool = _f(False, "Show a progress bar (the CLI turns it on in a terminal).")
     # ---- reliability
     checkpoint_every: int = _f(0,
@@ -207,6 +211,18 @@ class TrainConfig:
             compress.parse(self.compress)
         except ValueError as e:
             raise ConfigError(f"invalid compress: {e}", field="compress") from None
+        if not (isinstance(self.servers, (int, np.integer)) and self.servers >= 1):
+            bad("servers", self.servers, "must be a whole number >= 1")
+        if self.servers > 1:
+            for name, value, why in (("transport", self.transport == "compiled_graph",
+                                      "a compiled graph reaches one server: use auto or object_store"),
+                                     ("staleness", self.staleness, "relaxed steps run on one server"),
+                                     ("backup_workers", self.backup_workers, "relaxed steps run on one server"),
+                                     ("compress", self.compress != "none",
+                                      "compressed gradients go to one server")):
+                if value:
+                    bad(name, getattr(self, name), f"{why}; sharded servers (--servers {self.servers}) "
+                                                   "take the exact synchronous step with dense gradients")
         if self.straggler is not None:
             who, factor = parse_straggler(self.straggler)
             if who != "random" and who >= self.replicas:

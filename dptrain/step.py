@@ -63,11 +63,14 @@ class Replica:
 
     def load_parameters(self, flat_params, start: int = 0, stop: int | None = None) -> None:
         """Copy a flat parameter array (numpy) into the model: one copy, no per-tensor work.
-        `start` and `stop` copy only that range of it."""
-        if flat_params.shape != self.flat.data.shape:
+        `start` and `stop` copy only that range of it; given both, `flat_params` may also be
+        just that range's values (a sharded server's slice)."""
+        if flat_params.shape == self.flat.data.shape:
+            flat_params = flat_params[start:stop]
+        elif stop is None or flat_params.shape != (stop - start,):
             raise ValueError(f"parameters of shape {flat_params.shape} do not fit this model's "
-                             f"{self.flat.data.shape}")
-        self.flat.data[start:stop] = self.xp.asarray(flat_params[start:stop])
+                             f"{self.flat.data.shape}" + (f" (range {start}:{stop})" if stop is not None else ""))
+        self.flat.data[start:stop] = self.xp.asarray(flat_params)
 
     def bind_gradients(self, storage=None) -> None:
         """Let backward write the gradients into `storage`, a 1-D array laid out like the flat

@@ -61,6 +61,13 @@ def dptrain(*args, timeout=300):
     (["--workers", "2", "--backup-workers", "1", "--straggler", "3:2"], "(worker 3 of 3 (ranks 0 to 2))"),
     (["--workers", "2", "--backup-workers", "1", "--batch-size", "2"], "smaller than the 3 worker replicas"),
     (["--compress", "zip"], "invalid --compress: 'zip' (expected none, fp16, bf16 or topk:RATIO"),
+    (["--servers", "0"], "invalid --servers: 0 (must be a whole number >= 1)"),
+    (["--servers", "two"], "argument --servers: invalid int value: 'two'"),
+    (["--servers", "2", "--transport", "compiled_graph"], "invalid --transport: 'compiled_graph' (a compiled graph "
+                                                          "reaches one server"),
+    (["--servers", "2", "--compress", "fp16"], "invalid --compress: 'fp16' (compressed gradients go to one server; "
+                                               "sharded servers (--servers 2) take the exact synchronous step"),
+    (["--servers", "2", "--staleness", "1"], "invalid --staleness: 1.0 (relaxed steps run on one server"),
     (["--compress", "topk:0.9"], "invalid --compress: 'topk:0.9' (expected none, fp16, bf16 or topk:RATIO with "
                                  "0 < RATIO <= 0.5"),
 ])

@@ -107,14 +107,17 @@ def test_submit_works_when_the_default_agent_port_was_taken(tmp_path):
 
 
 @pytest.mark.fault
-@pytest.mark.parametrize("victim,sig", [("ray::Worker", "KILL"), ("ray::ParameterServer", "KILL"),
-                                        ("ray::Worker", "STOP"), ("ray::ParameterServer", "STOP")])
-def test_a_process_killed_or_frozen_from_outside(shared_cluster, tmp_path, victim, sig):
-    """kill -9 of a worker's or the server's process, or SIGSTOP of either (a frozen machine; the
-    server's heartbeat stops), found by its process title on the cluster's nodes, as an operator
-    would: the run recovers and ends with the fault-free run's parameters."""
+@pytest.mark.parametrize("victim,sig,flags", [("ray::Worker", "KILL", []), ("ray::ParameterServer", "KILL", []),
+                                              ("ray::Worker", "STOP", []), ("ray::ParameterServer", "STOP", []),
+                                              ("ray::ServerShard", "KILL", ["--servers", "2"]),
+                                              ("ray::ServerShard", "STOP", ["--servers", "2"])])
+def test_a_process_killed_or_frozen_from_outside(shared_cluster, tmp_path, victim, sig, flags):
+    """kill -9 of a worker's, the server's or (--servers 2) a server shard's process, or SIGSTOP of
+    one (a frozen machine; the server's heartbeat stops), found by its process title on the
+    cluster's nodes, as an operator would: the run recovers and ends with the fault-free run's
+    parameters."""
     out = tmp_path / "run"
-    proc = _train_on(shared_cluster, out, "--step-timeout", "5", "--checkpoint-every", "100")
+    proc = _train_on(shared_cluster, out, "--step-timeout", "5", "--checkpoint-every", "100", *flags)
     sessions = [int(p.read_text()) for p in Path(shared_cluster["state"]).glob("*.sid")]
     pids = [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", victim],
                                                              capture_output=True, text=True).stdout.split()]

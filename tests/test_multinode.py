@@ -35,6 +35,18 @@ def test_spread_workers_give_the_same_parameters(three_nodes):
         np.testing.assert_allclose(dist.params[k], local.params[k], rtol=1e-10, atol=1e-14)
 
 
+def test_sharded_servers_spread_over_the_nodes_give_the_same_parameters(three_nodes):
+    """--servers 3 on three nodes: one shard per node (SPREAD), the workers' slices crossing
+    between nodes through the object store, and still the single process's parameters."""
+    cfg = dp.TrainConfig(dataset="moons", workers=3, servers=3, batch_size=64, steps=10, dtype="float64",
+                         spread=True, cpus_per_worker=1, model=[2, 64, 2], optimizer="adam", lr=0.01, seed=4)
+    dist = dp.Trainer(cfg).fit()
+    local = dp.train_local(cfg)
+    assert dist.summary["servers"] == 3 and dist.summary["server_nodes"] == 3 and dist.summary["nodes"] == 3
+    for k in local.params:
+        np.testing.assert_allclose(dist.params[k], local.params[k], rtol=1e-10, atol=1e-14)
+
+
 def test_unplaceable_job_fails_fast(three_nodes):
     cfg = dp.TrainConfig(dataset="moons", workers=4, steps=2, cpus_per_worker=1)
     with pytest.raises(dp.distributed.ClusterError, match=r"4 workers x 1 CPU = 4 CPUs, but the Ray cluster has 3"):

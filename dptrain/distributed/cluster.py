@@ -211,3 +211,10 @@ def head_node_id() -> str | None:
         if node.get("Alive") and "node:__internal_head__" in node.get("Resources", {}):
             return node["NodeID"]
     return None
+
+
+def live_node_ids() -> list:
+    """The live nodes' ids, the head's first, the others in a stable order."""
+    head = head_node_id()
+    others = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive") and n["NodeID"] != head)
+    return ([head] if head is not None else []) + others

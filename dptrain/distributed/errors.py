@@ -1,7 +1,7 @@
 """The distributed layer's failure vocabulary: what went wrong, where and at which step.
 
 Recoverable: `WorkerLost` (a worker died, hung, or its result was lost with its node;
-every transport reports it the same way) and `ServerLost`. Not recoverable: a worker's
+every transport reports it the same way), `ServerLost` and, with sharded servers, `ShardLost`. Not recoverable: a worker's
 code failed (`WorkerError`), a NaN or Inf under `on_nonfinite=stop` (`NonFiniteError`);
 the driver turns them, and a spent failure budget, into `TrainingError`.
 """
@@ -31,6 +31,19 @@ class ServerLost(RuntimeError):
     def __init__(self, step: int, cause: str):
         super().__init__(f"parameter server lost around step {step}: {cause}")
         self.step, self.cause = step, cause
+
+
+class ShardLost(ServerLost):
+    """Server shard `index` (--servers K) died, hung or could not finish `step`'s update. The
+    shards' ranges may now hold different steps: a new shard takes its place and every shard
+    is restored from the newest checkpoint (the parameter server itself lives on)."""
+
+    def __init__(self, index: int, step: int, cause: str):
+        RuntimeError.__init__(self, f"server shard {index} lost at step {step}: {cause}")
+        self.index, self.step, self.cause = index, step, cause
+
+    def __reduce__(self):  # crosses process boundaries inside Ray's task errors
+        return (ShardLost, (self.index, self.step, self.cause))
 
 
 class NonFiniteError(RuntimeError):

@@ -3,7 +3,8 @@
 A fault is a dict: {"rank": r, "step": k, "kind": raise|exit|nan|hang[, "seconds": s]}
 for worker r (at the first step it computes from k on: with bounded staleness a
 worker may compute no shard of step k), or {"role": "server", "step": k, "kind":
-exit|hang} for the server.
+exit|hang} for the server, or {"role": "shard", "index": j, "step": k, "kind": exit|hang}
+for server shard j (--servers K > 1), at its update of step k.
 raise: an exception in the worker's code; exit: the process dies; nan: a NaN in the
 gradient; hang: a sleep (an hour unless `seconds`). The trainer spawns these
 subclasses only when it is given faults; a replacement actor gets only the faults
@@ -17,6 +18,7 @@ import os
 import time
 
 from .server import ParameterServer
+from .shards import ServerShard
 from .worker import Worker
 
 WORKER_KINDS = ("raise", "exit", "nan", "hang")
@@ -26,8 +28,8 @@ SERVER_KINDS = ("exit", "hang")
 def check(faults: list) -> None:
     """ValueError naming a fault that is not one of the kinds above."""
     for fault in faults:
-        kinds = SERVER_KINDS if fault.get("role") == "server" else WORKER_KINDS
-        if fault.get("role") in (None, "worker", "server") and fault.get("kind") not in kinds:
+        kinds = SERVER_KINDS if fault.get("role") in ("server", "shard") else WORKER_KINDS
+        if fault.get("role") in (None, "worker", "server", "shard") and fault.get("kind") not in kinds:
             raise ValueError(f"unknown fault kind {fault.get('kind')!r} in {fault}; expected one of {kinds}")
 
 
@@ -36,8 +38,16 @@ def for_worker(faults: list | None, rank: int) -> dict:
     return {f["step"]: f for f in faults or [] if f.get("role", "worker") == "worker" and f.get("rank") == rank}
 
 
-def for_server(faults: list | None) -> dict:
-    return {f["step"]: f for f in faults or [] if f.get("role") == "server"}
+def for_server(faults: list | None, role: str = "server", index: int | None = None) -> dict:
+    """step -> fault, of the server (or of server shard `index`)."""
+    return {f["step"]: f for f in faults or [] if f.get("role") == role and f.get("index") == index}
+
+
+def _server_fault(fault: dict | None) -> None:
+    if fault and fault["kind"] == "exit":  # the process dies, or hangs, before the step
+        os._exit(1)
+    if fault and fault["kind"] == "hang":
+        time.sleep(fault.get("seconds", 3600))
 
 
 class FaultyWorker(Worker):
@@ -69,8 +79,14 @@ class FaultyServer(ParameterServer):
         self.faults = for_server(faults)
 
     def starting(self, step: int) -> None:
-        fault = self.faults.get(step)
-        if fault and fault["kind"] == "exit":  # the server dies, or hangs, before the step
-            os._exit(1)
-        if fault and fault["kind"] == "hang":
-            time.sleep(fault.get("seconds", 3600))
+        _server_fault(self.faults.get(step))
+
+
+class FaultyShard(ServerShard):
+    def __init__(self, *args, faults: list | None = None):
+        super().__init__(*args)
+        self.faults = for_server(faults, "shard", self.index)
+
+    def update(self, step: int, count: int, lr: float, *grads):
+        _server_fault(self.faults.pop(step, None))
+        return super().update(step, count, lr, *grads)

@@ -1,7 +1,8 @@
 """The run's actors on the driver's side: starting them, connecting them, calling them, stopping them.
 
 `Fleet` spawns the parameter server (pinned to the live head node, next to the
-driver) and the workers (in a SPREAD placement group with `spread`), waits until
+driver), its shards with --servers K > 1 (SPREAD across the nodes) and the workers
+(in a SPREAD placement group with `spread`), waits until
 they answer, checks that every worker built the server's model, and hands the
 server its workers and where they run (`connect`): the server's transports do the
 rest. The driver's calls to the server go through `server_call`, which turns Ray's
@@ -21,9 +22,10 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, Place
 from ..config import ConfigError, TrainConfig
 from ..models import first_difference
 from . import transport
-from .cluster import head_node_id
-from .errors import NonFiniteError, ServerLost, TrainingError, WorkerError, WorkerLost
+from .cluster import head_node_id, live_node_ids
+from .errors import NonFiniteError, ServerLost, ShardLost, TrainingError, WorkerError, WorkerLost
 from .server import ParameterServer, Watch
+from .shards import ServerShard
 from .worker import Worker
 
 log = logging.getLogger(__name__)
@@ -55,6 +57,8 @@ class Fleet:
             fault_injection.check(faults)
         self.ps = None
         self.workers: list = []
+        self.shards: list = []  # --servers K > 1: the server shards, by index
+        self.shard_nodes: list = []  # the node each shard runs on
         self.placement: list = []  # where each worker runs: rank, pid, node_id, device
         self.carried: dict = {}  # transport name -> ranks, as the server set them up
         self.pg = None
@@ -104,6 +108,22 @@ class Fleet:
             self.watch.beat.remote(0, 0.0)  # reads queue behind this call)
         return actor.remote(*args, faults=self._remaining_faults()) if self.faults else actor.remote(*args)
 
+    def spawn_shard(self, index: int):
+        """Server shard `index` (--servers K > 1): no CPU reserved, like the server, and spread over
+        the live nodes, the head's first (shard j on the j-th, round robin), so that on a cluster
+        the shards' links are different nodes' links. (Ray's "SPREAD" strategy put actors that
+        reserve nothing all on one node, and a soft affinity often did too.) A node that died
+        unnoticed fails the shard's start, and start_actor tries again on the nodes then alive."""
+        nodes = live_node_ids()
+        opts = {"num_cpus": 0}
+        if nodes:
+            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=False)
+        if self.faults:
+            from .faults import FaultyShard
+            return ray.remote(FaultyShard).options(**opts).remote(self.cfg.to_dict(), index,
+                                                                  faults=self._remaining_faults())
+        return ray.remote(ServerShard).options(**opts).remote(self.cfg.to_dict(), index)
+
     def _watch(self):
         """The server's heartbeat Watch, made on first need (a call that waits long)."""
         if self.watch is None:
@@ -121,6 +141,7 @@ class Fleet:
             self.pg = self._reserve_spread()
         self.workers = [self.spawn_worker(rank, cfg.replicas) for rank in range(cfg.replicas)]
         self.ps = self.spawn_server()
+        self.shards = [self.spawn_shard(j) for j in range(cfg.servers)] if cfg.servers > 1 else []
         return self._wait_ready()
 
     def _reserve_spread(self):
@@ -143,18 +164,21 @@ class Fleet:
 
     def _wait_ready(self) -> list:
         refs = [w.ready.remote() for w in self.workers]
-        everything = refs + [self.ps.ready.remote()]  # the server has started once it answers
+        shards = [s.ready.remote() for s in self.shards]
+        everything = refs + [self.ps.ready.remote()] + shards  # an actor has started once it answers
         ready, pending = ray.wait(everything, num_returns=len(everything), timeout=WAIT_NOTICE_S)
         if pending:  # a busy cluster: say so while waiting
             log.warning("waiting for the cluster to start %d of %d actors (its resources are taken?); giving up "
                         "after %.0f s", len(pending), len(everything), READY_TIMEOUT_S)
             ready, pending = ray.wait(everything, num_returns=len(everything), timeout=READY_TIMEOUT_S - WAIT_NOTICE_S)
         if pending:
-            names = [f"worker {refs.index(r)}" if r in refs else "parameter server" for r in pending]
+            names = [f"worker {refs.index(r)}" if r in refs else f"server shard {shards.index(r)}" if r in shards
+                     else "parameter server" for r in pending]
             raise TrainingError(f"{', '.join(names)} did not start within {READY_TIMEOUT_S:.0f} s: the cluster "
                                 "has no free resources for them (cluster/status.sh shows what is running)")
         try:
             self.placement = ray.get(refs)
+            self.shard_nodes = ray.get(shards)
         except ray.exceptions.RayError as e:
             raise TrainingError(f"a worker failed to start: {unwrap(e)}") from None
         server = ray.get(self.ps.get_layout.remote())
@@ -198,7 +222,10 @@ class Fleet:
     # ------------------------------------------------------------------ connecting and calling
 
     def connect(self) -> None:
-        """Hand the server its workers and where they run: its transports set them up."""
+        """Hand the server its shards (--servers K > 1) and its workers and where they run: its
+        transports set them up."""
+        if self.shards:
+            self.server_call(self.ps.set_shards.remote(self.shards), self.submitted)
         self.carried = self.server_call(self.ps.set_workers.remote(self.workers, self.placement), self.submitted)
 
     def server_call(self, ref, step: int):
@@ -224,7 +251,7 @@ class Fleet:
             return ray.get(ref)
         except ray.exceptions.RayTaskError as e:
             cause = unwrap(e)
-            if isinstance(cause, WorkerLost):
+            if isinstance(cause, (WorkerLost, ShardLost)):
                 raise cause from None
             if isinstance(cause, ray.exceptions.RayActorError):
                 raise ServerLost(step, str(cause).splitlines()[0]) from None
@@ -253,7 +280,7 @@ class Fleet:
 
     def stop(self) -> None:
         """Let the actors release their shared-memory segments, kill them, free the placement group."""
-        actors = self.workers + ([self.ps] if self.ps is not None else [])
+        actors = self.workers + self.shards + ([self.ps] if self.ps is not None else [])
         try:
             ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=10)
         except Exception:  # a dead actor cannot clean up: its process exit unmaps, the driver unlinks

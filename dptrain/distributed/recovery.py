@@ -2,7 +2,7 @@
 
 One path whatever the transports: change the fleet (a new worker in the lost one's
 rank; or the others renumbered to share the batch; or a new server restored from
-the newest checkpoint), then `Fleet.connect` hands the server its workers and the
+the newest checkpoint; or a new server shard, and the server restored), then `Fleet.connect` hands the server its workers and the
 server's transports set up what changed. The steps after the server's state are
 run again (with a compiled-graph transport a new server gets new workers too: Ray keeps
 the old ones in the dead server's graph); every step is a pure function of (parameters, step, data), so the
@@ -16,14 +16,14 @@ import logging
 import ray
 
 from . import transport
-from .errors import ServerLost, TrainingError, WorkerLost
+from .errors import ServerLost, ShardLost, TrainingError, WorkerLost
 from .fleet import Fleet
 
 log = logging.getLogger(__name__)
 
 
 def recover(fleet: Fleet, error: WorkerLost | ServerLost, failures: int, recorded: int) -> int:
-    """Replace what was lost; returns the failure count. TrainingError once the budget is spent.
+    """Replace what was lost (ShardLost is a ServerLost); returns the failure count. TrainingError once the budget is spent.
     `recorded`: the steps logged so far (a new server restores a checkpoint of at most that many)."""
     cfg = fleet.cfg
     failures += 1
@@ -32,7 +32,9 @@ def recover(fleet: Fleet, error: WorkerLost | ServerLost, failures: int, recorde
         raise TrainingError(f"{error}; the failure budget (--max-failures {cfg.max_failures}) is spent. "
                             f"Last checkpoint: {where}")
     log.warning("%s; recovering (failure %d of at most %d)", error, failures, cfg.max_failures)
-    if isinstance(error, ServerLost):
+    if isinstance(error, ShardLost):
+        replace_shard(fleet, error.index, recorded)
+    elif isinstance(error, ServerLost):
         replace_server(fleet, recorded)
     elif cfg.on_worker_loss == "shrink" and len(fleet.workers) > 1:
         shrink(fleet, error.rank)
@@ -56,6 +58,17 @@ def shrink(fleet: Fleet, rank: int) -> None:
     fleet.placement.pop(rank)
     for new_rank, where in enumerate(fleet.placement):  # the server tells the workers (Fleet.connect)
         where["rank"] = new_rank
+
+
+def replace_shard(fleet: Fleet, index: int, recorded: int) -> None:
+    """A new server shard `index`; the server (alive) restores the newest checkpoint of at most
+    `recorded` steps (or the initial state) and, in Fleet.connect, gives every shard its range
+    of it: the shards' ranges are one step's again, and the steps after it run again."""
+    ray.kill(fleet.shards[index])
+    fleet.shards[index], fleet.shard_nodes[index] = fleet.start_actor(
+        f"server shard {index}", lambda: fleet.spawn_shard(index), lambda actor: actor.ready.remote())
+    log.info("a new server shard %d runs on node %s", index, fleet.shard_nodes[index][:8])
+    fleet.restore(required=False, max_step=recorded)
 
 
 def replace_server(fleet: Fleet, recorded: int) -> None:

@@ -8,7 +8,8 @@ fan-out and fan-in, not a round trip through the driver; the workers are reached
 only through transports (transport/), which it sets up itself from the driver's list
 of workers and where they run (`set_workers`). With --staleness or --backup-workers the
 steps run relaxed (relaxed.py), each concluded by the same `conclude`; with --compress
-the workers' payloads are decoded and added up in rank order before the update.
+the workers' payloads are decoded and added up in rank order before the update. With
+--servers K > 1 the update is the shards' (shards.py): the server passes references.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from ..step import mean_gradient, step_metrics
 from . import transport
 from .errors import NonFiniteError
 from .relaxed import Relaxed
+from .shards import Shards
 from .worker import node_id
 
 
@@ -61,6 +63,8 @@ class ParameterServer:
         self.step = 0
         self.transports = transport.transports(self)
         self.relaxed = Relaxed(self) if self.cfg.relaxed else None  # bounded staleness or backup workers
+        self.shards = Shards(self) if self.cfg.servers > 1 else None  # --servers K: they update, we coordinate
+        self._initial = (self.flat.data.copy(), self.optimizer.state_dict()) if self.shards else None
         self.carrier: list = []  # rank -> the transport carrying that worker
         self._active: list = []  # the transports carrying any
         self._ranks: dict = {}  # actor -> (rank, workers) it was last given
@@ -82,7 +86,9 @@ class ParameterServer:
         transport sets up the workers it newly carries and releases the ones it no longer does:
         the same call at the start, after a worker was replaced or the others took a lost one's
         share, and for a new server. Returns transport name -> ranks."""
-        plan = transport.assign(self.cfg.transport, placement, node_id())
+        # sharded: every worker reaches the shards through the object store (they may be on any node)
+        plan = transport.assign(self.cfg.transport if self.shards is None else transport.OBJECT_STORE, placement,
+                                node_id())
         self._pause()  # served workers must take the setup calls
         if self.relaxed is not None:
             self.relaxed.reset()  # what was in flight is computed again (with the new workers)
@@ -97,6 +103,12 @@ class ParameterServer:
         self.carrier = [self.transports[plan[rank]] for rank in range(len(workers))]
         self._active = [t for t in self.transports.values() if t.workers]
         return {name: sorted(t.workers) for name, t in self.transports.items()}
+
+    def set_shards(self, shards: list) -> list:
+        """Use these server shard actors (--servers K; index order) from now on; new ones get
+        their ranges of the newest restored state. Returns each one's range."""
+        self.shards.attach(shards)
+        return self.shards.bounds
 
     def _pause(self) -> None:
         """Let every worker take other Ray calls (ours, during a change of setup)."""
@@ -232,6 +244,11 @@ class ParameterServer:
         if step != self.step:
             raise RuntimeError(f"parameter server at step {self.step} was sent gradients for step {step}")
         count = max(sum(m["count"] for m in metrics), 1)
+        if self.shards is not None:  # each shard updates its range (grads: every worker's K slices)
+            lr = self.schedule(step)
+            self.shards.update(step, grads, count, lr)
+            self.step += 1
+            return dict(step_metrics(step, metrics, lr), apply_s=time.perf_counter() - t0)
         grad = self.flat.grad
         if self.decoder is not None:  # compressed: their sum, in rank order, first
             grads = [self._decompressed(grads, metrics)]
@@ -269,6 +286,8 @@ class ParameterServer:
         """Loss (and accuracy) of the current parameters on a split, computed by worker 0."""
         if self.relaxed is not None:
             self.relaxed.settle()  # no task in flight: worker 0 is free and the parameters stay put
+        if self.shards is not None:
+            self.shards.gather()
         return self.carrier[0].evaluate(0, split, time.monotonic() + self.cfg.step_timeout)
 
     # ------------------------------------------------------------------ state
@@ -278,6 +297,8 @@ class ParameterServer:
         if not self.checkpoints:
             return None
         from .. import checkpoint
+        if self.shards is not None:  # every shard's range of one step
+            self.shards.gather(optimizer=True)
         return str(checkpoint.save(self.checkpoints, self.step, self.flat.data, self.optimizer.state_dict(),
                                    self.layout, self.config, keep=self.cfg.keep_checkpoints,
                                    relaxed=self.relaxed.checkpoint() if self.relaxed is not None else None))
@@ -288,16 +309,21 @@ class ParameterServer:
         from .. import checkpoint
         self._pause()  # served workers keep copies of the parameters they saw
         folder = folder or self.checkpoints
-        if folder is None:  # no checkpoints kept: a new server starts from the initial parameters
-            return None
-        state = checkpoint.load_latest(folder, self.layout, str(self.flat.data.dtype), max_step)
-        if state is None:
+        state = checkpoint.load_latest(folder, self.layout, str(self.flat.data.dtype), max_step) if folder else None
+        if state is None:  # none kept or none yet: a new server starts from the initial parameters,
+            if self.shards is not None:  # and so do shards that lost one of theirs
+                self.flat.data[...], opt = self._initial
+                self.optimizer.load_state_dict(opt)
+                self.step = 0
+                self.shards.restored()
             return None
         self.flat.data[...] = state["params"]
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = state["step"]
         if self.relaxed is not None:
             self.relaxed.restored(folder)
+        if self.shards is not None:
+            self.shards.restored()  # set_shards sends it to them
         return self.step
 
     def get_layout(self) -> list:
@@ -306,9 +332,13 @@ class ParameterServer:
 
     def get_weights(self) -> np.ndarray:
         """The current flat parameters."""
+        if self.shards is not None:
+            self.shards.gather()
         return self.flat.data
 
     def state_dict(self) -> dict:
+        if self.shards is not None:
+            self.shards.gather()
         return dict(self.model.state_dict())
 
 

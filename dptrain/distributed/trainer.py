@@ -263,6 +263,8 @@ class Trainer:
         summary["workers"] = len(fleet.workers)
         summary["nodes"] = len({p["node_id"] for p in fleet.placement})
         summary["shared_memory_workers"] = len(fleet.shared)
+        if fleet.shards:
+            summary["servers"], summary["server_nodes"] = len(fleet.shards), len(set(fleet.shard_nodes))
         summary["failures_survived"] = failures
         summary.update(self.startup)
         if resumed_from > 0:  # the run's steps in all, this session's from resumed_from on

@@ -112,6 +112,15 @@ class Worker:
         metrics = self.run_step(step)
         return self.outgoing(metrics), metrics
 
+    def compute_sharded(self, step: int, bounds: list, *params: np.ndarray) -> tuple:
+        """Sharded servers (shards.py): load each shard's slice `params[j]` into its range `bounds[j]`,
+        compute `step`; (metrics, then our gradient's slice for each shard)."""
+        for (lo, hi), values in zip(bounds, params):
+            self.replica.load_parameters(values, lo, hi)
+        metrics = self.run_step(step)
+        grad = self.outgoing(metrics)  # dense: the whole gradient's bytes, sent in K parts
+        return (metrics, *(grad[lo:hi] for lo, hi in bounds))
+
     def compute_task(self, params: np.ndarray, version: int, task: dict) -> tuple[np.ndarray, dict]:
         """A relaxed step's task (relaxed.py): shard task["shard"] of task["of"] of step
         task["step"], on `params`, parameter version `version`; (flat gradient, metrics with

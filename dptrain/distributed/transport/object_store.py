@@ -6,6 +6,10 @@ object store of the worker's node) and returns its flat gradient, which Ray move
 back to the server's node. It works between any nodes and for GPU workers; on a
 2-core machine a 7.5 MB model pays a few milliseconds of copies per step, which is
 why co-located CPU workers use shared memory instead.
+
+With sharded servers (--servers K, shards.py) a worker's call gets the K shards' newest
+slices as K objects and returns its metrics and K gradient slices as K + 1 objects;
+the server keeps the references for the shards' update.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ class ObjectStoreTransport(Transport):
 
     def __init__(self, host):
         super().__init__(host)
-        self._refs: dict = {}  # rank -> ObjectRef of the step in flight
+        self._refs: dict = {}  # rank -> ObjectRef of the step in flight (sharded: of its metrics)
+        self._slices: dict = {}  # sharded: rank -> the K ObjectRefs of its gradient's slices
         self._tasks: dict = {}  # ObjectRef -> (rank, step) of the relaxed tasks in flight
         self._put = (None, None)  # (version, ObjectRef) of the parameters last put for tasks
 
@@ -33,13 +38,25 @@ class ObjectStoreTransport(Transport):
     def send(self, step: int) -> None:
         if not self.workers:
             return
+        shards = self.host.shards
+        if shards is not None:  # the shards' newest slices in, one gradient slice per shard out
+            k = len(shards.bounds)
+            for rank, w in self.workers.items():
+                metrics, *slices = w.compute_sharded.options(num_returns=k + 1).remote(step, shards.bounds,
+                                                                                        *shards.refs)
+                self._refs[rank], self._slices[rank] = metrics, slices
+            return
         import ray
         params = ray.put(self.host.flat.data)  # once for every worker
         self._refs = {rank: w.compute_gradients.remote(params, step) for rank, w in self.workers.items()}
 
     def receive(self, step: int, deadline: float) -> dict:
         refs, self._refs = self._refs, {}
-        return self.call_all(refs, step, timeout=seconds_left(deadline)) if refs else {}
+        results = self.call_all(refs, step, timeout=seconds_left(deadline)) if refs else {}
+        if self.host.shards is not None:  # (the slices' references, metrics)
+            slices, self._slices = self._slices, {}
+            return {rank: (slices[rank], metrics) for rank, metrics in results.items()}
+        return results
 
     def evaluate(self, rank: int, split: str, deadline: float) -> dict:
         return self.evaluate_by_call(rank, split, deadline)

@@ -1,0 +1,115 @@
+"""Sharded parameter servers (--servers K): ranges, their arithmetic, exactness, checkpoints."""
+
+import shutil
+
+import numpy as np
+import pytest
+
+import dptrain as dp
+from dptrain import checkpoint
+from dptrain.distributed.shards import ServerShard, bounds, sliced_state
+from dptrain.loop import build_optimizer
+from dptrain.nn.module import Parameter
+from dptrain.step import mean_gradient
+
+BASE = dict(dataset="moons", batch_size=50, steps=12, dtype="float64", model=[2, 16, 16, 2], seed=1)
+SGD = {"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 0.01, "lr": 0.1}
+ADAM = {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.001}
+
+
+def _max_rel_diff(a: dict, b: dict) -> float:
+    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-300)) for k in b)
+
+
+@pytest.mark.parametrize("size,k,itemsize", [(1_863_690 + 6, 2, 4), (1_863_696, 4, 8), (4096, 3, 4), (40, 4, 8),
+                                             (6000, 7, 8)])
+def test_ranges_cover_the_buffer_in_order_aligned_and_balanced(size, k, itemsize):
+    ranges = bounds(size, k, itemsize)
+    step = 64 // itemsize
+    assert len(ranges) == k and ranges[0][0] == 0 and ranges[-1][1] == size
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))  # contiguous, in order
+    assert all(lo % step == 0 for lo, _ in ranges)  # each starts on a 64-byte boundary
+    sizes = [hi - lo for lo, hi in ranges]
+    assert max(sizes) - min(sizes) <= step  # balanced by bytes, to one alignment unit
+
+
+@pytest.mark.parametrize("opt", [SGD, ADAM, {"optimizer": "adamw", "lr": 0.01, "weight_decay": 0.1}])
+def test_shards_apply_exactly_the_one_servers_update(opt):
+    """K shards, each stepping its range of the parameters and optimizer state with its slices of
+    the workers' gradients, give the whole-buffer update bit for bit (it is elementwise)."""
+    rng = np.random.default_rng(0)
+    cfg = dp.TrainConfig(**dict(BASE, **opt))
+    size = 5000
+    whole = build_optimizer(cfg, [Parameter(rng.standard_normal(size))])
+    ranges = bounds(size, 3, 8)
+    shards = [ServerShard(cfg.to_dict(), j) for j in range(3)]
+    state = whole.state_dict()
+    for shard, (lo, hi) in zip(shards, ranges):
+        shard.load(0, lo, whole.flat.data[lo:hi].copy(), sliced_state(state, lo, hi))
+    for step in range(5):
+        grads = [rng.standard_normal(size) for _ in range(3)]  # three workers' gradients of loss sums
+        count, lr = 50, 0.1 / (step + 1)
+        whole.lr = lr
+        whole.update(whole.flat.data, whole.flat.grad,
+                     lambda a, b: mean_gradient(grads, count, whole.flat.grad, a, b))
+        new = [shard.update(step, count, lr, *(g[lo:hi] for g in grads)) for shard, (lo, hi) in zip(shards, ranges)]
+        assert np.array_equal(np.concatenate(new), whole.flat.data)
+    for shard, (lo, hi) in zip(shards, ranges):
+        st = shard.state()
+        assert st["step"] == 5 and st["optimizer"]["steps"] == whole.steps
+        for name, a in whole.state_dict()["state"].items():
+            assert np.array_equal(st["optimizer"]["state"][name], a[lo:hi]), name
+    with pytest.raises(RuntimeError, match="at step 5 was sent gradients for step 3"):
+        shards[0].update(3, 50, 0.1, np.zeros(ranges[0][1]))
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("workers,servers", [(1, 2), (2, 3), (3, 2), (4, 4)])
+@pytest.mark.parametrize("opt", [SGD, ADAM], ids=["sgd", "adam"])
+def test_k_servers_equal_one_process(ray_local, workers, servers, opt):
+    cfg = dp.TrainConfig(workers=workers, servers=servers, **BASE, **opt)
+    dist = dp.Trainer(cfg).fit()
+    local = dp.train_local(cfg)
+    assert _max_rel_diff(dist.params, local.params) < 1e-10
+    assert dist.summary["servers"] == servers and dist.summary["shared_memory_workers"] == 0
+    np.testing.assert_allclose([r["loss"] for r in dist.metrics["steps"]],
+                               [r["loss"] for r in local.metrics["steps"]], rtol=1e-10)
+
+
+@pytest.mark.ray
+def test_k_servers_are_the_one_server_bit_for_bit_and_checkpoint_one_step(ray_local, tmp_path):
+    """Sharded and one-server runs over the object store (N = 3): the same bits at every
+    checkpoint, parameters and optimizer state alike (every shard's range of one step), and a
+    resume of the sharded run's step-4 checkpoint with another K ends on the same bits."""
+    runs = {}
+    for k in (1, 3):
+        cfg = dp.TrainConfig(workers=3, servers=k, transport="object_store", out=str(tmp_path / f"k{k}"),
+                             checkpoint_every=4, keep_checkpoints=5, **BASE, **ADAM)
+        runs[k] = dp.Trainer(cfg).fit()
+    for name in runs[1].params:
+        assert np.array_equal(runs[1].params[name], runs[3].params[name]), name
+    for step in (4, 8, 12):
+        one, three = (checkpoint.read(tmp_path / f"k{k}" / "checkpoints" / f"ckpt-{step:08d}.json") for k in (1, 3))
+        assert one["step"] == three["step"] == step
+        assert np.array_equal(one["params"], three["params"])
+        assert one["optimizer"]["steps"] == three["optimizer"]["steps"] == step
+        for name, a in one["optimizer"]["state"].items():
+            assert np.array_equal(a, three["optimizer"]["state"][name]), name
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "k3", again)
+    cfg = dp.TrainConfig(workers=3, servers=2, out=str(again), checkpoint_every=4, **BASE, **ADAM)
+    resumed = dp.Trainer(cfg, resume=True, resume_at_most=4).fit()
+    assert resumed.summary["resumed_from_step"] == 4
+    for name in runs[1].params:
+        assert np.array_equal(runs[1].params[name], resumed.params[name]), name
+
+
+@pytest.mark.ray
+def test_a_shard_killed_mid_run_is_replaced_and_the_run_is_exact(ray_local, tmp_path):
+    """The process of a server shard exits at a step (injected: the outside kill -9 on a cluster
+    is tests/test_cluster_faults.py's): a new shard, every range back to the newest checkpoint,
+    the lost steps run again, the fault-free run's parameters."""
+    cfg = dp.TrainConfig(workers=2, servers=2, out=str(tmp_path), checkpoint_every=4, **BASE, **SGD)
+    result = dp.Trainer(cfg, faults=[{"role": "shard", "index": 1, "step": 6, "kind": "exit"}]).fit()
+    assert result.summary["failures_survived"] == 1 and result.summary["steps"] == 12
+    assert _max_rel_diff(result.params, dp.train_local(cfg).params) < 1e-10
