@@ -220,8 +220,13 @@ def test_stragglers_bad_input_is_one_line_and_exit_2(args, message):
     assert len(lines) == 1 and message in lines[0], r.stderr
 
 
-def test_scale_refuses_a_bad_compress_setting():
-    r = dptrain("scale", "--compress", "none,topk:2")
+@pytest.mark.parametrize("args,message", [
+    (["--compress", "none,topk:2"], "invalid --compress: 'topk:2' (expected none, fp16, bf16 or topk:RATIO"),
+    (["--servers", "0,2"], "invalid --servers: '0,2' (counts must be >= 1)"),
+    (["--servers", "1,two"], "invalid --servers: '1,two' (expected a list like 1,2,4)"),
+])
+def test_scale_refuses_a_bad_compress_or_servers_setting(args, message):
+    r = dptrain("scale", *args)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "invalid --compress: 'topk:2' (expected none, fp16, bf16 or topk:RATIO" in lines[0], r.stderr
+    assert len(lines) == 1 and message in lines[0], r.stderr

@@ -114,6 +114,22 @@ def test_cost_model_of_compressed_gradients():
     assert decoded["server_s"] == pytest.approx(dense["server_s"] - 7 * INPUTS.grad_bytes / INPUTS.memory_bytes_per_s)
 
 
+def test_cost_model_of_sharded_servers():
+    """K shards split the server's link and its work (on the cores there are) and add a round trip."""
+    cluster = costmodel.CostInputs(**{**INPUTS.to_dict(), "cores": 10**9, "server_bytes_per_s": 1.25e9,
+                                      "shard_call_s": 1e-3})
+    one, four = costmodel.step_time(cluster, 16, 256), costmodel.step_time(cluster, 16, 256, shards=4)
+    assert four["network_s"] == pytest.approx(one["network_s"] / 4)
+    assert four["server_s"] == pytest.approx(one["server_s"] / 4)
+    assert four["fixed_s"] == pytest.approx(one["fixed_s"] + 1e-3) and one["fixed_s"] == cluster.fixed_s
+    assert four["compute_s"] == one["compute_s"] and four["transfer_s"] == one["transfer_s"]
+    here = costmodel.CostInputs(**{**INPUTS.to_dict(), "shard_call_s": 1e-3})  # 2 cores: 4 shards work as 2
+    assert costmodel.step_time(here, 2, 256, shards=4)["server_s"] == pytest.approx(
+        costmodel.step_time(here, 2, 256, shards=2)["server_s"])
+    assert costmodel.server_bound_workers(cluster, 256, shards=4) == pytest.approx(
+        2 * costmodel.server_bound_workers(cluster, 256))
+
+
 @pytest.mark.ray
 @pytest.mark.slow
 def test_tiny_sweep_end_to_end(tmp_path):
@@ -121,7 +137,7 @@ def test_tiny_sweep_end_to_end(tmp_path):
     r = subprocess.run([sys.executable, "-m", "dptrain.cli", "scale", "--workers", "1,2", "--dataset", "moons",
                         "--model", "2,16,2", "--batch-size", "32", "--steps", "12", "--repeats", "1",
                         "--target-accuracy", "0.8", "--max-epochs", "5", "--cpus", "3", "--quiet",
-                        "--compress", "fp16", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                        "--compress", "fp16", "--servers", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
     assert {(x["mode"], x["workers"]) for x in runs} == {("strong", 1), ("strong", 2), ("weak", 1), ("weak", 2)}
@@ -158,6 +174,16 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert compression["costs"]["fp16"]["ratio"] == 0.5 and len(compression["time_to_accuracy"]) == 2
     assert all("predicted_ms" in r for r in compression["rows"])
     assert "### Compressed gradients" in report
+    with open(out / "servers.csv") as f:  # --servers 2: K = 1 beside it, over the object store, half per server
+        rows = {(int(r["servers"]), int(r["workers"])): r for r in csv.DictReader(f)}
+    assert set(rows) == {(1, 1), (1, 2), (2, 1), (2, 2)}
+    for n in (1, 2):
+        assert float(rows[(2, n)]["sent_bytes_per_worker_step"]) == float(rows[(1, n)]["sent_bytes_per_worker_step"])
+        assert float(rows[(1, n)]["server_bytes_per_step"]) == n * float(rows[(1, n)]["sent_bytes_per_worker_step"])
+        assert float(rows[(2, n)]["server_bytes_cut"]) == pytest.approx(2.0, rel=0.1)  # aligned halves
+    servers = json.loads((out / "servers.json").read_text())
+    assert all("predicted_ms" in r for r in servers["rows"]) and len(servers["time_to_accuracy"]) == 2
+    assert "### Sharded parameter servers" in report
     for png in ("throughput.png", "efficiency.png", "loss_vs_time.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
     tta = list(csv.DictReader(open(out / "time_to_accuracy.csv")))

@@ -11,6 +11,9 @@ For N workers, a global batch B, a model of G gradient bytes, K server shards:
          + N * G / (K * bw_server)                  sends N parameter copies through its link
          + N * G / (K * bw_memory)                  and adds N gradients
          + t_opt * G / K                            optimizer update, per byte of its shard
+         + t_shard (K > 1)                          the server's round trip to its shards
+
+(the shards' adds and updates run at once on min(K, cores) cores: on one machine they share it).
 
 With compressed gradients (`--compress`, a payload of r * G bytes for a gradient of G), the
 gradient's part of every transfer shrinks by r, each worker pays t_encode per step (on its
@@ -53,6 +56,7 @@ class CostInputs:
     cores: int = 10**9  # workers that can compute at once (a cluster: one core set per worker)
     server_bytes_per_s: float = math.inf
     parallel_speedup: dict | None = None  # {N: P(N)} measured; None: P(N) = N (no contention)
+    shard_call_s: float = 0.0  # with K > 1 shards: the server's round trip to them, per step
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -79,10 +83,11 @@ def step_time(inp: CostInputs, workers: int, batch: int, shards: int = 1, ratio:
     transfer = ((1 + ratio) * g / inp.object_bytes_per_s + encode_s) * share
     network = (1 + ratio) * workers * g / (shards * inp.server_bytes_per_s)
     adds = workers * g / inp.memory_bytes_per_s if decode_s is None else workers * decode_s + g / inp.memory_bytes_per_s
-    server = (adds + inp.optimizer_s_per_byte * g) / shards
-    total = inp.fixed_s + compute + transfer + network + server
+    server = (adds + inp.optimizer_s_per_byte * g) / min(shards, inp.cores)
+    fixed = inp.fixed_s + (inp.shard_call_s if shards > 1 else 0.0)
+    total = fixed + compute + transfer + network + server
     return {"workers": workers, "shards": shards, "step_s": total, "compute_s": compute, "transfer_s": transfer,
-            "network_s": network, "server_s": server, "fixed_s": inp.fixed_s}
+            "network_s": network, "server_s": server, "fixed_s": fixed}
 
 
 def scaling(inp: CostInputs, worker_counts, batch: int, shards: int = 1, **compression) -> list:
@@ -108,6 +113,6 @@ def server_bound_workers(inp: CostInputs, batch: int, shards: int = 1, ratio: fl
                      / ((1 + ratio) * inp.grad_bytes))
 
 
-def relative_errors(inp: CostInputs, measured: dict, batch: int) -> dict:
+def relative_errors(inp: CostInputs, measured: dict, batch: int, shards: int = 1) -> dict:
     """|predicted - measured| / measured step time for each measured worker count {N: seconds}."""
-    return {n: abs(step_time(inp, n, batch)["step_s"] - t) / t for n, t in measured.items()}
+    return {n: abs(step_time(inp, n, batch, shards)["step_s"] - t) / t for n, t in measured.items()}

@@ -329,42 +329,51 @@ def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float, shar
     return here, cluster
 
 
-# --------------------------------------------------------------------------- compressed gradients
+# --------------------------------------------------------------------------- compression and sharded servers
 
-def compression_sweep(base: TrainConfig, dataset, worker_counts: list, settings: list, repeats: int,
-                      progress=None) -> list:
-    """Strong-scaling runs of every --compress setting at every worker count, round by round:
-    step time and the bytes each worker sent per step (the payloads' measured lengths), and
-    what one server received per step (one server: all the workers' bytes)."""
+def variant_sweep(base: TrainConfig, dataset, worker_counts: list, field: str, values: list, repeats: int,
+                  progress=None) -> list:
+    """Strong-scaling runs of every value of the TrainConfig field `field` (compress, servers) at
+    every worker count, round by round: step time, the bytes each worker sent per step (the
+    payloads' measured lengths) and what the busiest server received per step (all the workers'
+    bytes with one server; with K shards, the largest range's share of them)."""
+    from ..distributed.shards import bounds
+    from ..nn import MLP
+    flat = MLP(base.model, activation=base.activation, dtype=base.dtype, seed=base.seed).flat()
     runs = []
     for rep in range(repeats):
-        for setting in settings:
+        for value in values:
+            cfg = base.replace(**{field: value})
+            share = (max(hi - lo for lo, hi in bounds(flat.size, cfg.servers, flat.data.dtype.itemsize)) / flat.size
+                     if cfg.servers > 1 else 1.0)
             for n in worker_counts:
-                result = _timed_fit(base.replace(workers=n, compress=setting), dataset)
+                result = _timed_fit(cfg.replace(workers=n), dataset)
                 run = summarize_run(result.metrics["steps"], n, "strong", base.batch_size, rep)
-                run["compress"] = setting
+                run[field] = value
                 run["sent_bytes_per_worker_step"] = result.summary["sent_bytes_per_worker_step"]
-                run["server_bytes_per_step"] = n * run["sent_bytes_per_worker_step"]
+                run["server_bytes_per_step"] = n * run["sent_bytes_per_worker_step"] * share
                 runs.append(run)
                 if progress:
-                    progress(f"{setting} N={n} #{rep + 1}: {run['step_ms']:.1f} ms/step")
+                    progress(f"{field} {value} N={n} #{rep + 1}: {run['step_ms']:.1f} ms/step")
     return runs
 
 
-def aggregate_compression(runs: list, settings: list) -> list:
-    """Median over repeats of each (compress, workers), in the order of `settings`; bytes cut
-    against "none" where it ran."""
+def aggregate_variants(runs: list, field: str, values: list) -> list:
+    """Median over repeats of each (value of `field`, workers), in the order of `values`; bytes
+    per worker and per server cut against the first value (the baseline) where it ran."""
     rows = []
-    for setting, n in sorted({(r["compress"], r["workers"]) for r in runs}, key=lambda k: (k[1], settings.index(k[0]))):
-        group = [r for r in runs if r["compress"] == setting and r["workers"] == n]
-        row = {"compress": setting, "workers": n, "repeats": len(group)}
+    for value, n in sorted({(r[field], r["workers"]) for r in runs}, key=lambda k: (k[1], values.index(k[0]))):
+        group = [r for r in runs if r[field] == value and r["workers"] == n]
+        row = {field: value, "workers": n, "repeats": len(group)}
         for k in ("step_ms", "compute_ms", "apply_ms", "other_ms", "sent_bytes_per_worker_step",
                   "server_bytes_per_step"):
             row[k] = statistics.median(g[k] for g in group)
         rows.append(row)
-    dense = {r["workers"]: r["sent_bytes_per_worker_step"] for r in rows if r["compress"] == "none"}
+    base = {r["workers"]: r for r in rows if r[field] == values[0]}
     for r in rows:
-        r["bytes_cut"] = dense[r["workers"]] / r["sent_bytes_per_worker_step"] if r["workers"] in dense else None
+        b = base.get(r["workers"])
+        r["bytes_cut"] = b["sent_bytes_per_worker_step"] / r["sent_bytes_per_worker_step"] if b else None
+        r["server_bytes_cut"] = b["server_bytes_per_step"] / r["server_bytes_per_step"] if b else None
     return rows
 
 

@@ -95,7 +95,7 @@ def plots(out: Path, table: dict, curves: dict) -> list:
 
 
 def report(command: str, base: TrainConfig, table: dict, floors: dict | None, tta: list, model: dict | None,
-           images: list, compression: dict | None = None) -> str:
+           images: list, compression: dict | None = None, servers: dict | None = None) -> str:
     cols = [("workers", "workers", 0), ("global batch", "batch", 0), ("ms/step", "step_ms", 1),
             ("steps/s", "steps_per_s", 1), ("samples/s", "samples_per_s", 0), ("speedup", "speedup", 2),
             ("efficiency", "efficiency", 2), ("compute ms", "compute_ms", 1), ("apply ms", "apply_ms", 1),
@@ -148,6 +148,8 @@ def report(command: str, base: TrainConfig, table: dict, floors: dict | None, tt
         parts.append(model["markdown"])
     if compression:
         parts.append(compression["markdown"])
+    if servers:
+        parts.append(servers["markdown"])
     if images:
         parts.append("\n".join(f"![{i}]({i})" for i in images))
     return "\n\n".join(parts) + "\n"
@@ -251,3 +253,46 @@ def compression_section(rows: list, tta: list, inp: costmodel.CostInputs | None,
                    for h, k, d in (("ms N={n}", "ms_{n}", 1), ("speedup N={n}", "speedup_{n}", 2))])]
     return {"markdown": "\n".join(md), "rows": rows, "time_to_accuracy": tta, "costs": costs,
             "cluster": cluster_rows}
+
+
+def servers_section(rows: list, tta: list, inp: costmodel.CostInputs | None, cluster: costmodel.CostInputs | None,
+                    batch: int, network_gbit: float) -> dict:
+    """The sharded-server runs (`rows`: medians per server count K and worker count, all over the
+    object store), their time to accuracy, the cost model's prediction of each measured step
+    (`inp`: this machine's object-store inputs measured in this run) and for a cluster."""
+    for r in rows:
+        if inp is not None and (not inp.parallel_speedup or r["workers"] in inp.parallel_speedup):
+            r["predicted_ms"] = 1e3 * costmodel.step_time(inp, r["workers"], batch, r["servers"])["step_s"]
+            r["error"] = abs(r["predicted_ms"] - r["step_ms"]) / r["step_ms"]
+    cols = [("servers", "servers", 0), ("workers", "workers", 0), ("ms/step", "step_ms", 2),
+            ("server ms/step", "apply_ms", 2), ("bytes/worker/step", "sent_bytes_per_worker_step", 0),
+            ("bytes/server/step", "server_bytes_per_step", 0), ("fewer per server", "server_bytes_cut", 1)]
+    if any("predicted_ms" in r for r in rows):
+        cols += [("model ms", "predicted_ms", 2), ("model error", "error", 2)]
+    md = ["### Sharded parameter servers", "",
+          "Strong scaling with K server shards (`--servers`), every run over the object store (K = 1 too, "
+          "so that the rows compare like with like), measured in the same rounds. A worker sends its whole "
+          "gradient in K slices; the busiest server receives the workers' slices of its range (its 1/K). "
+          "\"server ms\" is the update as the server sees it: with K > 1, the round trip to its shards.",
+          "", markdown_table(rows, cols)]
+    if tta:
+        md += ["", "Time to accuracy per K (MNIST-1D, 40-256-256-10, batch 256, SGD 0.1 momentum 0.9):", "",
+               markdown_table(tta, [("servers", "servers", 0), ("workers", "workers", 0),
+                                    ("target", "target_accuracy", 2), ("seconds", "time_to_target_s", 1),
+                                    ("steps", "steps", 0), ("final test accuracy", "final_test_accuracy", 3)])]
+    cluster_rows = []
+    if cluster is not None:
+        counts = [4, 8, 16, 32, 64]
+        for k in sorted({r["servers"] for r in rows} | {8}):
+            pred = costmodel.scaling(cluster, [1, *counts], batch, shards=k)
+            row = {"servers": k, "n_star": costmodel.server_bound_workers(cluster, batch, k)}
+            for p in pred[1:]:
+                row[f"ms_{p['workers']}"], row[f"speedup_{p['workers']}"] = 1e3 * p["step_s"], p["speedup"]
+            cluster_rows.append(row)
+        md += ["", f"The cost model for a cluster (a {network_gbit:g} Gbit/s link at each server shard, a core set "
+               "per worker, this machine's compute, an extra actor round trip per step for K > 1): each shard "
+               "carries 1/K of the traffic, so N* grows by sqrt(K):", "",
+               markdown_table(cluster_rows, [("servers", "servers", 0), ("N*", "n_star", 1)] + [
+                   (h.format(n=n), k.format(n=n), d) for n in counts
+                   for h, k, d in (("ms N={n}", "ms_{n}", 1), ("speedup N={n}", "speedup_{n}", 2))])]
+    return {"markdown": "\n".join(md), "rows": rows, "time_to_accuracy": tta, "cluster": cluster_rows}

@@ -28,10 +28,10 @@ from .. import compress
 from ..config import ConfigError, TrainConfig, choices, parse_model
 from ..data import load_dataset
 from . import costmodel
-from .measure import (WARMUP_STEPS, aggregate, aggregate_compression, compression_costs, compression_sweep,
+from .measure import (WARMUP_STEPS, aggregate, aggregate_variants, compression_costs, variant_sweep,
                       compute_ceiling, measure_cost_inputs, measure_floors, median_ceilings, paired_strong,
                       speedup_table, sweep, time_to_accuracy)
-from .report import compression_section, cost_model_section, plots, report, write_csv
+from .report import compression_section, cost_model_section, plots, report, servers_section, write_csv
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,9 @@ def add_parser(sub) -> None:
     p.add_argument("--compress", default="none", metavar="LIST",
                    help="gradient compression settings to compare (none, fp16, bf16, topk:RATIO; e.g. "
                         "none,fp16,topk:0.01): bytes per step, step time, time to accuracy, the cost model")
+    p.add_argument("--servers", default="1", metavar="LIST",
+                   help="parameter-server counts K to compare (e.g. 1,2,4; every run of that sweep over the object "
+                        "store): step time, bytes per worker and per server, time to accuracy, the cost model")
     p.add_argument("--network-gbit", type=float, default=10.0, metavar="X",
                    help="server link bandwidth assumed by the cluster predictions (default: 10 Gbit/s)")
     add_run_flags(p, "scale")
@@ -98,9 +101,21 @@ def _compressions(text: str) -> list:
     return ["none"] + [c for c in dict.fromkeys(settings) if c != "none"]
 
 
+def _server_counts(text: str) -> list:
+    """[1, ...] from "1,2,4": K = 1 first (the baseline) whenever others are given."""
+    try:
+        ks = sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        raise ConfigError(f"invalid --servers: {text!r} (expected a list like 1,2,4)") from None
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"invalid --servers: {text!r} (counts must be >= 1)")
+    return [1] + [k for k in ks if k != 1]
+
+
 def run(args) -> int:
     counts = _counts(args.workers)
     compressions = _compressions(args.compress)
+    server_counts = _server_counts(args.servers)
     if args.steps <= WARMUP_STEPS:
         raise ConfigError(f"invalid --steps: {args.steps} (must exceed the {WARMUP_STEPS} warm-up steps)", field="steps")
     if args.repeats < 1:
@@ -111,7 +126,8 @@ def run(args) -> int:
                        address=args.address, cpus=args.cpus, cpus_per_worker=args.cpus_per_worker,
                        transport=args.transport, log_every=10**6, momentum=0.9)
     for n in counts:  # every point must be a valid run before any starts
-        base.replace(workers=n)
+        for k in server_counts:
+            base.replace(workers=n, servers=k, transport="object_store" if k > 1 else base.transport)
     dataset = load_dataset(args.dataset)
     from ..loop import prepare
     prepare(base, dataset)  # a model that does not fit the data is refused before anything runs
@@ -126,9 +142,10 @@ def run(args) -> int:
     started = connect(args.address, num_cpus=embedded_cpus(max(counts), args.cpus_per_worker, args.cpus))
     logging.getLogger("dptrain.metrics").setLevel(logging.WARNING)  # a sweep logs per run, not per step
     logging.getLogger("dptrain.distributed.trainer").setLevel(logging.WARNING)
-    compressing = len(compressions) > 1
+    compressing, sharding = len(compressions) > 1, len(server_counts) > 1
     total = (len(modes) * len(counts) * args.repeats + (len(counts) if args.tta else 0) + (1 if args.floors else 0)
-             + (len(compressions) * (len(counts) * args.repeats + (1 if args.tta else 0)) if compressing else 0))
+             + (len(compressions) * (len(counts) * args.repeats + (1 if args.tta else 0)) if compressing else 0)
+             + (len(server_counts) * (len(counts) * args.repeats + (1 if args.tta else 0)) if sharding else 0))
     from tqdm import tqdm
     bar = tqdm(total=total, unit="run", disable=args.quiet, dynamic_ncols=True)
 
@@ -167,8 +184,8 @@ def run(args) -> int:
             write_csv(out / "time_to_accuracy.csv", tta)
         compression = None
         if compressing:
-            crows = aggregate_compression(compression_sweep(base, dataset, counts, compressions, args.repeats,
-                                                            progress), compressions)
+            crows = aggregate_variants(variant_sweep(base, dataset, counts, "compress", compressions, args.repeats,
+                                                     progress), "compress", compressions)
             ctta = []
             if args.tta:  # each setting at the largest count
                 for setting in compressions:
@@ -181,11 +198,37 @@ def run(args) -> int:
             write_csv(out / "compression.csv", crows)
             (out / "compression.json").write_text(json.dumps({k: v for k, v in compression.items() if k != "markdown"},
                                                              indent=2, default=str) + "\n")
+        servers = None
+        if sharding:
+            over_objects = base.replace(transport="object_store")  # K = 1 as well: like with like
+            srows = aggregate_variants(variant_sweep(over_objects, dataset, counts, "servers", server_counts,
+                                                     args.repeats, progress), "servers", server_counts)
+            stta = []
+            if args.tta:  # each K at the largest count
+                for k in server_counts:
+                    rows, _ = time_to_accuracy(over_objects.replace(servers=k), [counts[-1]], args.target_accuracy,
+                                               args.max_epochs, progress)
+                    stta += [dict(r, servers=k) for r in rows]
+            here_objects = None
+            one = next((r for r in srows if r["servers"] == 1 and r["workers"] == 1), None)
+            if floors and one is not None:  # this machine over the object store, P(N) as measured
+                here_objects, _ = measure_cost_inputs(over_objects, one, floors["actor_round_trip_ms"], False)
+                here_objects = costmodel.CostInputs(**{
+                    **here_objects.to_dict(), "shard_call_s": floors["actor_round_trip_ms"] / 1e3,
+                    "parallel_speedup": {c["workers"]: c["ceiling_speedup"] for c in floors["ceiling"]}})
+            cluster_servers = None
+            if cluster_inp is not None:
+                cluster_servers = costmodel.CostInputs(**{**costmodel.on_cluster(cluster_inp, args.network_gbit).to_dict(),
+                                                          "shard_call_s": floors["actor_round_trip_ms"] / 1e3})
+            servers = servers_section(srows, stta, here_objects, cluster_servers, base.batch_size, args.network_gbit)
+            write_csv(out / "servers.csv", srows)
+            (out / "servers.json").write_text(json.dumps({k: v for k, v in servers.items() if k != "markdown"},
+                                                         indent=2, default=str) + "\n")
         if model:
             (out / "costmodel.json").write_text(json.dumps({k: v for k, v in model.items() if k != "markdown"},
                                                            indent=2, default=str) + "\n")
         images = plots(out, table, curves)
-        (out / "report.md").write_text(report(command, base, table, floors, tta, model, images, compression))
+        (out / "report.md").write_text(report(command, base, table, floors, tta, model, images, compression, servers))
     finally:
         bar.close()
         if started:
@@ -206,6 +249,11 @@ def run(args) -> int:
         cut = f" ({r['bytes_cut']:.1f}x fewer)" if r.get("bytes_cut") and r["compress"] != "none" else ""
         print(f"{r['compress']:>10} N={r['workers']:<3} {r['step_ms']:8.1f} ms/step {r['sent_bytes_per_worker_step']:12,.0f} "
               f"bytes/worker/step{cut}")
+    for r in (servers or {}).get("rows", []):
+        model_ms = f" (model {r['predicted_ms']:.1f} ms)" if "predicted_ms" in r else ""
+        print(f"servers {r['servers']:<3} N={r['workers']:<3} {r['step_ms']:8.1f} ms/step{model_ms} "
+              f"{r['server_bytes_per_step']:12,.0f} bytes/server/step")
     print(f"results: {out}/ (report.md, runs.jsonl, runs.csv{', compression.csv' if compression else ''}"
+          f"{', servers.csv' if servers else ''}"
           f"{', plots' if images else ''})")
     return 0
