@@ -70,12 +70,18 @@ start_node() {  # name, then ray start arguments
 
 # The head's agents get ports found free now, not Ray's defaults: if anything holds the default
 # job-agent port (another Ray instance, an orphaned agent), Ray would start the cluster with job
-# submission disabled and say so only in a log file.
-read -r agent_port agent_grpc metrics_port env_agent_port < <(python3 - <<'PY'
-import socket
-socks = [socket.socket() for _ in range(4)]
-for s in socks:
+# submission disabled and say so only in a log file. Not the ports given for the GCS and the
+# dashboard either: a caller's port found free a moment ago may come up again here.
+read -r agent_port agent_grpc metrics_port env_agent_port < <(python3 - "$port" "$dash_port" <<'PY'
+import socket, sys
+taken, socks = {int(p) for p in sys.argv[1:]}, []
+while len(socks) < 4:
+    s = socket.socket()
     s.bind(("", 0))
+    if s.getsockname()[1] in taken:
+        s.close()
+        continue
+    socks.append(s)
 print(*[s.getsockname()[1] for s in socks])
 PY
 )

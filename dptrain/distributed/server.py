@@ -309,11 +309,13 @@ class ParameterServer:
         from .. import checkpoint
         self._pause()  # served workers keep copies of the parameters they saw
         folder = folder or self.checkpoints
+        self._unreported = []  # steps after the state restored run again: their records come then
         state = checkpoint.load_latest(folder, self.layout, str(self.flat.data.dtype), max_step) if folder else None
         if state is None:  # none kept or none yet: a new server starts from the initial parameters,
             if self.shards is not None:  # and so do shards that lost one of theirs
-                self.flat.data[...], opt = self._initial
-                self.optimizer.load_state_dict(opt)
+                params, optimizer_state = self._initial
+                self.flat.data[...] = params
+                self.optimizer.load_state_dict(optimizer_state)
                 self.step = 0
                 self.shards.restored()
             return None
