@@ -128,6 +128,9 @@ def test_cost_model_of_sharded_servers():
         costmodel.step_time(here, 2, 256, shards=2)["server_s"])
     assert costmodel.server_bound_workers(cluster, 256, shards=4) == pytest.approx(
         2 * costmodel.server_bound_workers(cluster, 256))
+    apart = costmodel.step_time(here, 2, 256, shards=2, shard_s=0.007)  # the shards' update measured apart
+    assert apart["server_s"] == 0.007 and apart["fixed_s"] == here.fixed_s
+    assert apart["compute_s"] == costmodel.step_time(here, 2, 256, shards=2)["compute_s"]
 
 
 @pytest.mark.ray

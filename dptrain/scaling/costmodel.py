@@ -68,10 +68,12 @@ def on_cluster(inp: CostInputs, network_gbit: float) -> CostInputs:
 
 
 def step_time(inp: CostInputs, workers: int, batch: int, shards: int = 1, ratio: float = 1.0,
-              encode_s: float = 0.0, decode_s: float | None = None) -> dict:
+              encode_s: float = 0.0, decode_s: float | None = None, shard_s: float | None = None) -> dict:
     """Predicted seconds per step, split into compute, transfer, server and fixed parts. `ratio`:
     a compressed gradient's bytes over the dense gradient's; `encode_s` / `decode_s`: a worker's
-    encoding and the server's decoding of one gradient (None: uncompressed, a dense add)."""
+    encoding and the server's decoding of one gradient (None: uncompressed, a dense add);
+    `shard_s`: with K > 1 shards, their update measured apart (measure.shard_update_s), in place
+    of the server's adds, update and round trip to them."""
     if workers < 1 or batch < 1 or shards < 1:
         raise ValueError(f"workers, batch and shards must be >= 1, got {workers}, {batch}, {shards}")
     g = inp.grad_bytes
@@ -85,6 +87,8 @@ def step_time(inp: CostInputs, workers: int, batch: int, shards: int = 1, ratio:
     adds = workers * g / inp.memory_bytes_per_s if decode_s is None else workers * decode_s + g / inp.memory_bytes_per_s
     server = (adds + inp.optimizer_s_per_byte * g) / min(shards, inp.cores)
     fixed = inp.fixed_s + (inp.shard_call_s if shards > 1 else 0.0)
+    if shards > 1 and shard_s is not None:
+        server, fixed = shard_s, inp.fixed_s
     total = fixed + compute + transfer + network + server
     return {"workers": workers, "shards": shards, "step_s": total, "compute_s": compute, "transfer_s": transfer,
             "network_s": network, "server_s": server, "fixed_s": fixed}

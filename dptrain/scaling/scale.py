@@ -29,7 +29,7 @@ from ..config import ConfigError, TrainConfig, choices, parse_model
 from ..data import load_dataset
 from . import costmodel
 from .measure import (WARMUP_STEPS, aggregate, aggregate_variants, compression_costs, variant_sweep,
-                      compute_ceiling, measure_cost_inputs, measure_floors, median_ceilings, paired_strong,
+                      compute_ceiling, measure_cost_inputs, measure_floors, median_ceilings, paired_strong, shard_update_s,
                       speedup_table, sweep, time_to_accuracy)
 from .report import compression_section, cost_model_section, plots, report, servers_section, write_csv
 
@@ -220,7 +220,10 @@ def run(args) -> int:
             if cluster_inp is not None:
                 cluster_servers = costmodel.CostInputs(**{**costmodel.on_cluster(cluster_inp, args.network_gbit).to_dict(),
                                                           "shard_call_s": floors["actor_round_trip_ms"] / 1e3})
-            servers = servers_section(srows, stta, here_objects, cluster_servers, base.batch_size, args.network_gbit)
+            apart = ({(k, n): shard_update_s(over_objects, n, k) for k in server_counts[1:] for n in counts}
+                     if here_objects is not None else None)
+            servers = servers_section(srows, stta, here_objects, cluster_servers, base.batch_size, args.network_gbit,
+                                      apart)
             write_csv(out / "servers.csv", srows)
             (out / "servers.json").write_text(json.dumps({k: v for k, v in servers.items() if k != "markdown"},
                                                          indent=2, default=str) + "\n")
