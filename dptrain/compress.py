@@ -130,5 +130,13 @@ class TopK(Compressor):
         out[raw[k * item:k * (item + 4)].view(np.int32)] += raw[:k * item].view(self.dtype)
 
 
+def decode_sum(decoder: Compressor, payloads: list, metas: list, out: np.ndarray) -> np.ndarray:
+    """out = the sum of the gradients the payloads encode, added in their order (rank order)."""
+    out[...] = 0
+    for payload, meta in zip(payloads, metas):
+        decoder.decode_add(payload, meta, out)
+    return out
+
+
 def _bytes(payload: np.ndarray) -> np.ndarray:
     return payload.reshape(-1).view(np.uint8)

@@ -217,12 +217,10 @@ class TrainConfig:
             for name, value, why in (("transport", self.transport == "compiled_graph",
                                       "a compiled graph reaches one server: use auto or object_store"),
                                      ("staleness", self.staleness, "relaxed steps run on one server"),
-                                     ("backup_workers", self.backup_workers, "relaxed steps run on one server"),
-                                     ("compress", self.compress != "none",
-                                      "compressed gradients go to one server")):
+                                     ("backup_workers", self.backup_workers, "relaxed steps run on one server")):
                 if value:
                     bad(name, getattr(self, name), f"{why}; sharded servers (--servers {self.servers}) "
-                                                   "take the exact synchronous step with dense gradients")
+                                                   "take the synchronous step")
         if self.straggler is not None:
             who, factor = parse_straggler(self.straggler)
             if who != "random" and who >= self.replicas:

@@ -65,8 +65,6 @@ def dptrain(*args, timeout=300):
     (["--servers", "two"], "argument --servers: invalid int value: 'two'"),
     (["--servers", "2", "--transport", "compiled_graph"], "invalid --transport: 'compiled_graph' (a compiled graph "
                                                           "reaches one server"),
-    (["--servers", "2", "--compress", "fp16"], "invalid --compress: 'fp16' (compressed gradients go to one server; "
-                                               "sharded servers (--servers 2) take the exact synchronous step"),
     (["--servers", "2", "--staleness", "1"], "invalid --staleness: 1.0 (relaxed steps run on one server"),
     (["--compress", "topk:0.9"], "invalid --compress: 'topk:0.9' (expected none, fp16, bf16 or topk:RATIO with "
                                  "0 < RATIO <= 0.5"),

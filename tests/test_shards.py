@@ -52,7 +52,8 @@ def test_shards_apply_exactly_the_one_servers_update(opt):
         whole.lr = lr
         whole.update(whole.flat.data, whole.flat.grad,
                      lambda a, b: mean_gradient(grads, count, whole.flat.grad, a, b))
-        new = [shard.update(step, count, lr, *(g[lo:hi] for g in grads)) for shard, (lo, hi) in zip(shards, ranges)]
+        new = [shard.update(step, count, lr, None, *(g[lo:hi] for g in grads))
+               for shard, (lo, hi) in zip(shards, ranges)]
         assert np.array_equal(np.concatenate(new), whole.flat.data)
     for shard, (lo, hi) in zip(shards, ranges):
         st = shard.state()
@@ -60,7 +61,7 @@ def test_shards_apply_exactly_the_one_servers_update(opt):
         for name, a in whole.state_dict()["state"].items():
             assert np.array_equal(st["optimizer"]["state"][name], a[lo:hi]), name
     with pytest.raises(RuntimeError, match="at step 5 was sent gradients for step 3"):
-        shards[0].update(3, 50, 0.1, np.zeros(ranges[0][1]))
+        shards[0].update(3, 50, 0.1, None, np.zeros(ranges[0][1]))
 
 
 @pytest.mark.ray
@@ -113,3 +114,23 @@ def test_a_shard_killed_mid_run_is_replaced_and_the_run_is_exact(ray_local, tmp_
     result = dp.Trainer(cfg, faults=[{"role": "shard", "index": 1, "step": 6, "kind": "exit"}]).fit()
     assert result.summary["failures_survived"] == 1 and result.summary["steps"] == 12
     assert _max_rel_diff(result.params, dp.train_local(cfg).params) < 1e-10
+
+
+@pytest.mark.ray
+def test_compressed_gradients_reach_the_shards(ray_local):
+    """--compress with --servers: fp16 is elementwise, so each range encoded on its own gives the
+    one server's fp16 run bit for bit; top-k picks the largest entries of each range and keeps
+    each range's residual: ceil(RATIO x range) entries a range, and it still learns."""
+    from dptrain.nn import MLP
+    cfg = dp.TrainConfig(workers=2, transport="object_store", compress="fp16", **dict(BASE, steps=8), **SGD)
+    one, two = dp.Trainer(cfg).fit(), dp.Trainer(cfg.replace(servers=2)).fit()
+    for name in one.params:
+        assert np.array_equal(one.params[name], two.params[name]), name
+    assert [r["sent_bytes"] for r in two.metrics["steps"]] == [r["sent_bytes"] for r in one.metrics["steps"]]
+    topk = cfg.replace(compress="topk:0.1", servers=3, steps=40, batch_size=100)
+    result = dp.Trainer(topk).fit()
+    size = MLP(BASE["model"], dtype="float64", seed=1).flat().size
+    k = sum(-(-(hi - lo) // 10) for lo, hi in bounds(size, 3, 8))  # ceil(0.1 x range) per range
+    assert all(r["sent_bytes"] == [k * (8 + 4)] * 2 for r in result.metrics["steps"])
+    losses = [r["loss"] for r in result.metrics["steps"]]
+    assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])

@@ -246,7 +246,8 @@ class ParameterServer:
         count = max(sum(m["count"] for m in metrics), 1)
         if self.shards is not None:  # each shard updates its range (grads: every worker's K slices)
             lr = self.schedule(step)
-            self.shards.update(step, grads, count, lr)
+            self.shards.update(step, grads, count, lr,
+                               [m["payload"] for m in metrics] if self.decoder is not None else None)
             self.step += 1
             return dict(step_metrics(step, metrics, lr), apply_s=time.perf_counter() - t0)
         grad = self.flat.grad
@@ -271,11 +272,7 @@ class ParameterServer:
         """The sum of the workers' compressed gradients (rank order), dense."""
         if self._dense is None:
             self._dense = np.zeros(self.flat.size, self.flat.data.dtype)
-        dense = self._dense
-        dense[...] = 0
-        for payload, m in zip(payloads, metrics):
-            self.decoder.decode_add(payload, m["payload"], dense)
-        return dense
+        return compress.decode_sum(self.decoder, payloads, [m["payload"] for m in metrics], self._dense)
 
     def take_unreported(self) -> list:
         """Metrics of the steps a failed run_steps call completed before it failed."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .. import compress
 from ..config import TrainConfig
 from ..loop import build_optimizer
 from ..nn.flat import ALIGN_BYTES
@@ -55,6 +56,7 @@ class ServerShard:
         self.cfg = TrainConfig.from_dict(config).replace(device="cpu", gpus_per_worker=0.0)
         self.index = index
         self.optimizer = None
+        self.decoder = self.dense = None  # --compress: the range's payloads are decoded into `dense`
         self.lo = self.hi = 0
         self.step = 0
 
@@ -72,15 +74,20 @@ class ServerShard:
             raise ValueError(f"shard {self.index}: a range of {params.size} entries is not aligned")
         flat.data[...] = params
         self.optimizer.load_state_dict(state)
+        self.decoder = compress.make(self.cfg.compress, params.size, params.dtype)
+        self.dense = np.zeros_like(params) if self.decoder is not None else None
         self.lo, self.hi, self.step = lo, lo + params.size, step
         return flat.data
 
-    def update(self, step: int, count: int, lr: float, *grads: np.ndarray) -> np.ndarray:
+    def update(self, step: int, count: int, lr: float, metas: list | None, *grads: np.ndarray) -> np.ndarray:
         """Step `step` on this range: the workers' gradient slices (rank order; Ray fetched them
         from the workers' nodes) added, divided by `count`, fed to the optimizer block by block
-        at rate `lr`. Returns the new parameters of the range."""
+        at rate `lr`. With --compress the slices are payloads (`metas`: theirs, rank order),
+        decoded and added first. Returns the new parameters of the range."""
         if step != self.step:
             raise RuntimeError(f"server shard {self.index} at step {self.step} was sent gradients for step {step}")
+        if metas is not None:
+            grads = [compress.decode_sum(self.decoder, grads, metas, self.dense)]
         flat = self.optimizer.flat
         self.optimizer.lr = lr
         grad = flat.grad
@@ -130,10 +137,12 @@ class Shards:
         initial ones): `attach` sends them to the shards."""
         self.host_is_current = True
 
-    def update(self, step: int, grads: list, count: int, lr: float) -> None:
-        """Every shard's update of `step`; grads: each worker's K gradient slices (references, rank order)."""
+    def update(self, step: int, grads: list, count: int, lr: float, metas: list | None = None) -> None:
+        """Every shard's update of `step`; grads: each worker's K gradient slices (references, rank
+        order); metas: with --compress, each worker's K payload metas."""
         self.host_is_current = False
-        refs = [a.update.remote(step, count, lr, *[g[j] for g in grads]) for j, a in enumerate(self.actors)]
+        refs = [a.update.remote(step, count, lr, None if metas is None else [m[j] for m in metas],
+                                *[g[j] for g in grads]) for j, a in enumerate(self.actors)]
         self.wait(refs, step)
         self.refs = refs
 

@@ -45,6 +45,7 @@ class Worker:
             raise ValueError(f"--compress {self.cfg.compress}: a payload of {self.compressor.max_bytes} bytes is larger "
                              f"than this model's {flat.size}-entry gradient")
         self._payload = np.empty(self.compressor.max_bytes, np.uint8) if self.compressor else None
+        self._range_coders = (None, [])  # sharded servers with --compress: (bounds, a compressor per range)
 
     # ------------------------------------------------------------------ the step
 
@@ -118,8 +119,26 @@ class Worker:
         for (lo, hi), values in zip(bounds, params):
             self.replica.load_parameters(values, lo, hi)
         metrics = self.run_step(step)
-        grad = self.outgoing(metrics)  # dense: the whole gradient's bytes, sent in K parts
-        return (metrics, *(grad[lo:hi] for lo, hi in bounds))
+        if self.compressor is None:
+            grad = self.outgoing(metrics)  # dense: the whole gradient's bytes, sent in K parts
+            return (metrics, *(grad[lo:hi] for lo, hi in bounds))
+        return (metrics, *self._outgoing_ranges(metrics, bounds))
+
+    def _outgoing_ranges(self, metrics: dict, bounds: list) -> list:
+        """--compress with sharded servers: each shard's range encoded on its own (top-k picks the
+        largest RATIO of each range's entries and keeps each range's residual); the payloads'
+        metas go into metrics["payload"] in shard order."""
+        if self._range_coders[0] != bounds:
+            dtype = self.replica.flat.data.dtype
+            self._range_coders = (bounds, [compress.make(self.cfg.compress, hi - lo, dtype) for lo, hi in bounds])
+        grad = backend.to_numpy(self.replica.flat.grad)
+        payloads, metas = [], []
+        for (lo, hi), coder in zip(bounds, self._range_coders[1]):
+            buf = np.empty(coder.max_bytes, np.uint8)
+            metas.append(coder.encode(grad[lo:hi], buf))
+            payloads.append(buf[:metas[-1]["bytes"]])
+        metrics["payload"], metrics["sent_bytes"] = metas, sum(m["bytes"] for m in metas)
+        return payloads
 
     def compute_task(self, params: np.ndarray, version: int, task: dict) -> tuple[np.ndarray, dict]:
         """A relaxed step's task (relaxed.py): shard task["shard"] of task["of"] of step

@@ -354,7 +354,7 @@ def shard_update_s(base: TrainConfig, workers: int, servers: int, repeats: int =
         for step in range(repeats + 1):  # the first is a warm-up
             slices = [[ray.put(grad[lo:hi]) for lo, hi in ranges] for _ in range(workers)]
             t0 = time.perf_counter()
-            ray.get([a.update.remote(step, base.batch_size, base.lr, *(s[j] for s in slices))
+            ray.get([a.update.remote(step, base.batch_size, base.lr, None, *(s[j] for s in slices))
                      for j, a in enumerate(actors)])
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
