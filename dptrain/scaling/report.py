@@ -204,6 +204,16 @@ def cost_model_section(inp: costmodel.CostInputs, cluster_inp: costmodel.CostInp
             "inputs": inp.to_dict(), "cluster_inputs": cluster.to_dict()}
 
 
+TTA_RUN = " (MNIST-1D, 40-256-256-10, batch 256, SGD 0.1 momentum 0.9):"
+
+
+def tta_table(tta: list, field: str) -> str:
+    """The time-to-accuracy rows of a sweep over `field` (compress, servers)."""
+    return markdown_table(tta, [(field, field, 0), ("workers", "workers", 0), ("target", "target_accuracy", 2),
+                                ("seconds", "time_to_target_s", 1), ("steps", "steps", 0),
+                                ("final test accuracy", "final_test_accuracy", 3)])
+
+
 def compression_section(rows: list, tta: list, inp: costmodel.CostInputs | None,
                         cluster: costmodel.CostInputs | None, costs: dict, batch: int, transport: str,
                         network_gbit: float) -> dict:
@@ -229,10 +239,7 @@ def compression_section(rows: list, tta: list, inp: costmodel.CostInputs | None,
               for k, v in costs.items()) + "." if costs else ""), "",
           markdown_table(rows, cols)]
     if tta:
-        md += ["", "Time to accuracy per setting (MNIST-1D, 40-256-256-10, batch 256, SGD 0.1 momentum 0.9):", "",
-               markdown_table(tta, [("compress", "compress", 0), ("workers", "workers", 0),
-                                    ("target", "target_accuracy", 2), ("seconds", "time_to_target_s", 1),
-                                    ("steps", "steps", 0), ("final test accuracy", "final_test_accuracy", 3)])]
+        md += ["", "Time to accuracy per setting" + TTA_RUN, "", tta_table(tta, "compress")]
     cluster_rows = []
     if cluster is not None:
         counts = [8, 32, 128]
@@ -286,10 +293,7 @@ def servers_section(rows: list, tta: list, inp: costmodel.CostInputs | None, clu
           "includes Ray's work on the megabyte arguments and results.",
           "", markdown_table(rows, cols)]
     if tta:
-        md += ["", "Time to accuracy per K (MNIST-1D, 40-256-256-10, batch 256, SGD 0.1 momentum 0.9):", "",
-               markdown_table(tta, [("servers", "servers", 0), ("workers", "workers", 0),
-                                    ("target", "target_accuracy", 2), ("seconds", "time_to_target_s", 1),
-                                    ("steps", "steps", 0), ("final test accuracy", "final_test_accuracy", 3)])]
+        md += ["", "Time to accuracy per K" + TTA_RUN, "", tta_table(tta, "servers")]
     cluster_rows = []
     if cluster is not None:
         counts = [4, 8, 16, 32, 64]

@@ -78,13 +78,14 @@ def add_run_flags(p, command: str) -> None:
     p.add_argument("--quiet", action="store_true")
 
 
-def _counts(text: str) -> list:
+def _counts(text: str, flag: str = "--workers") -> list:
+    """[1, 2, 4] from "4,1,2": whole numbers >= 1, sorted, each once."""
     try:
         counts = sorted({int(c) for c in text.split(",") if c.strip()})
     except ValueError:
-        raise ConfigError(f"invalid --workers: {text!r} (expected a list like 1,2,4)") from None
+        raise ConfigError(f"invalid {flag}: {text!r} (expected a list like 1,2,4)") from None
     if not counts or counts[0] < 1:
-        raise ConfigError(f"invalid --workers: {text!r} (counts must be >= 1)")
+        raise ConfigError(f"invalid {flag}: {text!r} (counts must be >= 1)")
     return counts
 
 
@@ -103,13 +104,7 @@ def _compressions(text: str) -> list:
 
 def _server_counts(text: str) -> list:
     """[1, ...] from "1,2,4": K = 1 first (the baseline) whenever others are given."""
-    try:
-        ks = sorted({int(c) for c in text.split(",") if c.strip()})
-    except ValueError:
-        raise ConfigError(f"invalid --servers: {text!r} (expected a list like 1,2,4)") from None
-    if not ks or ks[0] < 1:
-        raise ConfigError(f"invalid --servers: {text!r} (counts must be >= 1)")
-    return [1] + [k for k in ks if k != 1]
+    return [1] + [k for k in _counts(text, "--servers") if k != 1]
 
 
 def run(args) -> int:
@@ -182,33 +177,33 @@ def run(args) -> int:
         if args.tta:
             tta, curves = time_to_accuracy(base, counts, args.target_accuracy, args.max_epochs, progress)
             write_csv(out / "time_to_accuracy.csv", tta)
+        def variants(cfg, field, values):
+            """The sweep of `field` over `values` (medians per value and count) and, with the
+            time-to-accuracy phase, each value's time at the largest count."""
+            rows = aggregate_variants(variant_sweep(cfg, dataset, counts, field, values, args.repeats, progress),
+                                      field, values)
+            tta_rows = []
+            for value in values if args.tta else []:
+                found, _ = time_to_accuracy(cfg.replace(**{field: value}), [counts[-1]], args.target_accuracy,
+                                            args.max_epochs, progress)
+                tta_rows += [dict(r, **{field: value}) for r in found]
+            return rows, tta_rows
+
+        def write_section(name, section):
+            write_csv(out / f"{name}.csv", section["rows"])
+            (out / f"{name}.json").write_text(json.dumps({k: v for k, v in section.items() if k != "markdown"},
+                                                         indent=2, default=str) + "\n")
         compression = None
         if compressing:
-            crows = aggregate_variants(variant_sweep(base, dataset, counts, "compress", compressions, args.repeats,
-                                                     progress), "compress", compressions)
-            ctta = []
-            if args.tta:  # each setting at the largest count
-                for setting in compressions:
-                    rows, _ = time_to_accuracy(base.replace(compress=setting), [counts[-1]], args.target_accuracy,
-                                               args.max_epochs, progress)
-                    ctta += [dict(r, compress=setting) for r in rows]
+            crows, ctta = variants(base, "compress", compressions)
             compression = compression_section(
                 crows, ctta, inp, costmodel.on_cluster(cluster_inp, args.network_gbit) if cluster_inp else None,
                 compression_costs(base, compressions), base.batch_size, base.transport, args.network_gbit)
-            write_csv(out / "compression.csv", crows)
-            (out / "compression.json").write_text(json.dumps({k: v for k, v in compression.items() if k != "markdown"},
-                                                             indent=2, default=str) + "\n")
+            write_section("compression", compression)
         servers = None
         if sharding:
             over_objects = base.replace(transport="object_store")  # K = 1 as well: like with like
-            srows = aggregate_variants(variant_sweep(over_objects, dataset, counts, "servers", server_counts,
-                                                     args.repeats, progress), "servers", server_counts)
-            stta = []
-            if args.tta:  # each K at the largest count
-                for k in server_counts:
-                    rows, _ = time_to_accuracy(over_objects.replace(servers=k), [counts[-1]], args.target_accuracy,
-                                               args.max_epochs, progress)
-                    stta += [dict(r, servers=k) for r in rows]
+            srows, stta = variants(over_objects, "servers", server_counts)
             here_objects = None
             one = next((r for r in srows if r["servers"] == 1 and r["workers"] == 1), None)
             if floors and one is not None:  # this machine over the object store, P(N) as measured
@@ -224,9 +219,7 @@ def run(args) -> int:
                      if here_objects is not None else None)
             servers = servers_section(srows, stta, here_objects, cluster_servers, base.batch_size, args.network_gbit,
                                       apart)
-            write_csv(out / "servers.csv", srows)
-            (out / "servers.json").write_text(json.dumps({k: v for k, v in servers.items() if k != "markdown"},
-                                                         indent=2, default=str) + "\n")
+            write_section("servers", servers)
         if model:
             (out / "costmodel.json").write_text(json.dumps({k: v for k, v in model.items() if k != "markdown"},
                                                            indent=2, default=str) + "\n")
