@@ -1,8 +1,8 @@
 """The run's actors on the driver's side: starting them, connecting them, calling them, stopping them.
 
 `Fleet` spawns the parameter server (pinned to the live head node, next to the
-driver), its shards with --servers K > 1 (SPREAD across the nodes) and the workers
-(in a SPREAD placement group with `spread`), waits until
+driver), its shards with --servers K > 1 (one per live node, round robin) and the
+workers (in a SPREAD placement group with `spread`), waits until
 they answer, checks that every worker built the server's model, and hands the
 server its workers and where they run (`connect`): the server's transports do the
 rest. The driver's calls to the server go through `server_call`, which turns Ray's
