@@ -65,19 +65,23 @@ def _assert_fault_free_parameters(out):
 
 
 @pytest.mark.fault
-@pytest.mark.parametrize("mode", ["restart", "shrink"])
-def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode):
-    """Every process of a worker node SIGKILLed mid-run (not Cluster.remove_node)."""
+@pytest.mark.parametrize("mode,flags", [("restart", []), ("shrink", []), ("restart", ["--servers", "2"])])
+def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode, flags):
+    """Every process of a worker node SIGKILLed mid-run (not Cluster.remove_node). With
+    --servers 2 the node takes a worker and a server shard: each loss counts against the
+    failure budget, also one found while recovering from the other."""
     out = tmp_path / "run"
-    proc = _train_on(own_cluster, out, "--step-timeout", "30", "--on-worker-loss", mode)
+    proc = _train_on(own_cluster, out, "--step-timeout", "30", "--on-worker-loss", mode, *flags)
     sid = int(Path(own_cluster["state"], "node-1.sid").read_text())
     subprocess.run(["pkill", "-KILL", "-s", str(sid)])  # the whole node, as a crashed machine
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr and "lost" in stderr
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == STEPS and summary["failures_survived"] >= 1
+    assert summary["steps"] == STEPS and summary["failures_survived"] >= (2 if flags else 1)
     assert summary["workers"] == (2 if mode == "restart" else 1)
+    if flags:  # both shards live again, on the node that is left
+        assert summary["servers"] == 2 and summary["server_nodes"] == 1
     _assert_fault_free_parameters(out)
 
 

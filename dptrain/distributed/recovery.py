@@ -22,11 +22,11 @@ from .fleet import Fleet
 log = logging.getLogger(__name__)
 
 
-def recover(fleet: Fleet, error: WorkerLost | ServerLost, failures: int, recorded: int) -> int:
-    """Replace what was lost (ShardLost is a ServerLost); returns the failure count. TrainingError once the budget is spent.
+def recover(fleet: Fleet, error: WorkerLost | ServerLost, failures: int, recorded: int) -> None:
+    """Replace what was lost (ShardLost is a ServerLost); `failures` counts it already (a loss
+    found while recovering from another counts too). TrainingError once the budget is spent.
     `recorded`: the steps logged so far (a new server restores a checkpoint of at most that many)."""
     cfg = fleet.cfg
-    failures += 1
     if failures > cfg.max_failures:
         where = f"{cfg.out}/checkpoints" if cfg.out and cfg.checkpoint_every else "none kept"
         raise TrainingError(f"{error}; the failure budget (--max-failures {cfg.max_failures}) is spent. "
@@ -41,7 +41,6 @@ def recover(fleet: Fleet, error: WorkerLost | ServerLost, failures: int, recorde
     else:
         replace_worker(fleet, error.rank)
     fleet.connect()
-    return failures
 
 
 def replace_worker(fleet: Fleet, rank: int) -> None:

@@ -241,8 +241,8 @@ class Trainer:
                     try:
                         if isinstance(error, WorkerLost):  # the steps the failed chunk did complete
                             stop = record(fleet.server_call(fleet.ps.take_unreported.remote(), error.step)) or stop
-                        failures = recover(fleet, error, failures,
-                                           recorded=len(mlog.steps) and mlog.steps[-1]["step"] + 1)
+                        failures += 1  # counted before recovering: a recovery may find more lost
+                        recover(fleet, error, failures, recorded=len(mlog.steps) and mlog.steps[-1]["step"] + 1)
                         first = fleet.server_call(fleet.ps.current_step.remote(), -1)
                         if window and first == window[-1]["step"] + 1 and first % steps_per_epoch == 0:
                             # the loss cut an epoch's evaluation short: the server holds its parameters
