@@ -279,10 +279,14 @@ class Fleet:
     # ------------------------------------------------------------------ stopping
 
     def stop(self) -> None:
-        """Let the actors release their shared-memory segments, kill them, free the placement group."""
+        """Let the actors release their shared-memory segments and exit, kill what is left, free the
+        placement group. The server exits rather than being killed: the semaphores Ray made for a
+        compiled graph's channels in its process (/dev/shm/sem.*) are removed only by its exit."""
         actors = self.workers + self.shards + ([self.ps] if self.ps is not None else [])
         try:
             ray.wait([a.close.remote() for a in actors], num_returns=len(actors), timeout=10)
+            if self.ps is not None:
+                ray.wait([self.ps.__ray_terminate__.remote()], timeout=5)  # answered when its process has gone
         except Exception:  # a dead actor cannot clean up: its process exit unmaps, the driver unlinks
             pass
         for actor in actors + ([self.watch] if self.watch is not None else []):
