@@ -32,6 +32,15 @@ def ray_local():
     yield ray
 
 
+SESSION_START = None
+
+
+def pytest_sessionstart(session):
+    import time
+    global SESSION_START
+    SESSION_START = time.time()
+
+
 def pytest_sessionfinish(session, exitstatus):
     try:
         import ray
@@ -39,3 +48,22 @@ def pytest_sessionfinish(session, exitstatus):
             ray.shutdown()
     except ImportError:
         pass
+    _remove_orphaned_semaphores()
+
+
+def _remove_orphaned_semaphores():
+    """The fault tests kill servers on purpose; a killed server that ran a compiled graph leaves
+    the named semaphores Ray made for its channels (/dev/shm/sem.hdr<pid>-N, sem.obj<pid>-N).
+    Remove those this session made whose process is gone (a live one's are left alone)."""
+    import re
+    from pathlib import Path
+    shm = Path("/dev/shm")
+    if SESSION_START is None or not shm.is_dir():
+        return
+    for path in shm.glob("sem.*"):
+        m = re.fullmatch(r"sem\.(hdr|obj)(\d+)-\d+", path.name)
+        try:
+            if m and not Path(f"/proc/{m.group(2)}").exists() and path.stat().st_mtime >= SESSION_START:
+                path.unlink()
+        except OSError:  # gone meanwhile, or not ours to remove
+            pass
