@@ -52,9 +52,10 @@ def test_shards_apply_exactly_the_one_servers_update(opt):
         whole.lr = lr
         whole.update(whole.flat.data, whole.flat.grad,
                      lambda a, b: mean_gradient(grads, count, whole.flat.grad, a, b))
-        new = [shard.update(step, count, lr, None, *(g[lo:hi] for g in grads))
-               for shard, (lo, hi) in zip(shards, ranges)]
-        assert np.array_equal(np.concatenate(new), whole.flat.data)
+        done = [shard.update(step, count, lr, None, *(g[lo:hi] for g in grads))
+                for shard, (lo, hi) in zip(shards, ranges)]
+        assert [at for at, _ in done] == [step + 1] * 3  # each shard's new step, then its new range
+        assert np.array_equal(np.concatenate([new for _, new in done]), whole.flat.data)
     for shard, (lo, hi) in zip(shards, ranges):
         st = shard.state()
         assert st["step"] == 5 and st["optimizer"]["steps"] == whole.steps

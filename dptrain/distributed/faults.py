@@ -87,6 +87,6 @@ class FaultyShard(ServerShard):
         super().__init__(*args)
         self.faults = for_server(faults, "shard", self.index)
 
-    def update(self, step: int, count: int, lr: float, metas, *grads):
+    def update(self, step: int, count: int, lr: float, metas, *grads) -> tuple:
         _server_fault(self.faults.pop(step, None))
         return super().update(step, count, lr, metas, *grads)

@@ -104,11 +104,10 @@ class ParameterServer:
         self._active = [t for t in self.transports.values() if t.workers]
         return {name: sorted(t.workers) for name, t in self.transports.items()}
 
-    def set_shards(self, shards: list) -> list:
+    def set_shards(self, shards: list) -> None:
         """Use these server shard actors (--servers K; index order) from now on; new ones get
-        their ranges of the newest restored state. Returns each one's range."""
+        their ranges of the newest restored state."""
         self.shards.attach(shards)
-        return self.shards.bounds
 
     def _pause(self) -> None:
         """Let every worker take other Ray calls (ours, during a change of setup)."""

@@ -64,9 +64,10 @@ class ServerShard:
         """The node this shard runs on (any answer means it has started)."""
         return node_id()
 
-    def load(self, step: int, lo: int, params: np.ndarray, state: dict) -> np.ndarray:
+    def load(self, step: int, lo: int, params: np.ndarray, state: dict) -> tuple[int, np.ndarray]:
         """Hold parameters [lo, lo + len(params)) at `step` with the optimizer state `state`
-        (sliced alike); returns them (the workers' next fetch)."""
+        (sliced alike); returns (step, them): two objects, called with num_returns=2, so that the
+        server learns the step and leaves the parameters where they are for the workers."""
         if self.optimizer is None or self.optimizer.flat.size != params.size:
             self.optimizer = build_optimizer(self.cfg, [Parameter(np.zeros(params.size, params.dtype))])
         flat = self.optimizer.flat
@@ -77,13 +78,14 @@ class ServerShard:
         self.decoder = compress.make(self.cfg.compress, params.size, params.dtype)
         self.dense = np.zeros_like(params) if self.decoder is not None else None
         self.lo, self.hi, self.step = lo, lo + params.size, step
-        return flat.data
+        return self.step, flat.data
 
-    def update(self, step: int, count: int, lr: float, metas: list | None, *grads: np.ndarray) -> np.ndarray:
+    def update(self, step: int, count: int, lr: float, metas: list | None,
+               *grads: np.ndarray) -> tuple[int, np.ndarray]:
         """Step `step` on this range: the workers' gradient slices (rank order; Ray fetched them
         from the workers' nodes) added, divided by `count`, fed to the optimizer block by block
         at rate `lr`. With --compress the slices are payloads (`metas`: theirs, rank order),
-        decoded and added first. Returns the new parameters of the range."""
+        decoded and added first. Returns (the new step, the range's new parameters), like `load`."""
         if step != self.step:
             raise RuntimeError(f"server shard {self.index} at step {self.step} was sent gradients for step {step}")
         if metas is not None:
@@ -93,7 +95,7 @@ class ServerShard:
         grad = flat.grad
         self.optimizer.update(flat.data, grad, lambda start, stop: mean_gradient(grads, count, grad, start, stop))
         self.step += 1
-        return flat.data
+        return self.step, flat.data
 
     def state(self) -> dict:
         """The range's step, parameters and optimizer state (for a checkpoint)."""
@@ -128,9 +130,9 @@ class Shards:
         host = self.host
         state = host.optimizer.state_dict()
         self.actors = list(actors)
-        self.refs = [a.load.remote(host.step, lo, host.flat.data[lo:hi], sliced_state(state, lo, hi))
-                     for a, (lo, hi) in zip(self.actors, self.bounds)]
-        self.wait(self.refs, host.step)
+        self._settle([a.load.options(num_returns=2).remote(host.step, lo, host.flat.data[lo:hi],
+                                                           sliced_state(state, lo, hi))
+                      for a, (lo, hi) in zip(self.actors, self.bounds)], host.step)
 
     def restored(self) -> None:
         """The host's parameters and optimizer state are the run's again (a checkpoint, or the
@@ -141,10 +143,20 @@ class Shards:
         """Every shard's update of `step`; grads: each worker's K gradient slices (references, rank
         order); metas: with --compress, each worker's K payload metas."""
         self.host_is_current = False
-        refs = [a.update.remote(step, count, lr, None if metas is None else [m[j] for m in metas],
-                                *[g[j] for g in grads]) for j, a in enumerate(self.actors)]
-        self.wait(refs, step)
-        self.refs = refs
+        self._settle([a.update.options(num_returns=2).remote(step, count, lr,
+                                                             None if metas is None else [m[j] for m in metas],
+                                                             *[g[j] for g in grads])
+                      for j, a in enumerate(self.actors)], step + 1)
+
+    def _settle(self, calls: list, step: int) -> None:
+        """Wait for every shard's (step, parameters) call and keep the parameters' references:
+        only the small step comes here (on a cluster the ranges stay on the shards' nodes
+        until the workers fetch them)."""
+        held = self.wait([s for s, _ in calls], step)
+        for j, at in enumerate(held):
+            if at != step:
+                raise ShardLost(j, step, f"it holds step {at}")
+        self.refs = [params for _, params in calls]
 
     def gather(self, optimizer: bool = False) -> None:
         """Copy the shards' newest parameters (and with `optimizer` their optimizer state) into the

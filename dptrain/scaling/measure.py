@@ -331,9 +331,9 @@ def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float, shar
 
 def shard_update_s(base: TrainConfig, workers: int, servers: int, repeats: int = 10) -> float:
     """Median seconds of a sharded step's server part, measured apart from any step: `servers`
-    ServerShard actors (placed as the fleet places them) each take one update of `workers`
-    gradient slices of its range, put in the object store beforehand as the workers' calls
-    would leave them, and return their new range; the server waits for all. The cost model's
+    ServerShard actors each take one update of `workers` gradient slices of its range, put in
+    the object store beforehand as the workers' calls would leave them, and leave their new
+    range there; the server waits for all (for their small step, as shards.Shards does). The cost model's
     term for the K > 1 server (it includes Ray's work on the megabyte arguments and results,
     which the model's bytes-over-bandwidth terms do not count)."""
     import ray
@@ -347,14 +347,15 @@ def shard_update_s(base: TrainConfig, workers: int, servers: int, repeats: int =
     ranges = bounds(flat.size, servers, flat.data.dtype.itemsize)
     actors = [ray.remote(ServerShard).options(num_cpus=0).remote(base.to_dict(), j) for j in range(servers)]
     try:
-        ray.get([a.load.remote(0, lo, flat.data[lo:hi], sliced_state(state, lo, hi))
+        ray.get([a.load.options(num_returns=2).remote(0, lo, flat.data[lo:hi], sliced_state(state, lo, hi))[0]
                  for a, (lo, hi) in zip(actors, ranges)])
         grad = np.random.default_rng(0).standard_normal(flat.size).astype(flat.data.dtype) * 1e-3
         times = []
         for step in range(repeats + 1):  # the first is a warm-up
             slices = [[ray.put(grad[lo:hi]) for lo, hi in ranges] for _ in range(workers)]
             t0 = time.perf_counter()
-            ray.get([a.update.remote(step, base.batch_size, base.lr, None, *(s[j] for s in slices))
+            ray.get([a.update.options(num_returns=2).remote(step, base.batch_size, base.lr, None,
+                                                            *(s[j] for s in slices))[0]  # as the server waits
                      for j, a in enumerate(actors)])
             times.append(time.perf_counter() - t0)
         return statistics.median(times[1:])
