@@ -100,8 +100,8 @@ class TrainConfig:
         "server's node and Ray's object store for the others; object_store, always Ray objects; "
         "compiled_graph, a Ray Compiled Graph (measured slower; docs/scaling.md).")
     servers: int = _f(1,
-        "Parameter servers K: with K > 1 each of K server actors (placed SPREAD across nodes) owns a "
-        "contiguous 1/K of the parameters and their optimizer state, and workers exchange each "
+        "Parameter servers K: with K > 1 each of K server actors (one per node where there are several) "
+        "owns a contiguous 1/K of the parameters and their optimizer state, and workers exchange each "
         "server's slice with it directly over the object store (docs/design.md).")
     progress: bool = _f(False, "Show a progress bar (the CLI turns it on in a terminal).")
     # ---- reliability

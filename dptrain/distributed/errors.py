@@ -1,8 +1,8 @@
 """The distributed layer's failure vocabulary: what went wrong, where and at which step.
 
 Recoverable: `WorkerLost` (a worker died, hung, or its result was lost with its node;
-every transport reports it the same way), `ServerLost` and, with sharded servers, `ShardLost`. Not recoverable: a worker's
-code failed (`WorkerError`), a NaN or Inf under `on_nonfinite=stop` (`NonFiniteError`);
+every transport reports it the same way), `ServerLost` and, with sharded servers,
+`ShardLost`. Not recoverable: a worker's code failed (`WorkerError`), a NaN or Inf under `on_nonfinite=stop` (`NonFiniteError`);
 the driver turns them, and a spent failure budget, into `TrainingError`.
 """
 

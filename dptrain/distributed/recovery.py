@@ -2,8 +2,9 @@
 
 One path whatever the transports: change the fleet (a new worker in the lost one's
 rank; or the others renumbered to share the batch; or a new server restored from
-the newest checkpoint; or a new server shard, and the server restored), then `Fleet.connect` hands the server its workers and the
-server's transports set up what changed. The steps after the server's state are
+the newest checkpoint; or a new server shard, and the server restored), then
+`Fleet.connect` hands the server its shards and workers, and the server's transports
+set up what changed. The steps after the server's state are
 run again (with a compiled-graph transport a new server gets new workers too: Ray keeps
 the old ones in the dead server's graph); every step is a pure function of (parameters, step, data), so the
 final parameters are those of a run without the failure.

@@ -45,7 +45,7 @@ class Worker:
             raise ValueError(f"--compress {self.cfg.compress}: a payload of {self.compressor.max_bytes} bytes is larger "
                              f"than this model's {flat.size}-entry gradient")
         self._payload = np.empty(self.compressor.max_bytes, np.uint8) if self.compressor else None
-        self._range_coders = (None, [])  # sharded servers with --compress: (bounds, a compressor per range)
+        self._range_coders = (None, [])  # --servers with --compress: (bounds, [(compressor, buffer)] per range)
 
     # ------------------------------------------------------------------ the step
 
@@ -128,13 +128,13 @@ class Worker:
         """--compress with sharded servers: each shard's range encoded on its own (top-k picks the
         largest RATIO of each range's entries and keeps each range's residual); the payloads'
         metas go into metrics["payload"] in shard order."""
-        if self._range_coders[0] != bounds:
+        if self._range_coders[0] != bounds:  # made once: a payload buffer per range, like `_payload`
             dtype = self.replica.flat.data.dtype
-            self._range_coders = (bounds, [compress.make(self.cfg.compress, hi - lo, dtype) for lo, hi in bounds])
+            coders = [compress.make(self.cfg.compress, hi - lo, dtype) for lo, hi in bounds]
+            self._range_coders = (bounds, [(c, np.empty(c.max_bytes, np.uint8)) for c in coders])
         grad = backend.to_numpy(self.replica.flat.grad)
         payloads, metas = [], []
-        for (lo, hi), coder in zip(bounds, self._range_coders[1]):
-            buf = np.empty(coder.max_bytes, np.uint8)
+        for (lo, hi), (coder, buf) in zip(bounds, self._range_coders[1]):
             metas.append(coder.encode(grad[lo:hi], buf))
             payloads.append(buf[:metas[-1]["bytes"]])
         metrics["payload"], metrics["sent_bytes"] = metas, sum(m["bytes"] for m in metas)
