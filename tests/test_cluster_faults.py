@@ -134,6 +134,8 @@ def test_a_process_killed_or_frozen_from_outside(shared_cluster, tmp_path, victi
     assert "Traceback" not in stderr and ("lost" in stderr or "hung" in stderr)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == STEPS and summary["failures_survived"] >= 1
+    if flags:  # --servers 2 on the two nodes: a shard on each, the replacement too
+        assert summary["servers"] == 2 and summary["server_nodes"] == 2
     _assert_fault_free_parameters(out)
 
 
