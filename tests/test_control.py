@@ -1,6 +1,7 @@
 """The control channel of shared-memory workers (distributed/transport/control.py), without Ray."""
 
 import math
+import os
 import socket
 import threading
 import time
@@ -53,14 +54,120 @@ def test_listener_accepts_a_worker_and_reads_its_hello():
     try:
         with pytest.raises(control.ChannelTimeout):
             listener.accept(0.05)
-        chan = control.connect(listener.address)
-        chan.send({"rank": 3})
-        server_end, hello = listener.accept(5)
-        assert hello == {"rank": 3}
+        chan = control.connect(listener.address, 3, listener.expect(3))
+        server_end, rank = listener.accept(5)
+        assert rank == 3 and listener.refused == 0
         server_end.send({"op": "stop"})
         assert chan.recv(time.monotonic() + 5) == {"op": "stop"}
     finally:
         listener.close()
+
+
+def _raw_hello(address, payload: bytes):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(address)
+    sock.sendall(payload)
+    return sock
+
+
+def test_only_the_sessions_secret_admits_a_worker(monkeypatch, caplog):
+    """Same user, but not this session's worker: no secret, a wrong one, another rank's, the right
+    one twice, an oversized or a silent hello. Each is refused and logged; the real worker gets in."""
+    monkeypatch.setattr(control, "HELLO_TIMEOUT_S", 0.3)
+    listener = control.Listener("test")
+    try:
+        secret = listener.expect(0)
+        other = listener.expect(1)
+        intruders = [_raw_hello(listener.address, control._HEADER.pack(len(p)) + p) for p in (
+            b'{"rank": 0}', b'{"rank": 0, "secret": "00"}', ('{"rank": 0, "secret": "%s"}' % other).encode(),
+            b'{"rank": true, "secret": "x"}', b"not json")]
+        intruders.append(_raw_hello(listener.address, control._HEADER.pack(1 << 31)))  # never allocated
+        intruders.append(_raw_hello(listener.address, b""))  # says nothing
+        real = control.connect(listener.address, 0, secret)
+        chan, rank = listener.accept(10)
+        assert rank == 0 and listener.refused == len(intruders)
+        assert caplog.text.count("refused a connection") == len(intruders)
+        chan.send({"op": "stop"})
+        assert real.recv(time.monotonic() + 5) == {"op": "stop"}
+        replay = control.connect(listener.address, 0, secret)  # a secret admits one connection
+        with pytest.raises(control.ChannelTimeout):
+            listener.accept(1.0)
+        assert listener.refused == len(intruders) + 1
+        for sock in intruders:
+            sock.close()
+        replay.close()
+    finally:
+        listener.close()
+
+
+def _as_nobody(code: str):
+    """A Python child running `code` as user nobody (the tests run as root), with os, socket,
+    struct, json and time imported."""
+    import pwd
+    import subprocess
+    import sys
+    try:
+        nobody = pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        pytest.skip("no user nobody")
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start a process of another user")
+    # everything imported before the privileges go: nobody may not read this Python's files
+    prologue = f"import os, socket, struct, json, time\nos.setgid({nobody}); os.setuid({nobody})\n"
+    return subprocess.Popen([sys.executable, "-c", prologue + code],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_another_users_connection_is_refused_before_its_hello_is_read():
+    listener = control.Listener("test")
+    child = None
+    try:
+        secret = listener.expect(0)
+        # even with the right secret (which such a user cannot know): it is another user
+        child = _as_nobody(f"""
+import socket, struct, json, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect({listener.address!r})
+p = json.dumps({{"rank": 0, "secret": {secret!r}}}).encode()
+s.sendall(struct.pack("!I", len(p)) + p)
+try:
+    print("closed" if s.recv(10) == b"" else "answered")
+except ConnectionResetError:  # closed with our hello unread
+    print("closed")
+""")
+        with pytest.raises(control.ChannelTimeout):
+            listener.accept(3)
+        out, err = child.communicate(timeout=10)
+        assert out.strip() == "closed", err
+        assert listener.refused == 1
+        chan = control.connect(listener.address, 0, secret)  # the real worker still gets in
+        assert listener.accept(5)[1] == 0
+        chan.close()
+    finally:
+        if child is not None and child.poll() is None:
+            child.kill()
+        listener.close()
+
+
+def test_a_worker_refuses_a_control_channel_of_another_user():
+    name = f"dptrain-test-ctl-{os.getpid()}"
+    child = _as_nobody(f"""
+import socket, time
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.bind({chr(0)!r} + {name!r}); s.listen(1)
+print("listening", flush=True)
+c, _ = s.accept()
+print("hello" if c.recv(100) else "nothing", flush=True)
+""")
+    try:
+        assert child.stdout.readline().strip() == "listening"
+        with pytest.raises(control.Refused, match="held by uid"):
+            control.connect("\0" + name, 0, "the secret")
+        out, _ = child.communicate(timeout=10)
+        assert out.strip() == "nothing"  # the worker sent nothing, its secret included
+    finally:
+        if child.poll() is None:
+            child.kill()
 
 
 @pytest.fixture
@@ -84,10 +191,11 @@ def served_worker():
     served = {}
 
     def start():
-        t = threading.Thread(target=lambda: served.setdefault("n", worker.serve(listener.address)))
+        secret = listener.expect(0)
+        t = threading.Thread(target=lambda: served.setdefault("n", worker.serve(listener.address, secret)))
         t.start()
-        chan, hello = listener.accept(5)
-        assert hello == {"rank": 0}
+        chan, rank = listener.accept(5)
+        assert rank == 0
         return chan, t
 
     yield ps, worker, reference, start, served

@@ -326,3 +326,62 @@ def test_metrics_file_keeps_each_step_once_across_a_recovery(tmp_path):
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "step"] == list(range(12))
     assert [r["kind"] for r in records].count("epoch") == 0 and records[6]["kind"] == "recovery"
+
+
+IMPOSTOR = r"""
+import os, socket, struct, json, time, sys
+nobody = int(sys.argv[1]); os.setgid(nobody); os.setuid(nobody)
+tried = set()
+end = time.monotonic() + 120  # bounded: the test ends it sooner
+while time.monotonic() < end:
+    names = [line.split()[-1] for line in open("/proc/net/unix").read().splitlines()[1:]
+             if line.split()[-1].startswith("@dptrain-") and "-ctl-" in line]
+    for name in names:
+        if name in tried:
+            continue
+        tried.add(name)
+        for hello in ({"rank": 0}, {"rank": 0, "secret": "0" * 32}, {"rank": 1, "secret": ""}):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                s.connect("\0" + name[1:])
+                p = json.dumps(hello).encode()
+                s.sendall(struct.pack("!I", len(p)) + p)
+                s.settimeout(5)
+                got = s.recv(4)
+                if got:  # the server took us for a worker: answer its request with an error
+                    p = json.dumps({"error": "injected by a local user"}).encode()
+                    s.sendall(struct.pack("!I", len(p)) + p)
+                print("request" if got else "refused", flush=True)
+            except ConnectionResetError:
+                print("refused", flush=True)
+            except OSError as e:  # that listener closed meanwhile
+                print("missed", e, flush=True)
+            finally:
+                s.close()
+    time.sleep(0.002)
+"""
+
+
+def test_another_local_user_cannot_take_over_a_worker(ray_local, clean, tmp_path):
+    """An impostor process of user nobody connects to the run's control channel and claims ranks,
+    also while worker 0 is replaced after a crash: every attempt is refused, the run ends on the
+    fault-free parameters. (Worker 0 joins each session a second late, a window for the race.)"""
+    import pwd
+    if os.geteuid() != 0:
+        pytest.skip("needs root to start a process of another user")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    prologue = "import os, socket, struct, json, time, sys\n"  # imported before the privileges go
+    impostor = subprocess.Popen([sys.executable, "-c", prologue + IMPOSTOR, str(nobody)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        cfg = dp.TrainConfig(workers=3, out=str(tmp_path), **BASE)
+        result = dp.Trainer(cfg, faults=[{"rank": 0, "kind": "slow_connect", "seconds": 1.5},
+                                         {"rank": 0, "step": 9, "kind": "exit"}]).fit()
+    finally:
+        impostor.kill()
+        out, err = impostor.communicate(timeout=10)
+    attempts = out.split()
+    assert "request" not in attempts, out
+    assert attempts.count("refused") >= 6, (out, err)  # three hellos at the start and three at the recovery
+    assert result.summary["failures_survived"] == 1 and result.summary["shared_memory_workers"] == 3
+    _same(result.params, clean)

@@ -2,7 +2,9 @@
 
 A fault is a dict: {"rank": r, "step": k, "kind": raise|exit|nan|hang[, "seconds": s]}
 for worker r (at the first step it computes from k on: with bounded staleness a
-worker may compute no shard of step k), or {"role": "server", "step": k, "kind":
+worker may compute no shard of step k), {"rank": r, "kind": "slow_connect", "seconds": s}
+(worker r waits s seconds before it joins each control-channel session: a window in
+which tests race it with an impostor), or {"role": "server", "step": k, "kind":
 exit|hang} for the server, or {"role": "shard", "index": j, "step": k, "kind": exit|hang}
 for server shard j (--servers K > 1), at its update of step k.
 raise: an exception in the worker's code; exit: the process dies; nan: a NaN in the
@@ -21,7 +23,7 @@ from .server import ParameterServer
 from .shards import ServerShard
 from .worker import Worker
 
-WORKER_KINDS = ("raise", "exit", "nan", "hang")
+WORKER_KINDS = ("raise", "exit", "nan", "hang", "slow_connect")
 SERVER_KINDS = ("exit", "hang")
 
 
@@ -34,8 +36,14 @@ def check(faults: list) -> None:
 
 
 def for_worker(faults: list | None, rank: int) -> dict:
-    """step -> fault, of worker `rank`."""
-    return {f["step"]: f for f in faults or [] if f.get("role", "worker") == "worker" and f.get("rank") == rank}
+    """step -> fault, of worker `rank` (those of a step)."""
+    return {f["step"]: f for f in faults or [] if f.get("role", "worker") == "worker" and f.get("rank") == rank
+            and "step" in f}
+
+
+def pending(faults: list, submitted: int) -> list:
+    """The faults a replacement actor still gets: those of steps after `submitted`, and those of no step."""
+    return [f for f in faults if f.get("step", submitted + 1) > submitted]
 
 
 def for_server(faults: list | None, role: str = "server", index: int | None = None) -> dict:
@@ -54,6 +62,12 @@ class FaultyWorker(Worker):
     def __init__(self, *args, faults: list | None = None):
         super().__init__(*args)
         self.faults = for_worker(faults, self.rank)
+        self.connect_delay = max([f.get("seconds", 1.0) for f in faults or [] if f.get("kind") == "slow_connect"
+                                  and f.get("rank") == self.rank], default=0.0)
+
+    def serve(self, address: str, secret: str) -> int:
+        time.sleep(self.connect_delay)
+        return super().serve(address, secret)
 
     def compute(self, step: int, shard: int | None = None, of: int | None = None) -> dict:
         # at the first step computed at or after the fault's (a relaxed run's worker may skip steps)

@@ -77,7 +77,8 @@ class Fleet:
         """Injected faults not yet reached: a replacement must not fire the one that killed its predecessor."""
         if not self.faults:
             return None
-        return [f for f in self.faults if f["step"] > self.submitted]
+        from .faults import pending
+        return pending(self.faults, self.submitted)
 
     def spawn_worker(self, rank: int, num_workers: int):
         cfg = self.cfg

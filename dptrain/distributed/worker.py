@@ -167,10 +167,10 @@ class Worker:
         self.link = WorkerLink(self, spec)
         return self.link.grad.name
 
-    def serve(self, address: str) -> int:
+    def serve(self, address: str, secret: str) -> int:
         """Take the server's requests over its control channel until it lets us go (see
-        transport/shared_memory.py); how many were served."""
-        return self.link.serve(address)
+        transport/shared_memory.py); how many were served. `secret` goes in the hello."""
+        return self.link.serve(address, secret)
 
     # ------------------------------------------------------------------ housekeeping
 

@@ -12,12 +12,25 @@ loops over requests until the server says stop or goes away. A worker that
 dies closes its socket (the server sees end-of-file at once); one that hangs
 misses the deadline of `recv`. Messages are JSON behind a 4-byte length: only
 numbers, strings and booleans cross, and nothing is unpickled.
+
+Who may connect. On Linux the listening socket is in the abstract namespace:
+no file permissions apply and its name is readable by every local user in
+/proc/net/unix. So the channel admits only this run's workers: the peer's
+credentials (SO_PEERCRED) must be this process's user, and its hello must carry
+the secret the server handed that rank, with its `serve` call, for this session
+(a fresh one per session, compared in constant time). Anything else is logged,
+closed and never counted as a worker. The listener is closed once every worker
+it waited for has connected, so between sessions nothing listens at all. A
+worker checks the server's credentials the same way before it sends anything.
 """
 
 from __future__ import annotations
 
+import hmac
 import json
+import logging
 import os
+import secrets
 import socket
 import struct
 import sys
@@ -25,7 +38,24 @@ import tempfile
 import time
 import uuid
 
+log = logging.getLogger(__name__)
+
 _HEADER = struct.Struct("!I")
+_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+HELLO_TIMEOUT_S = 2.0  # a connection that says nothing this long is dropped (it cannot stall the server)
+HELLO_BYTES = 1024  # and one that announces a longer hello is dropped unread
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int] | None:
+    """(pid, uid) of the process at the other end of a Unix socket; None where the system cannot say."""
+    if not hasattr(socket, "SO_PEERCRED"):
+        return None
+    pid, uid, _ = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+    return pid, uid
+
+
+class Refused(ConnectionError):
+    """A connection that is not one of this run's workers (or a server of another user)."""
 
 
 class ChannelClosed(ConnectionError):
@@ -49,10 +79,12 @@ class Channel:
         except OSError as e:  # broken pipe, reset: the peer is gone
             raise ChannelClosed(str(e)) from None
 
-    def recv(self, deadline: float | None = None) -> dict:
+    def recv(self, deadline: float | None = None, limit: int | None = None) -> dict:
         """The next message; ChannelClosed at end of file, ChannelTimeout past `deadline`
-        (a time.monotonic() value; None waits for ever)."""
+        (a time.monotonic() value; None waits for ever), ValueError for one over `limit` bytes."""
         (n,) = _HEADER.unpack(self._read(_HEADER.size, deadline))
+        if limit is not None and n > limit:
+            raise ValueError(f"a message of {n} bytes, more than {limit}")
         return json.loads(self._read(n, deadline))
 
     def _read(self, n: int, deadline: float | None) -> bytes:
@@ -88,7 +120,9 @@ class Listener:
     """The server's end: a listening socket whose address workers connect to.
 
     On Linux the address is in the abstract namespace (no file, nothing to clean up
-    after a crash); elsewhere it is a path in the temporary directory.
+    after a crash); elsewhere it is a path in a folder of the temporary directory
+    that only this user can enter. `expect(rank)` gives the secret rank's worker
+    must say in its hello; `accept` admits only such workers (the module's docstring).
     """
 
     def __init__(self, tag: str):
@@ -97,31 +131,78 @@ class Listener:
         if sys.platform.startswith("linux"):
             self.address, self._path = "\0" + name, None
         else:
-            self.address = self._path = os.path.join(tempfile.gettempdir(), name)
+            folder = tempfile.mkdtemp(prefix="dptrain-ctl-")  # mode 0700
+            self.address = self._path = os.path.join(folder, "sock")
         self.sock.bind(self.address)
         self.sock.listen(64)
+        self._secrets: dict = {}  # rank -> the secret its hello must carry (one connection each)
+        self.refused = 0
 
-    def accept(self, timeout: float) -> tuple[Channel, dict]:
-        """The next worker to connect and its hello message; ChannelTimeout if none in `timeout` s."""
-        self.sock.settimeout(timeout)
+    def expect(self, rank: int) -> str:
+        """A new secret for worker `rank`'s next hello (one connection; it replaces an older one)."""
+        self._secrets[rank] = secrets.token_hex(16)
+        return self._secrets[rank]
+
+    def accept(self, timeout: float) -> tuple[Channel, int]:
+        """The next expected worker to connect and its rank; ChannelTimeout if none in `timeout` s.
+        Connections that are not an expected worker's are refused (logged, closed) meanwhile."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelTimeout("no worker connected")
+            self.sock.settimeout(left)
+            try:
+                conn, _ = self.sock.accept()
+            except socket.timeout:
+                raise ChannelTimeout("no worker connected") from None
+            chan = Channel(conn)
+            try:
+                return chan, self._admit(chan)
+            except Refused as e:
+                self.refused += 1
+                log.warning("control channel: refused a connection (%s)", e)
+                chan.close()
+
+    def _admit(self, chan: Channel) -> int:
+        creds = peer_credentials(chan.sock)
+        who = "" if creds is None else f"pid {creds[0]}, uid {creds[1]}"
+        if creds is not None and creds[1] != os.geteuid():
+            raise Refused(f"{who}: another user than this run's")
         try:
-            conn, _ = self.sock.accept()
-        except socket.timeout:
-            raise ChannelTimeout("no worker connected") from None
-        chan = Channel(conn)
-        return chan, chan.recv(time.monotonic() + max(timeout, 1.0))
+            hello = chan.recv(time.monotonic() + HELLO_TIMEOUT_S, limit=HELLO_BYTES)
+        except ChannelTimeout:
+            raise Refused(f"{who}: no hello within {HELLO_TIMEOUT_S:g} s") from None
+        except (ChannelClosed, ValueError, UnicodeDecodeError):
+            raise Refused(f"{who}: no valid hello") from None
+        rank, secret = (hello.get("rank"), hello.get("secret")) if isinstance(hello, dict) else (None, None)
+        expected = self._secrets.get(rank) if isinstance(rank, int) and not isinstance(rank, bool) else None
+        if expected is None or not isinstance(secret, str) or not hmac.compare_digest(secret, expected):
+            raise Refused(f"{who}: a hello without this session's secret for rank {rank!r}")
+        del self._secrets[rank]
+        return rank
 
     def close(self) -> None:
         self.sock.close()
+        self._secrets = {}
         if self._path is not None:
-            try:
-                os.unlink(self._path)
-            except OSError:
-                pass
+            for remove in (os.unlink, os.rmdir):
+                try:
+                    remove(self._path if remove is os.unlink else os.path.dirname(self._path))
+                except OSError:
+                    pass
 
 
-def connect(address: str) -> Channel:
-    """The worker's end: a channel to the server listening at `address`."""
+def connect(address: str, rank: int, secret: str) -> Channel:
+    """The worker's end: a channel to the server listening at `address`, after its hello
+    (`rank` and the session's `secret`). Refused if the listener is another user's process."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(address)
-    return Channel(sock)
+    creds = peer_credentials(sock)
+    if creds is not None and creds[1] != os.geteuid():
+        sock.close()
+        raise Refused(f"the control channel at {address!r} is held by uid {creds[1]} (pid {creds[0]}), "
+                      "not by this run's user")
+    chan = Channel(sock)
+    chan.send({"rank": rank, "secret": secret})
+    return chan

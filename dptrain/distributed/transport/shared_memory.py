@@ -51,7 +51,7 @@ class SharedMemoryTransport(Transport):
         super().__init__(host)
         self._params: SharedArray | None = None  # the server's parameters, once moved into shared memory
         self._grads: dict = {}  # actor -> the SharedArray its backward writes (mapped here)
-        self._listener: control.Listener | None = None
+        self.refused = 0  # connections to the control channel refused: not this run's workers
         self._sessions: dict = {}  # rank -> (Channel, ObjectRef of the worker's serve call)
         self._notified = 0  # how far served workers were told this update's parameters are final
         self._by_rank: dict = {}  # rank -> its gradient array (what receive hands out every step)
@@ -161,9 +161,6 @@ class SharedMemoryTransport(Transport):
 
     def close(self) -> None:
         super().close()
-        if self._listener is not None:
-            self._listener.close()
-            self._listener = None
         self._by_rank = {}
         for seg in [self._params, self._header, *self._grads.values()]:
             if seg is not None:
@@ -178,24 +175,28 @@ class SharedMemoryTransport(Transport):
         todo = [rank for rank in self.workers if rank not in self._sessions]
         if not todo:
             return
-        if self._listener is None:
-            self._listener = control.Listener(self.host.run_key)
-        refs = {rank: self.workers[rank].serve.remote(self._listener.address) for rank in todo}
-        deadline = time.monotonic() + self.host.cfg.step_timeout
-        while refs:
-            try:  # short waits: a worker that died instead of connecting shows up between them
-                chan, hello = self._listener.accept(min(0.5, max(deadline - time.monotonic(), 0.01)))
-            except control.ChannelTimeout:
-                done, _ = ray.wait(list(refs.values()), num_returns=1, timeout=0)
-                if done:
-                    rank = next(r for r, ref in refs.items() if ref == done[0])
-                    self._sessions[rank] = (None, refs.pop(rank))
-                    self._session_lost(rank, step)
-                if time.monotonic() > deadline:
-                    raise self.hung(sorted(refs), step, "did not connect")
-                continue
-            rank = int(hello["rank"])
-            self._sessions[rank] = (chan, refs.pop(rank))
+        # A listener for this round of sessions only, closed once they are open: between rounds
+        # nothing listens, and each round's secrets are new (control.py: who may connect).
+        listener = control.Listener(self.host.run_key)
+        try:
+            refs = {rank: self.workers[rank].serve.remote(listener.address, listener.expect(rank)) for rank in todo}
+            deadline = time.monotonic() + self.host.cfg.step_timeout
+            while refs:
+                try:  # short waits: a worker that died instead of connecting shows up between them
+                    chan, rank = listener.accept(min(0.5, max(deadline - time.monotonic(), 0.01)))
+                except control.ChannelTimeout:
+                    done, _ = ray.wait(list(refs.values()), num_returns=1, timeout=0)
+                    if done:
+                        rank = next(r for r, ref in refs.items() if ref == done[0])
+                        self._sessions[rank] = (None, refs.pop(rank))
+                        self._session_lost(rank, step)
+                    if time.monotonic() > deadline:
+                        raise self.hung(sorted(refs), step, "did not connect")
+                    continue
+                self._sessions[rank] = (chan, refs.pop(rank))
+        finally:
+            self.refused += listener.refused
+            listener.close()
 
     def _reply(self, rank: int, step: int, deadline: float) -> dict:
         """Worker `rank`'s answer on its channel; WorkerLost if it dies or misses `deadline`."""
@@ -284,14 +285,14 @@ class WorkerLink:
                 self.loaded = 0  # the next step's or task's copy starts over
                 return version
 
-    def serve(self, address: str) -> int:
-        """Take the server's requests until it says stop or goes away; how many were served."""
+    def serve(self, address: str, secret: str) -> int:
+        """Take the server's requests until it says stop or goes away; how many were served.
+        `secret`: what this session's hello must say (control.py: who may connect)."""
         worker, size = self.worker, self.params.array.size
-        chan = control.connect(address)
+        chan = control.connect(address, worker.rank, secret)
         served = 0
         self.loaded = 0  # a new session: the server may have restored other parameters
         try:
-            chan.send({"rank": worker.rank})
             while True:
                 request = chan.recv()
                 op = request.get("op")
