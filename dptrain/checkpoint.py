@@ -52,13 +52,29 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_atomic(path: Path, write) -> None:
+def write_atomic(path, write) -> None:
+    """Write `path` whole or not at all: `write(file)` (or bytes) into a temporary file beside it,
+    flushed, fsynced and renamed over it. On failure (a full disk) the temporary file is removed
+    and the OSError raised; `path` keeps what it held."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            if isinstance(write, (bytes, bytearray)):
+                f.write(write)
+            else:
+                write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk); the message names the file, the step and
+    the newest checkpoint still intact."""
 
 
 def _sha256(path: Path) -> str:
@@ -74,13 +90,25 @@ def save(folder, step: int, params: np.ndarray, optimizer_state: dict, layout: l
     """Write the checkpoint of `step` and delete all but the newest `keep`. Returns the JSON path.
     `relaxed`: what a relaxed run had in flight (relaxed.py; a resume computes it again)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     stem = f"ckpt-{step:08d}"
+    npz = folder / f"{stem}.npz"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        return _save(folder, stem, npz, step, params, optimizer_state, layout, config, keep, relaxed)
+    except OSError as e:
+        npz.unlink(missing_ok=True)  # without its JSON it is no checkpoint: do not leave it taking space
+        kept = list_checkpoints(folder) if folder.is_dir() else []
+        last = f"the newest intact one is {kept[0]}" if kept else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"cannot write the checkpoint of step {step} to {folder} "
+                                   f"({getattr(e, 'filename', None) or npz}: {e.strerror or e}); {last}") from None
+
+
+def _save(folder: Path, stem: str, npz: Path, step: int, params, optimizer_state: dict, layout: list,
+          config: dict, keep: int, relaxed: dict | None) -> Path:
     arrays = {"params": np.asarray(params)}
     for name, arr in optimizer_state["state"].items():
         arrays[f"opt.{name}"] = np.asarray(arr)
-    npz = folder / f"{stem}.npz"
-    _write_atomic(npz, lambda f: np.savez(f, **arrays))
+    write_atomic(npz, lambda f: np.savez(f, **arrays))
     meta = {"format": FORMAT, "step": step, "layout": layout, "dtype": str(params.dtype),
             "size": int(params.size), "optimizer": {k: v for k, v in optimizer_state.items() if k != "state"},
             "config": config, "npz": npz.name, "npz_bytes": npz.stat().st_size, "npz_sha256": _sha256(npz)}
@@ -88,7 +116,7 @@ def save(folder, step: int, params: np.ndarray, optimizer_state: dict, layout: l
         meta["relaxed"] = relaxed
     meta["meta_sha256"] = _meta_sha256(meta)
     meta_path = folder / f"{stem}.json"
-    _write_atomic(meta_path, lambda f: f.write((json.dumps(meta, indent=1) + "\n").encode()))
+    write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
     _fsync_dir(folder)
     for old in list_checkpoints(folder)[keep:]:
         for p in (old, old.with_suffix(".npz")):

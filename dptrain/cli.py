@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import logging
 import os
 import signal
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
-import numpy as np
-
 from .config import ConfigError, TrainConfig, is_widths, parse_model
 from .data import DataError
+from .rundir import RunDir, RunFolderError, default_out, resolve_out
 
 log = logging.getLogger("dptrain")
 
@@ -39,14 +36,6 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def _model(text: str):
@@ -114,114 +103,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# --------------------------------------------------------------------------- output files
-
-class RunDir:
-    """The run's output folder, which belongs to one run: config.json first, metrics.jsonl as
-    it goes, results at the end.
-
-    Made with the path only, checked (`check`) before anything starts; the folder and its
-    files are created by `open`, which the trainer calls once its actors are up, so a run
-    that cannot start leaves nothing behind.
-    """
-
-    def __init__(self, path: str | None, append: bool = False):
-        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-        self.path = Path(path) if path else Path("runs") / f"{stamp}-{os.getpid()}"
-        self.append = append  # a resumed run appends: records of steps replayed after the checkpoint appear again
-        self._metrics = None
-
-    def check(self) -> None:
-        """ConfigError (exit 2) for an --out that cannot be this run's folder: a file, a folder
-        that cannot be written, or (without --resume) the folder of another run."""
-        path = self.path
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"invalid out: {path} is a file, not a folder", field="out")
-        probe = path
-        while not probe.exists():
-            probe = probe.parent
-        if not probe.is_dir():
-            raise ConfigError(f"invalid out: cannot create {path} ({probe} is a file)", field="out")
-        try:
-            with tempfile.TemporaryFile(dir=probe):
-                pass
-        except OSError as e:
-            raise ConfigError(f"invalid out: cannot write to {probe} ({e.strerror or e})", field="out") from None
-        if not self.append and path.is_dir():
-            found = [name for name in ("config.json", "metrics.jsonl", "checkpoints", "params.npz")
-                     if (path / name).exists()]
-            if found:
-                raise ConfigError(f"invalid out: {path} already holds a run ({', '.join(found)}): "
-                                  f"--resume {path} continues it; give another --out for a new run", field="out")
-
-    def open(self, cfg: TrainConfig) -> None:
-        try:
-            self.path.mkdir(parents=True, exist_ok=True)
-            if not self.append:
-                _atomic_write(self.path / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
-            self._metrics = open(self.path / "metrics.jsonl", "a" if self.append else "w")
-        except OSError as e:
-            raise ConfigError(f"invalid out: cannot write to {self.path} ({e.strerror or e})", field="out") from None
-
-    def record(self, rec: dict) -> None:
-        """Append a record. A run that goes back to an earlier step (a recovery, a resume) first
-        drops the step and epoch records from that step on: they are about to be run again, so
-        every step appears once in metrics.jsonl."""
-        if rec.get("kind") in ("recovery", "resume"):
-            self._drop_from(rec["resume_step"])
-        self._metrics.write(json.dumps(rec) + "\n")
-        self._metrics.flush()
-
-    def _records(self) -> list:
-        """(line, record) of every whole line of metrics.jsonl (a killed run may leave the last one cut short)."""
-        out = []
-        try:
-            lines = (self.path / "metrics.jsonl").read_text().splitlines()
-        except OSError:
-            return out
-        for line in lines:
-            try:
-                out.append((line, json.loads(line)))
-            except ValueError:
-                continue
-        return out
-
-    def steps_logged(self) -> int | None:
-        """How many steps metrics.jsonl records without a gap (a resume takes a checkpoint of at most
-        that step, so that every step stays logged: the server checkpoints ahead of the log); None
-        when it records none."""
-        steps = {r["step"] for _, r in self._records() if r.get("kind") == "step"}
-        n = 0
-        while n in steps:
-            n += 1
-        return n or None
-
-    def _drop_from(self, step: int) -> None:
-        self._metrics.close()
-        kept = [line for line, r in self._records()
-                if not (r.get("kind") in ("step", "epoch") and r.get("step", -1) >= step)]
-        path = self.path / "metrics.jsonl"
-        _atomic_write(path, "".join(line + "\n" for line in kept))
-        self._metrics = open(path, "a")
-
-    def finish(self, result) -> None:
-        self.close()
-        _atomic_write(self.path / "summary.json", json.dumps(result.summary, indent=2) + "\n")
-        tmp = self.path / "params.tmp.npz"
-        np.savez(tmp, **result.params)
-        os.replace(tmp, self.path / "params.npz")
-
-    def close(self) -> None:
-        if self._metrics is not None and not self._metrics.closed:
-            self._metrics.close()
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 # --------------------------------------------------------------------------- commands
 
 def _progress_bar(enabled: bool, total: int):
@@ -255,18 +136,13 @@ def run_train(args) -> int:
     from .loop import load_data, total_steps
 
     dataset = load_data(cfg)  # bad data is reported before anything starts
-    run = RunDir(cfg.out, append=bool(args.resume))
-    run.check()  # and an --out that cannot be this run's folder (a bad model or loss: the trainer, before Ray)
-    cfg = cfg.replace(out=str(run.path))
+    cfg = cfg.replace(out=resolve_out(cfg.out) if cfg.out else default_out())
+    RunDir(cfg.out, append=bool(args.resume)).check()  # and an out that cannot be this run's folder
     from .distributed import Trainer  # imports Ray: only when needed
 
     bar, update = _progress_bar(cfg.progress, total_steps(cfg, len(dataset)))
-
-    def on_start():
-        _stop_on_sigterm()  # again: starting Ray may have installed its own handler
-        run.open(cfg)
-    trainer = Trainer(cfg, dataset=dataset, sink=run.record, progress=update, resume=bool(args.resume),
-                      on_start=on_start, resume_at_most=run.steps_logged() if args.resume else None)
+    trainer = Trainer(cfg, dataset=dataset, progress=update, resume=bool(args.resume),
+                      on_start=_stop_on_sigterm)  # again: starting Ray may have installed its own handler
     try:
         if bar is not None:
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -277,15 +153,13 @@ def run_train(args) -> int:
     finally:
         if bar is not None:
             bar.close()
-        run.close()
-    run.finish(result)
     s = result.summary
     acc = (f" | train acc {s['train_accuracy']:.4f} | test acc {s['test_accuracy']:.4f}"
            if "test_accuracy" in s else "")
     print(f"done: {s['steps']} steps on {s['workers']} worker(s) in {s['wall_s']:.1f} s "
           f"({s['samples_per_s']:,.0f} samples/s) | train loss {s['train_loss']:.4f} | "
           f"test loss {s['test_loss']:.4f}{acc}")
-    print(f"results: {run.path}/ (config.json, metrics.jsonl, summary.json, params.npz)")
+    print(f"results: {cfg.out}/ (config.json, metrics.jsonl, summary.json, params.npz)")
     return 0
 
 
@@ -341,7 +215,7 @@ def main(argv=None) -> int:
             message = message.replace(f"invalid {e.field}:", f"invalid --{e.field.replace('_', '-')}:", 1)
         print(f"dptrain {args.command}: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except TrainingError as e:
+    except (TrainingError, RunFolderError) as e:
         print(f"dptrain {args.command}: training failed: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt as e:

@@ -174,7 +174,7 @@ def test_the_python_api_does_not_restore_another_runs_checkpoints(tmp_path):
     from dptrain.config import ConfigError
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "ckpt-00000004.json").write_text("{}")
-    with pytest.raises(ConfigError, match="holds the checkpoints of another run"):
+    with pytest.raises(ConfigError, match=r"already holds a run \(checkpoints\)"):
         dp.Trainer(dp.TrainConfig(dataset="moons", out=str(tmp_path))).fit()
 
 

@@ -313,7 +313,7 @@ def test_check_run_compares_the_model_the_settings_and_the_step(tmp_path):
 
 
 def test_metrics_file_keeps_each_step_once_across_a_recovery(tmp_path):
-    from dptrain.cli import RunDir
+    from dptrain.rundir import RunDir
     run = RunDir(str(tmp_path / "run"))
     run.open(dp.TrainConfig(dataset="moons"))
     for step in range(10):

@@ -14,6 +14,7 @@ the workers' payloads are decoded and added up in rank order before the update. 
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 import time
@@ -33,6 +34,8 @@ from .relaxed import Relaxed
 from .shards import Shards
 from .worker import node_id
 
+log = logging.getLogger(__name__)
+
 
 class ParameterServer:
     """Owns the flat parameters and the optimizer; averages gradients exactly.
@@ -49,6 +52,7 @@ class ParameterServer:
         cfg = TrainConfig.from_dict(config)
         self.config = config
         self.checkpoints = os.path.join(cfg.out, "checkpoints") if cfg.out else None
+        self._checkpoint_failing = False  # the last checkpoint could not be written (a full disk)
         # the server's arithmetic is a few vector ops over arrays that arrive in host memory: CPU
         self.cfg = cfg.replace(device="cpu", gpus_per_worker=0.0)
         self.model = factory.on("cpu")()  # its parameters are the run's initial ones
@@ -295,9 +299,19 @@ class ParameterServer:
         from .. import checkpoint
         if self.shards is not None:  # every shard's range of one step
             self.shards.gather(optimizer=True)
-        return str(checkpoint.save(self.checkpoints, self.step, self.flat.data, self.optimizer.state_dict(),
+        try:
+            path = checkpoint.save(self.checkpoints, self.step, self.flat.data, self.optimizer.state_dict(),
                                    self.layout, self.config, keep=self.cfg.keep_checkpoints,
-                                   relaxed=self.relaxed.checkpoint() if self.relaxed is not None else None))
+                                   relaxed=self.relaxed.checkpoint() if self.relaxed is not None else None)
+        except checkpoint.CheckpointWriteError as e:  # a full disk must not end a run: the older ones stay valid
+            if not self._checkpoint_failing:  # one line, not one per checkpoint while the disk stays full
+                log.warning("%s; training goes on (said once until a checkpoint is written again)", e)
+            self._checkpoint_failing = True
+            return None
+        if self._checkpoint_failing:
+            log.warning("checkpoints are written again, from step %d on (%s)", self.step, path)
+            self._checkpoint_failing = False
+        return str(path)
 
     def restore_checkpoint(self, folder: str | None = None, max_step: int | None = None) -> int | None:
         """Load the newest intact checkpoint (of this model, of at most `max_step` steps) from

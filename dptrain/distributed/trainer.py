@@ -32,6 +32,7 @@ from ..data import BatchSampler, Dataset
 from ..loop import load_data, prepare, total_steps
 from ..metrics import MetricsLog, TrainResult, epoch_record, reached_target, step_record, summary_record
 from ..models import layout, user_modules
+from ..rundir import RunDir, resolve_out
 from ..tensor import as_dtype
 from .cluster import check_resources, connect, embedded_cpus
 from .errors import ServerLost, TrainingError, WorkerLost
@@ -70,17 +71,23 @@ class Trainer:
     `file.py:function` reference is shipped by value, so its file need not exist on
     the cluster's other machines. Before any actor starts, the model and the loss run
     once on the CPU on two examples (models.check): mistakes are a ConfigError.
-    `sink` receives every metrics record (the CLI writes them to metrics.jsonl);
+    With `config.out` the run has a folder (rundir.py), resolved to an absolute path here,
+    before anything starts: config.json, metrics.jsonl, summary.json, params.npz and the
+    server's checkpoints/, as `dptrain train` writes them.
+    `sink` receives every metrics record too;
     `progress(step, record)` is called after each step's metrics arrive;
     `faults` injects failures into workers and the server (tests and scripts/soak.py:
-    faults.py says how); `resume` continues from the newest checkpoint in
-    <config.out>/checkpoints, of at most `resume_at_most` steps if given; `on_start`
-    is called once the actors are up, before step 0 (the CLI makes the run folder).
+    faults.py says how); `resume` continues the run in `config.out` from its newest
+    checkpoint of at most the steps its metrics.jsonl holds (or `resume_at_most`, if
+    given); `on_start` is called once the actors are up, before step 0.
     """
 
     def __init__(self, config: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None,
                  faults: list | None = None, resume: bool = False, *, model=None, loss=None, on_start=None,
                  resume_at_most: int | None = None):
+        if config.out:  # the actors' working directories are not ours: one absolute path for all
+            config = config.replace(out=resolve_out(config.out))
+        self.run = RunDir(config.out, append=resume) if config.out else None
         self.cfg = config
         self.model, self.loss = model, loss
         self.dataset = dataset
@@ -101,8 +108,22 @@ class Trainer:
         return self.fleet.shared if self.fleet else []
 
     def fit(self) -> TrainResult:
-        with self._session() as (dataset, steps):
-            return self._run(dataset, steps)
+        try:
+            with self._session() as (dataset, steps):
+                result = self._run(dataset, steps)
+        finally:
+            if self.run is not None:
+                self.run.close()
+        if self.run is not None:
+            self.run.finish(result)
+        return result
+
+    def _record(self, rec: dict) -> None:
+        """A metrics record to the run folder and the caller's sink."""
+        if self.run is not None:
+            self.run.record(rec)
+        if self.sink is not None:
+            self.sink(rec)
 
     # ------------------------------------------------------------------ setup
 
@@ -113,6 +134,10 @@ class Trainer:
         cfg = self.cfg
         t0 = time.perf_counter()
         dataset = self.dataset if self.dataset is not None else load_data(cfg)  # bad data fails before Ray starts
+        if self.run is not None:  # so does an out that cannot be this run's folder
+            self.run.check()
+            if self.resume and self.resume_at_most is None:  # every step of the run stays logged
+                self.resume_at_most = self.run.steps_logged()
         # so does a bad model or loss, and a GPU run on an embedded Ray (this machine's GPUs) without a GPU
         factory, loss_fn = prepare(cfg, dataset, self.model, self.loss,
                                    gpus_on_cluster=bool(cfg.address or os.environ.get("RAY_ADDRESS")))
@@ -144,6 +169,8 @@ class Trainer:
                      len({p["node_id"] for p in fleet.placement}), len(fleet.shared), factory.name,
                      f"{sum(int(np.prod(p[1])) for p in model_layout):,}", steps,
                      min(cfg.batch_size, len(dataset)))
+            if self.run is not None:
+                self.run.open(cfg)
             if self.on_start is not None:
                 self.on_start()
             # startup, reported in the summary: Ray's own start apart from dptrain's
@@ -157,24 +184,22 @@ class Trainer:
                 ray.shutdown()
 
     def _check_out_folder(self, model_layout: list, steps: int) -> None:
-        """A resume must find a checkpoint of this model and run; a new run must not find one."""
+        """A resume must find a checkpoint of this model and run (a new run's folder holds none:
+        RunDir.check)."""
         cfg = self.cfg
-        folder = os.path.join(cfg.out, "checkpoints") if cfg.out else None
-        if folder and self.resume:
+        if cfg.out and self.resume:
             try:
-                checkpoint.check_run(folder, cfg.to_dict(), model_layout, steps, self.resume_at_most)
+                checkpoint.check_run(os.path.join(cfg.out, "checkpoints"), cfg.to_dict(), model_layout, steps,
+                                     self.resume_at_most)
             except checkpoint.CheckpointError as e:
                 raise ConfigError(f"invalid resume: {e}", field="resume") from None
-        elif folder and checkpoint.list_checkpoints(folder):
-            raise ConfigError(f"invalid out: {cfg.out} holds the checkpoints of another run: resume it, or give "
-                              "another out for a new run", field="out")
 
     # ------------------------------------------------------------------ the loop
 
     def _run(self, dataset: Dataset, steps: int) -> TrainResult:
         cfg, fleet = self.cfg, self.fleet
         steps_per_epoch = fleet.steps_per_epoch
-        mlog = MetricsLog(cfg, steps, workers=len(fleet.workers), sink=self.sink)
+        mlog = MetricsLog(cfg, steps, workers=len(fleet.workers), sink=self._record)
         classification = dataset.task == "classification"
         window: list = []
 
@@ -211,8 +236,8 @@ class Trainer:
         lookahead = 0 if cfg.target_accuracy is not None else 1
         first = fleet.server_call(fleet.ps.current_step.remote(), -1)
         resumed_from = first
-        if first > 0 and self.sink:  # a resumed run: what the killed one logged from here on is run again
-            self.sink({"kind": "resume", "resume_step": first})
+        if first > 0:  # a resumed run: what the killed one logged from here on is run again
+            self._record({"kind": "resume", "resume_step": first})
         while not stop:
             mlog.truncate(first)
             window[:] = [r for r in window if r["step"] < first]
@@ -251,8 +276,7 @@ class Trainer:
                         break
                     except (WorkerLost, ServerLost) as again:
                         error = again
-                if self.sink:
-                    self.sink({"kind": "recovery", "error": str(error), "resume_step": first, "failures": failures})
+                self._record({"kind": "recovery", "error": str(error), "resume_step": first, "failures": failures})
         last = mlog.steps[-1]["step"] if mlog.steps else -1
         wall = time.perf_counter() - start
         if cfg.out:

@@ -1,0 +1,158 @@
+"""A run's folder: config.json first, metrics.jsonl as it goes, summary.json and params.npz
+at the end, beside the server's checkpoints/. It belongs to the library (the CLI only
+names it), so `dp.Trainer(cfg).fit()` with `cfg.out` writes what `dptrain train` writes,
+from a user's own script as from a `ray job submit` job.
+
+A path is resolved once, on the driver, before anything starts (`resolve_out`): the
+server and the workers write their part of the folder from other processes, whose
+working directory is not the driver's (on a `ray start` cluster, the folder where the
+cluster was started), and a job's working directory may be gone once Ray starts.
+
+Writes that fail (a full disk, a folder removed) raise `RunFolderError`, naming the
+file and what is kept; a temporary file is never left behind.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .checkpoint import write_atomic
+from .config import ConfigError, TrainConfig
+
+
+class RunFolderError(RuntimeError):
+    """A file of the run folder cannot be written; the message names it."""
+
+
+def default_out() -> str:
+    """runs/<date>-<time>-<pid> under the working directory (absolute)."""
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return resolve_out(str(Path("runs") / f"{stamp}-{os.getpid()}"))
+
+
+def resolve_out(out: str) -> str:
+    """`out` as an absolute path (`~` expanded), resolved against this process's working directory."""
+    path = os.path.expanduser(out)
+    if os.path.isabs(path):
+        return os.path.normpath(path)
+    try:
+        return os.path.normpath(os.path.join(os.getcwd(), path))
+    except FileNotFoundError:
+        raise ConfigError(f"invalid out: {out!r} is relative and this process's working directory no longer exists: "
+                          "give an absolute path", field="out") from None
+
+
+class RunDir:
+    """The run's output folder, which belongs to one run.
+
+    Made with the path only, checked (`check`) before anything starts; the folder and its
+    files are created by `open`, which the trainer calls once its actors are up, so a run
+    that cannot start leaves nothing behind. `append`: a resumed run's folder.
+    """
+
+    def __init__(self, path: str, append: bool = False):
+        self.path = Path(resolve_out(path))
+        self.append = append  # a resumed run appends: records of steps replayed after the checkpoint appear again
+        self._metrics = None
+
+    def check(self) -> None:
+        """ConfigError for a path that cannot be this run's folder: a file, a folder that cannot
+        be written, or (unless appending) the folder of another run."""
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise ConfigError(f"invalid out: {path} is a file, not a folder", field="out")
+        probe = path
+        while not probe.exists():
+            probe = probe.parent
+        if not probe.is_dir():
+            raise ConfigError(f"invalid out: cannot create {path} ({probe} is a file)", field="out")
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as e:
+            raise ConfigError(f"invalid out: cannot write to {probe} ({e.strerror or e})", field="out") from None
+        if not self.append and path.is_dir():
+            found = [name for name in ("config.json", "metrics.jsonl", "checkpoints", "params.npz")
+                     if (path / name).exists()]
+            if found:
+                raise ConfigError(f"invalid out: {path} already holds a run ({', '.join(found)}): "
+                                  f"--resume {path} continues it; give another --out for a new run", field="out")
+
+    def open(self, cfg: TrainConfig) -> None:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not self.append or not (self.path / "config.json").exists():
+                write_atomic(self.path / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+            self._metrics = open(self.path / "metrics.jsonl", "a" if self.append else "w")
+        except OSError as e:
+            raise ConfigError(f"invalid out: cannot write to {self.path} ({e.strerror or e})", field="out") from None
+
+    def record(self, rec: dict) -> None:
+        """Append a record. A run that goes back to an earlier step (a recovery, a resume) first
+        drops the step and epoch records from that step on: they are about to be run again, so
+        every step appears once in metrics.jsonl."""
+        path = self.path / "metrics.jsonl"
+        try:
+            if rec.get("kind") in ("recovery", "resume"):
+                self._drop_from(rec["resume_step"])
+            self._metrics.write(json.dumps(rec) + "\n")
+            self._metrics.flush()
+        except OSError as e:
+            raise RunFolderError(f"cannot write {path} ({e.strerror or e}); the checkpoints in "
+                                 f"{self.path / 'checkpoints'} are kept (--resume {self.path} continues)") from None
+
+    def _records(self) -> list:
+        """(line, record) of every whole line of metrics.jsonl (a killed run may leave the last one cut short)."""
+        out = []
+        try:
+            lines = (self.path / "metrics.jsonl").read_text().splitlines()
+        except OSError:
+            return out
+        for line in lines:
+            try:
+                out.append((line, json.loads(line)))
+            except ValueError:
+                continue
+        return out
+
+    def steps_logged(self) -> int | None:
+        """How many steps metrics.jsonl records without a gap (a resume takes a checkpoint of at most
+        that step, so that every step stays logged: the server checkpoints ahead of the log); None
+        when it records none."""
+        steps = {r["step"] for _, r in self._records() if r.get("kind") == "step"}
+        n = 0
+        while n in steps:
+            n += 1
+        return n or None
+
+    def _drop_from(self, step: int) -> None:
+        self._metrics.close()
+        kept = [line for line, r in self._records()
+                if not (r.get("kind") in ("step", "epoch") and r.get("step", -1) >= step)]
+        path = self.path / "metrics.jsonl"
+        write_atomic(path, "".join(line + "\n" for line in kept).encode())
+        self._metrics = open(path, "a")
+
+    def finish(self, result) -> None:
+        """summary.json and params.npz of a finished run."""
+        self.close()
+        for name, write in (("summary.json", lambda f: f.write((json.dumps(result.summary, indent=2) + "\n").encode())),
+                            ("params.npz", lambda f: np.savez(f, **result.params))):
+            try:
+                write_atomic(self.path / name, write)
+            except OSError as e:
+                raise RunFolderError(f"cannot write {self.path / name} ({e.strerror or e}); the final checkpoint "
+                                     f"in {self.path / 'checkpoints'} holds the trained parameters") from None
+
+    def close(self) -> None:
+        if self._metrics is not None and not self._metrics.closed:
+            try:
+                self._metrics.close()
+            except OSError:  # what could not be flushed was reported by record
+                pass
