@@ -123,5 +123,6 @@ echo "Ray cluster up: head at $ip with $cpus CPUs, $nodes worker node(s) with $n
 echo "  dashboard and jobs: http://127.0.0.1:$dash_port (this machine only)"
 echo "  train:  dptrain train --address auto --workers 2"
 echo "  submit: scripts/submit.sh --address http://127.0.0.1:$dash_port -- --workers 2"
-echo "  status: cluster/status.sh   stop: cluster/stop.sh$( [[ $state != /tmp/dptrain-ray ]] && echo " --state $state")"
+state_flag=$( [[ $state != /tmp/dptrain-ray ]] && echo " --state $state" || true)
+echo "  status: cluster/status.sh$state_flag   stop: cluster/stop.sh$state_flag"
 echo "  (source $state/env to set RAY_ADDRESS and friends for other tools)"

@@ -228,3 +228,36 @@ def test_scale_refuses_a_bad_compress_or_servers_setting(args, message):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("service", ["http", "silent"])
+def test_an_address_where_another_service_listens_is_refused_within_seconds(tmp_path, service):
+    """A port that accepts connections but is no Ray GCS (a web server; a server that says nothing):
+    Ray alone retries for ever. One line and exit 2 within 10 s, nothing written."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    code = (f"import http.server as h; h.ThreadingHTTPServer(('127.0.0.1', {port}), h.SimpleHTTPRequestHandler)"
+            ".serve_forever()" if service == "http" else
+            f"import socket, time; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen(); "
+            "c = s.accept(); time.sleep(60)")
+    server = subprocess.Popen([sys.executable, "-c", code], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(100):  # until it listens
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        start = time.monotonic()
+        r = dptrain("train", "--address", f"127.0.0.1:{port}", "--dataset", "moons", "--out", str(tmp_path / "run"),
+                    timeout=60)
+        assert time.monotonic() - start < 10
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        said = "it answered '<!DOCTYPE HTML>'" if service == "http" else "it said nothing within 3 s"
+        assert f"127.0.0.1:{port}: something listens there, but not a Ray cluster's GCS" in r.stderr and said in r.stderr
+        assert not (tmp_path / "run").exists()
+    finally:
+        server.kill()
+        server.wait()

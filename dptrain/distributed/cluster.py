@@ -111,8 +111,16 @@ def _token_found() -> bool:
     return os.path.isfile(path)
 
 
+# A client's HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5). Ray's
+# GCS is a gRPC server: it answers with a SETTINGS frame of its own, whatever its authentication.
+_HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+_HTTP2_SETTINGS = 4
+
+
 def check_reachable(address: str, timeout_s: float = 3.0, given: str | None = None) -> None:
-    """Open a TCP connection to HOST:PORT; Ray itself would retry for minutes."""
+    """Check within seconds that a Ray GCS answers at HOST:PORT: a TCP connection, then the start
+    of gRPC's HTTP/2 handshake. Ray itself would retry for minutes, and for ever at a port where
+    another service listens."""
     shown = address if given in (None, address) else f"{given} ({address})"
     host, _, port = address.rpartition(":")
     try:
@@ -120,11 +128,37 @@ def check_reachable(address: str, timeout_s: float = 3.0, given: str | None = No
     except ValueError:
         raise ClusterError(f"--address {shown}: expected HOST:PORT") from None
     try:
-        with socket.create_connection((host.strip("[]"), port_n), timeout=timeout_s):
-            pass
+        with socket.create_connection((host.strip("[]"), port_n), timeout=timeout_s) as sock:
+            reply = _http2_reply(sock, timeout_s)
     except OSError as e:
         raise ClusterError(f"--address {shown}: no Ray cluster answers there ({e.strerror or e}). "
                            "Is it started (cluster/status.sh)? Is the port the head's GCS port (6379 by default)?") from None
+    if reply is None or len(reply) < 9 or reply[3] != _HTTP2_SETTINGS:
+        said = ("it said nothing within {:g} s".format(timeout_s) if reply is None
+                else "it closed the connection" if not reply.strip()
+                else f"it answered {reply[:40].decode('latin-1').splitlines()[0]!r}")
+        raise ClusterError(f"--address {shown}: something listens there, but not a Ray cluster's GCS (it does not "
+                           f"speak gRPC: {said}). Give the head's GCS port (6379 by default; cluster/status.sh "
+                           "prints it), not the dashboard's or another service's")
+
+
+def _http2_reply(sock: socket.socket, timeout_s: float) -> bytes | None:
+    """The first bytes (up to a frame header's 9) a server sends back after a client's HTTP/2
+    preface; None if it sends nothing within `timeout_s`."""
+    sock.sendall(_HTTP2_PREFACE)
+    sock.settimeout(timeout_s)
+    reply = b""
+    try:
+        while len(reply) < 9:
+            chunk = sock.recv(64)
+            if not chunk:
+                break
+            reply += chunk
+    except socket.timeout:
+        return reply or None
+    except ConnectionResetError:
+        pass
+    return reply
 
 
 def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
