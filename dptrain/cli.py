@@ -94,8 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
     train.add_argument("--resume", metavar="DIR", default=None,
-                       help="continue the run in DIR (its config.json and newest intact checkpoint); "
-                            "the other config flags are ignored")
+                       help="continue the run in DIR (its config.json and newest intact checkpoint); flags "
+                            "of where and how it runs (--workers, --servers, --address, --transport, ...) apply, "
+                            "flags that would change its arithmetic are refused")
     from .scaling import bench, scale, stragglers  # these commands' flags live with them
     scale.add_parser(sub)
     stragglers.add_parser(sub)
@@ -118,7 +119,16 @@ def _progress_bar(enabled: bool, total: int):
     return bar, update
 
 
-def _resumed_config(folder: str) -> TrainConfig:
+# What a resume may change: where and how the steps run, not what they compute. (In relaxed runs
+# the worker count decides which examples each update uses, so there it is the run's own.)
+RESUME_PLACEMENT = ("workers", "servers", "spread", "address", "transport", "cpus", "cpus_per_worker",
+                    "gpus_per_worker", "device", "progress", "log_every", "checkpoint_every", "keep_checkpoints",
+                    "max_failures", "step_timeout", "on_worker_loss", "eval_batch_size")
+
+
+def _resumed_config(folder: str, given: dict) -> TrainConfig:
+    """The run's config.json with the placement settings `given` on the command line applied;
+    ConfigError naming the file or the flag for anything else."""
     path = Path(folder) / "config.json"
     try:
         saved = json.loads(path.read_text())
@@ -127,12 +137,41 @@ def _resumed_config(folder: str) -> TrainConfig:
                           field="resume") from None
     except (OSError, ValueError) as e:
         raise ConfigError(f"invalid resume: {path} is unreadable ({e})", field="resume") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"invalid resume: {path} holds a JSON {type(saved).__name__}, not a run's settings",
+                          field="resume")
+    refused = [name for name in given if name not in RESUME_PLACEMENT or
+               (name == "workers" and (saved.get("staleness") or saved.get("backup_workers")))]
+    changed = [name for name in refused if saved.get(name) != given[name]]
+    if changed:
+        flags = ", ".join(f"--{n.replace('_', '-')} {given[n]!r} ({saved.get(n)!r} in {path})" for n in changed)
+        raise ConfigError(f"invalid resume: {flags}: a resumed run keeps the settings that decide its arithmetic; "
+                          "it takes only where and how it runs (" + ", ".join(
+                              "--" + n.replace("_", "-") for n in RESUME_PLACEMENT) + "; not --workers in a relaxed "
+                          "run): start a new run for other settings", field="resume")
+    saved.update({k: v for k, v in given.items() if k in RESUME_PLACEMENT})
     saved["out"] = str(Path(folder))
-    return TrainConfig.from_dict(saved)
+    try:
+        return TrainConfig.from_dict(saved)
+    except ConfigError as e:
+        raise ConfigError(f"invalid resume: {path}: {e}", field="resume") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid resume: {path}: not a run's settings ({e})", field="resume") from None
+
+
+def _given_config_flags(argv: list) -> dict:
+    """The TrainConfig fields whose flags `argv` (the train command's) sets, with their values,
+    whatever the value (a default typed out counts too)."""
+    absent = object()  # not a string: argparse would convert a string default with the flag's type
+    flags = _Parser(prog="dptrain train", add_help=False)
+    add_config_flags(flags)
+    flags.set_defaults(**{f.name: absent for f in dataclasses.fields(TrainConfig)})
+    known, _ = flags.parse_known_args(argv)
+    return {name: value for name, value in vars(known).items() if value is not absent}
 
 
 def run_train(args) -> int:
-    cfg = _resumed_config(args.resume) if args.resume else config_from_args(args)
+    cfg = _resumed_config(args.resume, args.given) if args.resume else config_from_args(args)
     from .loop import load_data, total_steps
 
     dataset = load_data(cfg)  # bad data is reported before anything starts
@@ -193,6 +232,9 @@ def main(argv=None) -> int:
     _stop_on_sigterm()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train" and args.resume:  # which settings the user typed, to apply or refuse them
+        argv_ = list(sys.argv[1:] if argv is None else argv)
+        args.given = _given_config_flags(argv_[argv_.index("train") + 1:])
     use_token_auth_for(getattr(args, "address", None))
     logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
                         format="%(message)s", stream=sys.stderr)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +25,8 @@ import numpy as np
 
 from .checkpoint import write_atomic
 from .config import ConfigError, TrainConfig
+
+log = logging.getLogger(__name__)
 
 
 class RunFolderError(RuntimeError):
@@ -36,11 +39,33 @@ def default_out() -> str:
     return resolve_out(str(Path("runs") / f"{stamp}-{os.getpid()}"))
 
 
+JOB_RESULTS = "~/dptrain-runs"  # where a Ray job's relative out goes ($DPTRAIN_RESULTS overrides; as scripts/submit.sh)
+
+
+def in_uploaded_job() -> bool:
+    """Whether this process is the driver of a Ray job that runs in an uploaded working directory
+    (`ray job submit --working-dir`): Ray's temporary copy, shared by jobs of the same upload and
+    garbage-collected by Ray, no place for results."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return False
+    return bool(isinstance(job, dict) and (job.get("runtime_env") or {}).get("working_dir"))
+
+
 def resolve_out(out: str) -> str:
-    """`out` as an absolute path (`~` expanded), resolved against this process's working directory."""
+    """`out` as an absolute path (`~` expanded), resolved against this process's working directory;
+    in a Ray job's uploaded working directory, against $DPTRAIN_RESULTS (default ~/dptrain-runs)
+    on the node that runs the job's driver (the head node, for `ray job submit`)."""
     path = os.path.expanduser(out)
     if os.path.isabs(path):
         return os.path.normpath(path)
+    if in_uploaded_job():
+        base = os.path.expanduser(os.environ.get("DPTRAIN_RESULTS") or JOB_RESULTS)
+        resolved = os.path.normpath(os.path.join(base, path))
+        log.info("out %s is relative and this is a Ray job in an uploaded working directory (Ray removes it): "
+                 "the run folder is %s", out, resolved)
+        return resolved
     try:
         return os.path.normpath(os.path.join(os.getcwd(), path))
     except FileNotFoundError:

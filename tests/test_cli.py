@@ -261,3 +261,17 @@ def test_an_address_where_another_service_listens_is_refused_within_seconds(tmp_
     finally:
         server.kill()
         server.wait()
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"lr": ', "config.json is unreadable (Expecting value"),
+    ("[1, 2]", "config.json holds a JSON list, not a run's settings"),
+    ('{"lr": 0.1, "colour": 3}', "config.json: unknown config field(s) ['colour']"),
+    ('{"lr": "fast"}', "config.json: invalid lr: 'fast'"),
+    ('{"workers": "two"}', "config.json: not a run's settings"),
+])
+def test_a_malformed_config_on_resume_is_one_line_naming_the_file(tmp_path, text, message):
+    (tmp_path / "config.json").write_text(text)
+    r = dptrain("train", "--resume", str(tmp_path))
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"invalid --resume: {tmp_path}/{message}" in r.stderr, r.stderr

@@ -166,16 +166,18 @@ def test_node_loss(mode, clean):
         cluster.shutdown()
 
 
-@pytest.mark.parametrize("model", ["2,16,16,2", "tests/user_models.py:build"])
-def test_driver_killed_and_resumed(tmp_path, model):
+@pytest.mark.parametrize("model,workers,resume_flags", [("2,16,16,2", "2", ["--workers", "3", "--servers", "2"]),
+                                                        ("tests/user_models.py:build", "3", [])])
+def test_driver_killed_and_resumed(tmp_path, model, workers, resume_flags):
     """SIGKILL of the driver and its embedded Ray, then --resume: the parameters of a run without
-    the fault (for the CNN with dropout too: the replayed steps draw the same masks)."""
+    the fault (for the CNN with dropout too: the replayed steps draw the same masks). The MLP's
+    2-worker run resumes with 3 workers and 2 server shards: the flags of where a run runs apply."""
     out = tmp_path / "run"
     root = Path(__file__).resolve().parent.parent
     dataset = "moons" if model[0].isdigit() else "mnist1d"
     settings = dict(BASE, dataset=dataset, model=model, steps=600, log_every=20)
     args = ["--dataset", dataset, "--batch-size", "60", "--steps", "600", "--dtype", "float64", "--model",
-            model, "--seed", "5", "--log-every", "20", "--momentum", "0.9", "--lr", "0.1", "--workers", "3",
+            model, "--seed", "5", "--log-every", "20", "--momentum", "0.9", "--lr", "0.1", "--workers", workers,
             "--checkpoint-every", "20", "--cpus", "4", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, cwd=root)
@@ -190,8 +192,8 @@ def test_driver_killed_and_resumed(tmp_path, model):
     assert not (out / "params.npz").exists(), "the run ended before it could be killed"
     killed_at = int(checkpoint.list_checkpoints(out / "checkpoints")[0].name[5:13])
     assert killed_at < 600
-    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--resume", str(out)], capture_output=True,
-                       text=True, timeout=300, cwd=root)
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--resume", str(out), *resume_flags],
+                       capture_output=True, text=True, timeout=300, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "restored the checkpoint of step" in r.stderr
     clean = dp.train_local(dp.TrainConfig(workers=3, **settings)).params
@@ -201,7 +203,15 @@ def test_driver_killed_and_resumed(tmp_path, model):
     assert [r["step"] for r in records if r["kind"] == "step"] == list(range(600))  # each step once
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 600 and 0 < summary["resumed_from_step"] <= killed_at  # the newest the log covers
+    assert summary["workers"] == 3 and summary.get("servers", 1) == (2 if resume_flags else 1)
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("dptrain-")]  # the killed run's too
+    if resume_flags:  # a flag that would change the arithmetic is refused, naming it; nothing is touched
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--resume", str(out), "--workers", "2",
+                            "--lr", "0.1", "--seed", "6"], capture_output=True, text=True, timeout=60, cwd=root)
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert f"invalid --resume: --seed 6 (5 in {out}/config.json): a resumed run keeps the settings" in r.stderr
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
 
 
 # --------------------------------------------------------------------------- checkpoint files
