@@ -16,12 +16,11 @@ import dataclasses
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, is_widths, parse_model
+from dptrain_console import install_signal_handlers, interrupted
 from .data import DataError
 from .rundir import RunDir, RunFolderError, default_out, resolve_out
 
@@ -180,8 +179,7 @@ def run_train(args) -> int:
     from .distributed import Trainer  # imports Ray: only when needed
 
     bar, update = _progress_bar(cfg.progress, total_steps(cfg, len(dataset)))
-    trainer = Trainer(cfg, dataset=dataset, progress=update, resume=bool(args.resume),
-                      on_start=_stop_on_sigterm)  # again: starting Ray may have installed its own handler
+    trainer = Trainer(cfg, dataset=dataset, progress=update, resume=bool(args.resume))
     try:
         if bar is not None:
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -215,31 +213,33 @@ def use_token_auth_for(address: str | None) -> None:
         os.environ["RAY_AUTH_MODE"] = "token"
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, handled as Ctrl-C is: the run stops, its actors and shared memory are released."""
-
-
-def _raise_terminated(signum, frame):
-    raise Terminated()
-
-
-def _stop_on_sigterm() -> None:
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
-
-
 def main(argv=None) -> int:
-    _stop_on_sigterm()
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command == "train" and args.resume:  # which settings the user typed, to apply or refuse them
-        argv_ = list(sys.argv[1:] if argv is None else argv)
-        args.given = _given_config_flags(argv_[argv_.index("train") + 1:])
-    use_token_auth_for(getattr(args, "address", None))
-    logging.basicConfig(level=logging.WARNING if getattr(args, "quiet", False) else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
-    if args.command == "train" and args.progress is None:
-        args.progress = sys.stderr.isatty() and not args.quiet
+    install_signal_handlers()  # again: the console entry point did, a caller such as scripts/train.py may not
+    command = "dptrain"
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        command = f"dptrain {args.command}"
+        if args.command == "train" and args.resume:  # which settings the user typed, to apply or refuse them
+            argv_ = list(sys.argv[1:] if argv is None else argv)
+            args.given = _given_config_flags(argv_[argv_.index("train") + 1:])
+        use_token_auth_for(getattr(args, "address", None))
+        _configure_logging(quiet=getattr(args, "quiet", False))
+        if args.command == "train" and args.progress is None:
+            args.progress = sys.stderr.isatty() and not args.quiet
+        return _run(args, argv)
+    except KeyboardInterrupt as e:
+        return interrupted(command, e, "checkpoints, if any, are kept (--resume continues)")
+
+
+def _configure_logging(quiet: bool) -> None:
+    """dptrain's own messages at INFO (WARNING with --quiet); other libraries' only from WARNING on
+    (mnist1d's matplotlib announced its font cache on a fresh machine, inside a one-line error)."""
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def _run(args, argv) -> int:
     from .distributed.cluster import ClusterError
     from .distributed.trainer import TrainingError
     try:
@@ -260,11 +260,6 @@ def main(argv=None) -> int:
     except (TrainingError, RunFolderError) as e:
         print(f"dptrain {args.command}: training failed: {e}", file=sys.stderr)
         return EXIT_FAILED
-    except KeyboardInterrupt as e:
-        terminated = isinstance(e, Terminated)
-        print(f"dptrain {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}; "
-              "checkpoints, if any, are kept (--resume continues)", file=sys.stderr)
-        return 143 if terminated else 130
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """`dptrain train` as a user runs it: flags, output files, and one-line errors with exit status 2."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -178,23 +179,74 @@ def test_the_python_api_does_not_restore_another_runs_checkpoints(tmp_path):
         dp.Trainer(dp.TrainConfig(dataset="moons", out=str(tmp_path))).fit()
 
 
+@contextlib.contextmanager
+def _driver(*args, ignore_sigint: bool = False):
+    """`dptrain` (the installed command's entry point) in a process group of its own, killed with
+    whatever it started when the test ends, however it ends. `ignore_sigint`: started as `cmd &`
+    from a non-interactive shell starts it, with SIGINT ignored."""
+    import signal
+    def setup():
+        os.setsid()
+        if ignore_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+    proc = subprocess.Popen([sys.executable, "-c", "import sys, dptrain_console; sys.exit(dptrain_console.main())",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            preexec_fn=setup)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=60)
+
+
 @pytest.mark.parametrize("sig,code,said", [("SIGTERM", 143, "terminated (SIGTERM)"), ("SIGINT", 130, "interrupted")])
 def test_sigterm_and_ctrl_c_stop_the_run_with_one_line(tmp_path, sig, code, said):
+    """Mid-run. The driver is started with SIGINT ignored, as from `cmd &` in a script: it is
+    restored, so SIGINT still stops it."""
     import signal
-    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", "--dataset", "moons", "--workers", "1",
-                             "--epochs", "100000", "--cpus", "1", "--no-progress", "--out", str(tmp_path / "r")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (tmp_path / "r" / "metrics.jsonl").exists():
-        time.sleep(0.1)
-    time.sleep(1.0)
-    proc.send_signal(getattr(signal, sig))
-    _, err = proc.communicate(timeout=60)
+    run = tmp_path / "r"
+    with _driver("train", "--dataset", "moons", "--workers", "1", "--epochs", "100000", "--cpus", "1",
+                 "--no-progress", "--out", str(run), ignore_sigint=True) as proc:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (run / "metrics.jsonl").exists():
+            time.sleep(0.1)
+        time.sleep(1.0)
+        proc.send_signal(getattr(signal, sig))
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == code, err[-2000:]
-    assert f"dptrain train: {said}" in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith(f"dptrain train: {said}") and "Traceback" not in err
     from dptrain.distributed.trainer import run_key
-    mine = f"dptrain-{run_key(str(tmp_path / 'r'))}-"
+    mine = f"dptrain-{run_key(str(run))}-"
     assert not [n for n in os.listdir("/dev/shm") if n.startswith(mine)]  # its shared memory released
+
+
+def _alive_in_group(pgid: int) -> list:
+    """Processes of group `pgid` that still run (zombies waiting to be reaped do not)."""
+    ps = subprocess.run(["ps", "-eo", "pid=,pgid=,stat=,args="], capture_output=True, text=True).stdout
+    return [line.strip() for line in ps.splitlines()
+            if len(f := line.split(None, 3)) > 2 and f[1] == str(pgid) and not f[2].startswith("Z")]
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.6, 1.5])
+def test_sigterm_at_start_up_is_one_line_and_143(tmp_path, delay):
+    """SIGTERM while the command imports (0.05 s), while Ray starts (ray.init installs a handler of
+    its own) and while the actors come up: exit 143 and one line of ours, no traceback, no stack
+    dump, nothing left running."""
+    import signal
+    with _driver("train", "--dataset", "moons", "--epochs", "100000", "--cpus", "1", "--no-progress", "--quiet",
+                 "--out", str(tmp_path / "r")) as proc:
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+        deadline = time.monotonic() + 15
+        while (group := _alive_in_group(proc.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert proc.returncode == 143, err[-2000:]
+    ours = [line for line in err.strip().splitlines() if line.startswith("dptrain")]
+    assert len(ours) == 1 and "terminated (SIGTERM)" in ours[0], err[-2000:]
+    assert "Traceback" not in err and "Stack trace" not in err and "*** " not in err, err[-2000:]
+    assert not group, f"left running: {group}"
 
 
 def test_model_that_does_not_fit_the_data_file(tmp_path):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import socket
+import threading
+
 import ray
 
 log = logging.getLogger(__name__)
@@ -189,7 +193,8 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
             os.environ["RAY_ADDRESS"] = target
             _token_auth_as_for_auto()
         try:
-            ray.init(address=address, **common)  # "auto" as such: Ray turns token auth on only for it
+            with _callers_sigterm_kept():
+                ray.init(address=address, **common)  # "auto" as such: Ray turns token auth on only for it
         except Exception as e:
             hint = ""
             if os.environ.get("RAY_AUTH_MODE") != "token":
@@ -211,8 +216,30 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     if num_cpus is not None and num_cpus > 2 * cores:
         log.warning("starting a local Ray with %d logical CPUs on this machine's %d cores: the workers share them, "
                     "so a step takes about as long as all of theirs together", num_cpus, cores)
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **common)
+    with _callers_sigterm_kept():
+        ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **common)
     return True
+
+
+@contextlib.contextmanager
+def _callers_sigterm_kept():
+    """ray.init first makes SIGTERM exit the driver with status 15 from wherever it is (Ray's C++
+    then dumps its stacks). A handler the caller installed (the CLI's: stop, clean up, one line)
+    is put back afterwards, and a SIGTERM during ray.init itself (Ray's SystemExit(15)) goes to
+    it, once what ray.init had started is shut down. Without one, Ray's handler stays."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    except SystemExit as e:
+        if callable(before) and e.code == signal.SIGTERM:
+            if ray.is_initialized():
+                ray.shutdown()
+            before(signal.SIGTERM, None)  # the caller's handler: it raises what the caller stops on
+        raise
+    finally:
+        if callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 def embedded_cpus(workers: int, cpus_per_worker: float, requested: int | None) -> int:

@@ -149,11 +149,11 @@ class Trainer:
                           num_gpus=None)
         t2 = time.perf_counter()
         key = run_key(cfg.out)
-        _clean_shared_memory(key if cfg.out else None)
-        for module in user_modules(factory.builder, loss_fn):  # their files may exist here only
-            ray.cloudpickle.register_pickle_by_value(module)
         fleet = None
-        try:
+        try:  # from here on, whatever happens (a signal too), what was started is stopped
+            _clean_shared_memory(key if cfg.out else None)
+            for module in user_modules(factory.builder, loss_fn):  # their files may exist here only
+                ray.cloudpickle.register_pickle_by_value(module)
             check_resources(cfg.replicas, cfg.cpus_per_worker, cfg.gpus_per_worker)
             data_ref = ray.put(prepare_dataset(dataset, cfg.dtype))
             fleet = self.fleet = Fleet(cfg, factory, loss_fn, data_ref, steps, steps_per_epoch, key, self.faults)
