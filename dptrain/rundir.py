@@ -172,8 +172,9 @@ class RunDir:
             try:
                 write_atomic(self.path / name, write)
             except OSError as e:
-                raise RunFolderError(f"cannot write {self.path / name} ({e.strerror or e}); the final checkpoint "
-                                     f"in {self.path / 'checkpoints'} holds the trained parameters") from None
+                raise RunFolderError(f"cannot write {self.path / name} ({e.strerror or e}); the checkpoints in "
+                                     f"{self.path / 'checkpoints'} are kept (--resume {self.path} continues from the "
+                                     "newest)") from None
 
     def close(self) -> None:
         if self._metrics is not None and not self._metrics.closed:

@@ -395,3 +395,74 @@ def test_another_local_user_cannot_take_over_a_worker(ray_local, clean, tmp_path
     assert attempts.count("refused") >= 6, (out, err)  # three hellos at the start and three at the recovery
     assert result.summary["failures_survived"] == 1 and result.summary["shared_memory_workers"] == 3
     _same(result.params, clean)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 6 MiB tmpfs mounted for the test (root only), unmounted after it whatever happens."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_a_full_disk_keeps_the_run_and_its_checkpoints(small_disk, tmp_path):
+    """The disk fills up mid-run: the checkpoint that no longer fits is one warning naming the file,
+    the step and the newest intact checkpoint, and training goes on; the run folder's last write
+    fails with one line (exit 1), and a resume on the still-full disk too; no temporary file is
+    left. Once there is room again, --resume ends on the fault-free parameters."""
+    root = Path(__file__).resolve().parent.parent
+    out = small_disk / "run"
+    args = ["--dataset", "moons", "--model", "2,256,256,2", "--batch-size", "60", "--steps", "300", "--dtype",
+            "float64", "--seed", "5", "--checkpoint-every", "50", "--keep-checkpoints", "2", "--workers", "2",
+            "--cpus", "2", "--no-progress", "--out", str(out)]
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, cwd=root, start_new_session=True)
+    filler = small_disk / "filler"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if len(checkpoint.list_checkpoints(out / "checkpoints")) >= 1:
+                break
+            time.sleep(0.01)
+        # all but 300 KB taken: metrics.jsonl still fits for a while, a 1 MB checkpoint does not
+        free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+        with open(filler, "wb") as f:
+            f.write(b"\0" * max(free - 300_000, 0))
+        _, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 1, err[-3000:]
+    assert "Traceback" not in err
+    assert "cannot write the checkpoint of step" in err and "No space left on device" in err, err[-3000:]
+    assert "the newest intact one is" in err and "training goes on" in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("dptrain train: training failed: cannot write") and "No space left" in last, last
+    kept = checkpoint.list_checkpoints(out / "checkpoints")
+    assert kept and not [p for p in (out / "checkpoints").iterdir() if p.name.endswith(".tmp")]
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+    before = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    resume = [sys.executable, "-m", "dptrain.cli", "train", "--resume", str(out), "--no-progress"]
+    with open(filler, "ab") as f:  # the last bytes too: not even the log's next line fits
+        try:
+            f.write(b"\0" * (1 << 20))
+        except OSError:
+            pass
+    r = subprocess.run(resume, capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert r.stderr.strip().splitlines()[-1].startswith("dptrain train: ") and "No space left" in r.stderr
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before  # nothing lost
+    filler.unlink()
+    r = subprocess.run(resume, capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr[-3000:]
+    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=300,
+                                          dtype="float64", seed=5)).params
+    with np.load(out / "params.npz", allow_pickle=False) as params:
+        _same(dict(params), clean)
