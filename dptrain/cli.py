@@ -15,12 +15,12 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from .config import ConfigError, TrainConfig, is_widths, parse_model
 from dptrain_console import install_signal_handlers, interrupted
+from .auth import use_token_auth_for
 from .data import DataError
 from .rundir import RunDir, RunFolderError, default_out, resolve_out
 
@@ -170,7 +170,7 @@ def _given_config_flags(argv: list) -> dict:
 
 
 def run_train(args) -> int:
-    cfg = _resumed_config(args.resume, args.given) if args.resume else config_from_args(args)
+    cfg = args.cfg
     from .loop import load_data, total_steps
 
     dataset = load_data(cfg)  # bad data is reported before anything starts
@@ -200,19 +200,6 @@ def run_train(args) -> int:
     return 0
 
 
-def use_token_auth_for(address: str | None) -> None:
-    """Set RAY_AUTH_MODE=token for an explicit cluster address when this user has a Ray token.
-
-    Ray 2.60's `ray start` clusters require token authentication. Ray enables it by
-    itself for --address auto, but not for HOST:PORT, and reads the variable only
-    when it is imported: so this runs before anything imports Ray. A value already
-    set is respected (RAY_AUTH_MODE=disabled opts out).
-    """
-    token = Path.home() / ".ray" / "auth_token"
-    if address and address != "auto" and "RAY_AUTH_MODE" not in os.environ and token.exists():
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
 def main(argv=None) -> int:
     install_signal_handlers()  # again: the console entry point did, a caller such as scripts/train.py may not
     command = "dptrain"
@@ -223,7 +210,6 @@ def main(argv=None) -> int:
         if args.command == "train" and args.resume:  # which settings the user typed, to apply or refuse them
             argv_ = list(sys.argv[1:] if argv is None else argv)
             args.given = _given_config_flags(argv_[argv_.index("train") + 1:])
-        use_token_auth_for(getattr(args, "address", None))
         _configure_logging(quiet=getattr(args, "quiet", False))
         if args.command == "train" and args.progress is None:
             args.progress = sys.stderr.isatty() and not args.quiet
@@ -240,8 +226,14 @@ def _configure_logging(quiet: bool) -> None:
 
 
 def _run(args, argv) -> int:
-    from .distributed.cluster import ClusterError
-    from .distributed.trainer import TrainingError
+    try:
+        if args.command == "train":  # the run's settings first: a resume's address is in its config.json
+            args.cfg = _resumed_config(args.resume, args.given) if args.resume else config_from_args(args)
+        use_token_auth_for(args.cfg.address if args.command == "train" else getattr(args, "address", None))
+        from .distributed.cluster import ClusterError  # imports Ray, which reads RAY_AUTH_MODE once
+        from .distributed.trainer import TrainingError
+    except ConfigError as e:
+        return _bad_input(args, e)
     try:
         if args.command == "train":
             return run_train(args)
@@ -252,14 +244,18 @@ def _run(args, argv) -> int:
         args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
         return (stragglers if args.command == "stragglers" else scale).run(args)
     except (ConfigError, DataError, ClusterError) as e:
-        message = str(e)
-        if isinstance(e, ConfigError) and e.field:  # name the flag the user typed
-            message = message.replace(f"invalid {e.field}:", f"invalid --{e.field.replace('_', '-')}:", 1)
-        print(f"dptrain {args.command}: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _bad_input(args, e)
     except (TrainingError, RunFolderError) as e:
         print(f"dptrain {args.command}: training failed: {e}", file=sys.stderr)
         return EXIT_FAILED
+
+
+def _bad_input(args, e: Exception) -> int:
+    message = str(e)
+    if isinstance(e, ConfigError) and e.field:  # name the flag the user typed
+        message = message.replace(f"invalid {e.field}:", f"invalid --{e.field.replace('_', '-')}:", 1)
+    print(f"dptrain {args.command}: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

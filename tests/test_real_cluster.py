@@ -144,3 +144,117 @@ def test_train_joins_the_cluster(cluster, tmp_path, address):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "across 2 node(s)" in r.stderr  # spread over the head and the worker node
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["nodes"] == 2
+
+
+def test_a_relative_out_from_another_directory_survives_a_killed_driver(cluster, tmp_path):
+    """`--out runs/x` given from another directory than the one the cluster was started in: the
+    server and the workers (on both nodes) write where the driver means, the driver is killed
+    with SIGKILL, and `--resume runs/x` from the same directory ends on the fault-free parameters."""
+    import signal
+    import socket as s
+    import time
+    import dptrain as dp
+    from dptrain import checkpoint
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    name = f"runs/rel-{os.getpid()}"
+    address = f"{s.gethostbyname(s.gethostname())}:{cluster['port']}"
+    flags = ["--address", address, "--dataset", "moons", "--model", "2,64,64,2", "--batch-size", "60", "--steps", "400",
+             "--dtype", "float64", "--seed", "4", "--workers", "2", "--spread", "--checkpoint-every", "50",
+             "--no-progress"]
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", *flags, "--out", name], cwd=elsewhere,
+                            env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    folder = elsewhere / name / "checkpoints"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = checkpoint.list_checkpoints(folder)
+            if found and int(found[0].name[5:13]) >= 100:
+                break
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert checkpoint.list_checkpoints(folder), err[-3000:]
+    assert not (elsewhere / name / "params.npz").exists(), "the run ended before it could be killed"
+    assert not (ROOT / name).exists()  # not where start.sh ran (the raylets' working directory)
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--resume", name, "--no-progress"], cwd=elsewhere,
+                       env=_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "restored the checkpoint of step" in r.stderr
+    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 64, 64, 2], batch_size=60, steps=400,
+                                          dtype="float64", seed=4)).params
+    with np.load(elsewhere / name / "params.npz", allow_pickle=False) as params:
+        for k in clean:
+            np.testing.assert_allclose(params[k], clean[k], rtol=1e-10, atol=1e-13)
+
+
+MINE_MODEL = '''
+import dptrain as dp
+
+
+class Net(dp.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = dp.nn.Linear(2, 16, dtype="float64")
+        self.b = dp.nn.Linear(16, 2, dtype="float64")
+
+    def forward(self, x):
+        return self.b(self.a(x).tanh())
+
+
+def build(input_shape, num_outputs):
+    return Net()
+
+
+def loss_sum(output, target):
+    return dp.nn.functional.cross_entropy(output, target, reduction="sum")
+
+
+CONFIG = dict(dataset="moons", batch_size=64, steps=30, dtype="float64", seed=2, optimizer="adam", lr=0.01)
+'''
+
+TRAIN_MINE = '''
+import sys
+import dptrain as dp
+from mine_model import CONFIG, build, loss_sum
+
+result = dp.Trainer(dp.TrainConfig(workers=2, spread=True, out=sys.argv[1], **CONFIG), model=build,
+                    loss=loss_sum).fit()
+print("final loss", result.summary["train_loss"], "nodes", result.summary["nodes"])
+'''
+
+
+def test_a_users_own_script_through_plain_ray_job_submit(cluster, tmp_path):
+    """A script outside this repository (its own Module and loss) submitted with plain `ray job
+    submit --working-dir`: its relative out goes to $DPTRAIN_RESULTS on the head node (not Ray's
+    temporary copy of the working directory), with every file of a run folder, and its
+    parameters are those of the same training in one process."""
+    import dptrain as dp
+    job = tmp_path / "job"
+    job.mkdir()
+    (job / "mine_model.py").write_text(MINE_MODEL)
+    (job / "train_mine.py").write_text(TRAIN_MINE)
+    results = tmp_path / "results"
+    env = dict(_env(), RAY_AUTH_MODE="token")
+    r = subprocess.run(["ray", "job", "submit", "--address", cluster["dashboard"], "--working-dir", str(job),
+                        "--runtime-env-json", json.dumps({"env_vars": {"DPTRAIN_RESULTS": str(results)}}), "--",
+                        "python", "train_mine.py", "runs/mine"], capture_output=True, text=True, env=env, timeout=300,
+                       cwd=tmp_path)
+    assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "nodes 2" in r.stdout
+    run = results / "runs" / "mine"
+    assert {"config.json", "metrics.jsonl", "summary.json", "params.npz", "checkpoints"} <= {p.name for p in run.iterdir()}
+    sys.path.insert(0, str(job))
+    try:
+        import mine_model
+        clean = dp.train_local(dp.TrainConfig(**mine_model.CONFIG), model=mine_model.build,
+                               loss=mine_model.loss_sum).params
+    finally:
+        sys.path.remove(str(job))
+        sys.modules.pop("mine_model", None)
+    with np.load(run / "params.npz", allow_pickle=False) as params:
+        for k in clean:
+            np.testing.assert_allclose(params[k], clean[k], rtol=1e-10, atol=1e-13)

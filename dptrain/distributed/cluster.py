@@ -12,6 +12,8 @@ import threading
 
 import ray
 
+from ..auth import TOKEN_FILE, token_found, use_token_auth_for
+
 log = logging.getLogger(__name__)
 
 class ClusterError(RuntimeError):
@@ -96,25 +98,6 @@ def _answers(address: str, timeout_s: float = 1.0) -> bool:
         return False
 
 
-TOKEN_FILE = "~/.ray/auth_token"
-
-
-def _token_auth_as_for_auto() -> None:
-    """What ray.init does for an address it discovers itself: token authentication on when
-    RAY_AUTH_MODE is unset and a token exists. Ray counts RAY_ADDRESS as an explicit address,
-    for which it does not; dptrain resolves "auto" and pins RAY_ADDRESS, so it asks for it."""
-    if "RAY_AUTH_MODE" not in os.environ and _token_found():
-        os.environ["RAY_AUTH_MODE"] = "token"
-
-
-def _token_found() -> bool:
-    """Whether Ray will find an authentication token: RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return True
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or os.path.expanduser(TOKEN_FILE)
-    return os.path.isfile(path)
-
-
 # A client's HTTP/2 connection preface and an empty SETTINGS frame (RFC 9113, 3.4 and 6.5). Ray's
 # GCS is a gRPC server: it answers with a SETTINGS frame of its own, whatever its authentication.
 _HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
@@ -173,7 +156,7 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
       after checking within seconds that something listens there. Clusters started
       by `ray start` in Ray 2.60 use token authentication. Ray turns it on by itself
       for "auto"; for HOST:PORT a client needs RAY_AUTH_MODE=token in its environment
-      before Ray is imported (the CLI does that, see cli.use_token_auth_for).
+      before Ray is imported (the CLI does that: auth.use_token_auth_for).
     - Otherwise: start a private local instance (no dashboard).
     """
     if ray.is_initialized():
@@ -184,14 +167,14 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
         target, how = resolve_address(address)
         check_reachable(target, given=address)
         mode = os.environ.get("RAY_AUTH_MODE")
-        if (mode == "token" or (address == "auto" and mode != "disabled")) and not _token_found():
+        if (mode == "token" or (address == "auto" and mode != "disabled")) and not token_found():
             raise ClusterError(f"--address {address}: the cluster at {target} needs its authentication token, and "
                                f"there is none here: copy the head's {TOKEN_FILE} to this user's {TOKEN_FILE} (or "
                                "set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH); RAY_AUTH_MODE=disabled for a cluster "
                                "without tokens")
         if address == "auto":  # Ray resolves "auto" again in ray.init: make it find this cluster
-            os.environ["RAY_ADDRESS"] = target
-            _token_auth_as_for_auto()
+            os.environ["RAY_ADDRESS"] = target  # which Ray counts as explicit: so its token is asked for here
+            use_token_auth_for(target)
         try:
             with _callers_sigterm_kept():
                 ray.init(address=address, **common)  # "auto" as such: Ray turns token auth on only for it
