@@ -134,14 +134,21 @@ def test_a_missing_token_is_named_at_once(cluster, tmp_path):
     assert time.monotonic() - start < 15
 
 
-@pytest.mark.parametrize("address", ["auto", "port"])
+@pytest.mark.parametrize("address", ["auto", "port", "RAY_ADDRESS"])
 def test_train_joins_the_cluster(cluster, tmp_path, address):
+    """--address auto, --address HOST:PORT, and no --address with RAY_ADDRESS exported (as
+    start.sh's env file does), which the log line names as where the address came from."""
     import socket as s
     target = "auto" if address == "auto" else f"{s.gethostbyname(s.gethostname())}:{cluster['port']}"
-    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--address", target, "--dataset", "moons",
+    env, flags = _env(), ["--address", target]
+    if address == "RAY_ADDRESS":
+        env["RAY_ADDRESS"], flags = target, []
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", *flags, "--dataset", "moons",
                         "--workers", "2", "--spread", "--epochs", "1", "--out", str(tmp_path / "run")],
-                       capture_output=True, text=True, env=_env(), timeout=300)
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
+    said = {"auto": "(--address auto: ", "port": "(--address): ", "RAY_ADDRESS": "(RAY_ADDRESS): "}[address]
+    assert said in r.stderr, r.stderr[-3000:]
     assert "across 2 node(s)" in r.stderr  # spread over the head and the worker node
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["nodes"] == 2
 

@@ -161,6 +161,7 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     """
     if ray.is_initialized():
         return False
+    from_env = not address and bool(os.environ.get("RAY_ADDRESS"))  # as inside `ray job submit`, or exported
     address = address or os.environ.get("RAY_ADDRESS") or None
     common = {"log_to_driver": True, "logging_level": logging.WARNING, "configure_logging": True}
     if address:
@@ -188,7 +189,8 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
         nodes = [n for n in ray.nodes() if n.get("Alive")]
         total = ray.cluster_resources()
         log.info("joined the Ray cluster at %s (%s): %d node(s), %g CPUs, %g GPUs", target,
-                 "--address" if how == "given" else f"--address auto: {how}", len(nodes), total.get("CPU", 0),
+                 "RAY_ADDRESS" if from_env else "--address" if how == "given" else f"--address auto: {how}",
+                 len(nodes), total.get("CPU", 0),
                  total.get("GPU", 0))
         return True
     running = started_cluster()
