@@ -90,6 +90,10 @@ start_node head --head --port "$port" --temp-dir "$state/ray" --num-cpus "$cpus"
   --dashboard-host 127.0.0.1 --dashboard-port "$dash_port" --disable-usage-stats \
   --dashboard-agent-listen-port "$agent_port" --dashboard-agent-grpc-port "$agent_grpc" \
   --metrics-export-port "$metrics_port" --runtime-env-agent-port "$env_agent_port"
+# Ray writes the cluster's token with the default umask (0644): whoever reads it joins the
+# cluster and runs code on it. This user's only.
+token=${RAY_AUTH_TOKEN_PATH:-$HOME/.ray/auth_token}
+[[ -f "$token" ]] && chmod 600 "$token" && chmod 700 "$(dirname "$token")"
 ip=$(grep -o "ray start --address='[^']*'" "$state/head.log" | head -n 1 | sed "s/.*='\(.*\)'/\1/")
 [[ -n "$ip" ]] || ip="$(hostname -I | awk '{print $1}'):$port"
 export RAY_AUTH_MODE=${RAY_AUTH_MODE:-token}

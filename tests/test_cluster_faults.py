@@ -3,6 +3,7 @@
 a cluster started while Ray's default job-agent port is taken. In a module of their own, so that
 test_real_cluster.py's shared cluster is stopped before these start theirs."""
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -37,21 +38,37 @@ NODE_RUN = ["--dataset", "moons", "--model", "2,256,256,2", "--batch-size", "60"
             "float64", "--seed", "3", "--log-every", "10", "--workers", "2", "--spread"]
 
 
-def _train_on(cluster, out, *flags):
-    """`dptrain train` of NODE_RUN on `cluster`, started and run until it has logged 100 steps."""
+@contextlib.contextmanager
+def _training_on(cluster, out, *flags):
+    """`dptrain train` of NODE_RUN on `cluster`, started and run until it has logged 100 steps;
+    killed when the test ends, however it ends."""
     import socket
     import time
     address = f"{socket.gethostbyname(socket.gethostname())}:{cluster['port']}"
     proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", "--address", address, *NODE_RUN, *flags,
                              "--no-progress", "--out", str(out)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 100:
-            break
-        time.sleep(0.05)
-    return proc
+    try:
+        metrics = out / "metrics.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if metrics.exists() and metrics.read_text().count('"kind": "step"') >= 100:
+                break
+            time.sleep(0.05)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.communicate(timeout=60)
+
+
+def _pids_of(cluster, title: str) -> list:
+    """PIDs of the processes titled `title` (ray::Worker, ...) on the cluster's nodes, as an operator finds them."""
+    sessions = [int(p.read_text()) for p in Path(cluster["state"]).glob("*.sid")]
+    pids = [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", title],
+                                                             capture_output=True, text=True).stdout.split()]
+    assert pids, f"no {title} process found"
+    return pids
 
 
 def _assert_fault_free_parameters(out):
@@ -71,10 +88,10 @@ def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode, flags):
     --servers 2 the node takes a worker and a server shard: each loss counts against the
     failure budget, also one found while recovering from the other."""
     out = tmp_path / "run"
-    proc = _train_on(own_cluster, out, "--step-timeout", "30", "--on-worker-loss", mode, *flags)
-    sid = int(Path(own_cluster["state"], "node-1.sid").read_text())
-    subprocess.run(["pkill", "-KILL", "-s", str(sid)])  # the whole node, as a crashed machine
-    stdout, stderr = proc.communicate(timeout=300)
+    with _training_on(own_cluster, out, "--step-timeout", "30", "--on-worker-loss", mode, *flags) as proc:
+        sid = int(Path(own_cluster["state"], "node-1.sid").read_text())
+        subprocess.run(["pkill", "-KILL", "-s", str(sid)])  # the whole node, as a crashed machine
+        stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr and "lost" in stderr
     summary = json.loads((out / "summary.json").read_text())
@@ -121,15 +138,14 @@ def test_a_process_killed_or_frozen_from_outside(shared_cluster, tmp_path, victi
     cluster's nodes, as an operator would: the run recovers and ends with the fault-free run's
     parameters."""
     out = tmp_path / "run"
-    proc = _train_on(shared_cluster, out, "--step-timeout", "5", "--checkpoint-every", "100", *flags)
-    sessions = [int(p.read_text()) for p in Path(shared_cluster["state"]).glob("*.sid")]
-    pids = [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", victim],
-                                                             capture_output=True, text=True).stdout.split()]
-    assert pids, f"no {victim} process found"
-    subprocess.run(["kill", f"-{sig}", pids[0]])
-    stdout, stderr = proc.communicate(timeout=300)
-    if sig == "STOP":
-        subprocess.run(["kill", "-KILL", pids[0]])  # the frozen process, replaced by now
+    with _training_on(shared_cluster, out, "--step-timeout", "5", "--checkpoint-every", "100", *flags) as proc:
+        pids = _pids_of(shared_cluster, victim)
+        try:
+            subprocess.run(["kill", f"-{sig}", pids[0]])
+            stdout, stderr = proc.communicate(timeout=300)
+        finally:
+            if sig == "STOP":
+                subprocess.run(["kill", "-KILL", pids[0]])  # the frozen process, replaced by now
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr and ("lost" in stderr or "hung" in stderr)
     summary = json.loads((out / "summary.json").read_text())
@@ -150,13 +166,10 @@ def test_a_relaxed_run_survives_kill_9(shared_cluster, tmp_path, mode, victim):
     import dptrain as dp
     from test_stragglers import _max_rel_diff, _replay
     out = tmp_path / "run"
-    proc = _train_on(shared_cluster, out, *mode, "--straggler", "1:3", "--step-timeout", "5", "--checkpoint-every", "100")
-    sessions = [int(p.read_text()) for p in Path(shared_cluster["state"]).glob("*.sid")]
-    pids = [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", victim],
-                                                             capture_output=True, text=True).stdout.split()]
-    assert pids, f"no {victim} process found"
-    subprocess.run(["kill", "-KILL", pids[0]])
-    stdout, stderr = proc.communicate(timeout=300)
+    with _training_on(shared_cluster, out, *mode, "--straggler", "1:3", "--step-timeout", "5",
+                      "--checkpoint-every", "100") as proc:
+        subprocess.run(["kill", "-KILL", _pids_of(shared_cluster, victim)[0]])
+        stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr and "lost" in stderr
     summary = json.loads((out / "summary.json").read_text())

@@ -181,14 +181,16 @@ def test_driver_killed_and_resumed(tmp_path, model, workers, resume_flags):
             "--checkpoint-every", "20", "--cpus", "4", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, cwd=root)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        found = checkpoint.list_checkpoints(out / "checkpoints")
-        if found and int(found[0].name[5:13]) >= 40:
-            break
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
-    proc.wait()
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            found = checkpoint.list_checkpoints(out / "checkpoints")
+            if found and int(found[0].name[5:13]) >= 40:
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
+        proc.wait()
     assert not (out / "params.npz").exists(), "the run ended before it could be killed"
     killed_at = int(checkpoint.list_checkpoints(out / "checkpoints")[0].name[5:13])
     assert killed_at < 600

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -58,6 +59,8 @@ def cluster():
         status = subprocess.run([str(ROOT / "cluster/status.sh"), "--state", c["state"]], capture_output=True,
                                 text=True, env=_env(), timeout=60)
         assert status.returncode == 0 and "node-1" in status.stdout
+        token = Path.home() / ".ray" / "auth_token"  # whoever reads it joins the cluster: this user's only
+        assert token.stat().st_mode & 0o077 == 0 and token.parent.stat().st_mode & 0o077 == 0
         yield c
 
 
@@ -103,7 +106,7 @@ def test_auto_joins_the_started_cluster_beside_another_ray(cluster, tmp_path):
     joins the cluster cluster/start.sh started, says so, and never the other instance."""
     other = subprocess.Popen([sys.executable, "-c", "import ray, time; ray.init(num_cpus=1, include_dashboard=False); "
                               "print('up', flush=True); time.sleep(300)"], stdout=subprocess.PIPE, text=True,
-                             env=_env())
+                             env=_env(), start_new_session=True)  # its Ray's processes end with it (killpg)
     try:
         assert other.stdout.readline().strip() == "up"
         env = dict(_env(), DPTRAIN_RAY_STATE=cluster["state"])
@@ -119,7 +122,7 @@ def test_auto_joins_the_started_cluster_beside_another_ray(cluster, tmp_path):
                            capture_output=True, text=True, env=_env(), timeout=120)
         assert r.returncode == 2 and re.search(r"[2-9]\d* Ray instances run on this machine", r.stderr), r.stderr[-2000:]
     finally:
-        other.kill()
+        os.killpg(other.pid, signal.SIGKILL)
         other.wait()
 
 
@@ -157,7 +160,6 @@ def test_a_relative_out_from_another_directory_survives_a_killed_driver(cluster,
     """`--out runs/x` given from another directory than the one the cluster was started in: the
     server and the workers (on both nodes) write where the driver means, the driver is killed
     with SIGKILL, and `--resume runs/x` from the same directory ends on the fault-free parameters."""
-    import signal
     import socket as s
     import time
     import dptrain as dp
