@@ -420,8 +420,8 @@ def test_a_full_disk_keeps_the_run_and_its_checkpoints(small_disk, tmp_path):
     left. Once there is room again, --resume ends on the fault-free parameters."""
     root = Path(__file__).resolve().parent.parent
     out = small_disk / "run"
-    args = ["--dataset", "moons", "--model", "2,256,256,2", "--batch-size", "60", "--steps", "300", "--dtype",
-            "float64", "--seed", "5", "--checkpoint-every", "50", "--keep-checkpoints", "2", "--workers", "2",
+    args = ["--dataset", "moons", "--model", "2,256,256,2", "--batch-size", "60", "--steps", "200", "--dtype",
+            "float64", "--seed", "5", "--checkpoint-every", "20", "--keep-checkpoints", "2", "--workers", "2",
             "--cpus", "2", "--no-progress", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, cwd=root, start_new_session=True)
@@ -464,7 +464,7 @@ def test_a_full_disk_keeps_the_run_and_its_checkpoints(small_disk, tmp_path):
     filler.unlink()
     r = subprocess.run(resume, capture_output=True, text=True, timeout=300, cwd=root)
     assert r.returncode == 0, r.stderr[-3000:]
-    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=300,
+    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=200,
                                           dtype="float64", seed=5)).params
     with np.load(out / "params.npz", allow_pickle=False) as params:
         _same(dict(params), clean)
