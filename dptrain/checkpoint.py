@@ -221,8 +221,8 @@ def read(meta_path, layout: list | None = None, dtype: str | None = None) -> dic
 
 
 RUN_FIELDS = ("dataset", "data", "label", "seq_len", "model", "loss", "activation", "batch_size", "epochs", "steps",
-              "lr", "optimizer", "momentum", "nesterov", "weight_decay", "schedule", "warmup", "step_size", "gamma",
-              "seed", "dtype", "staleness", "backup_workers", "compress")  # what makes a run's arithmetic (workers and placement do not)
+              "lr", "optimizer", "momentum", "nesterov", "weight_decay", "betas", "eps", "schedule", "warmup",
+              "step_size", "gamma", "min_lr", "seed", "dtype", "staleness", "backup_workers", "compress")  # what makes a run's arithmetic (workers and placement do not)
 
 
 class RunMismatch(CheckpointError):

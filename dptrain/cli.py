@@ -70,6 +70,8 @@ def add_config_flags(parser: argparse.ArgumentParser, skip=()) -> None:
             metavar = {int: "N", float: "X", str: "NAME"}[typ]
             if f.name in ("data", "out"):
                 metavar = "FILE" if f.name == "data" else "DIR"
+            elif f.name == "betas":
+                metavar = "B1,B2"
             elif f.name == "address":
                 metavar = "auto|HOST:PORT"
             suffix = f" (default: {default})" if default is not None else ""

@@ -75,10 +75,15 @@ class TrainConfig:
     momentum: float = _f(0.9, "SGD momentum.")
     nesterov: bool = _f(False, "Nesterov momentum (SGD).")
     weight_decay: float = _f(0.0, "L2 weight decay (decoupled for adamw).")
+    betas: Optional[object] = _f(None,
+        "Adam and AdamW's (beta1, beta2), as B1,B2 (e.g. 0.9,0.99); default 0.9,0.999.")
+    eps: float = _f(1e-8, "Adam and AdamW's epsilon, added to the root of the second moment.")
     schedule: str = _choice("constant", SCHEDULES, "Learning-rate schedule: {choices}.")
     warmup: int = _f(0, "Linear warm-up steps.")
     step_size: int = _f(1000, "Steps between decays of the `step` schedule.")
     gamma: float = _f(0.1, "Decay factor of the `step` schedule.")
+    min_lr: float = _f(0.0, "The cosine schedule's final learning rate: after the warm-up it falls from `lr` "
+                            "to this (nanoGPT's min_lr).")
     seed: int = _f(0, "Seeds the initialisation, the sampler and any split of user data.")
     dtype: str = _choice("float32", ("float32", "float64"), "{choices}.")
     device: str = _choice("cpu", ("cpu", "cuda"), "{choices} (cupy on a GPU).")
@@ -177,6 +182,21 @@ class TrainConfig:
             bad("weight_decay", self.weight_decay, "must be >= 0")
         if self.warmup < 0:
             bad("warmup", self.warmup, "must be >= 0")
+        if self.betas is not None:
+            self.betas = parse_betas(self.betas)
+            if self.optimizer not in ("adam", "adamw"):
+                bad("betas", ",".join(f"{b:g}" for b in self.betas), f"betas are Adam's and AdamW's, and the "
+                                                                      f"optimizer is {self.optimizer}")
+        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
+            bad("eps", self.eps, "must be > 0")
+        if self.eps != 1e-8 and self.optimizer not in ("adam", "adamw"):
+            bad("eps", self.eps, f"eps is Adam's and AdamW's, and the optimizer is {self.optimizer}")
+        if not (isinstance(self.min_lr, (int, float)) and math.isfinite(self.min_lr) and 0 <= self.min_lr):
+            bad("min_lr", self.min_lr, "must be >= 0")
+        if self.min_lr and self.schedule != "cosine":
+            bad("min_lr", self.min_lr, f"the cosine schedule's floor, and the schedule is {self.schedule}")
+        if self.min_lr > self.lr:
+            bad("min_lr", self.min_lr, f"above the learning rate {self.lr:g}: the cosine falls from lr to min_lr")
         if self.gpus_per_worker > 0 and self.device == "cpu":
             self.device = "cuda"
         if self.log_every < 1:
@@ -291,6 +311,18 @@ def parse_straggler(text: str) -> tuple:
         raise ConfigError(f"invalid straggler: {text!r} (expected RANK:FACTOR or random:FACTOR, a rank >= 0 "
                           "and a factor >= 1, e.g. 1:3)", field="straggler")
     return rank, f
+
+
+def parse_betas(value) -> list:
+    """"0.9,0.99" or (0.9, 0.99) -> [0.9, 0.99]: two numbers in [0, 1) (ConfigError otherwise)."""
+    parts = value.split(",") if isinstance(value, str) else value
+    try:
+        betas = [float(b) for b in parts]
+    except (TypeError, ValueError):
+        betas = []
+    if len(betas) != 2 or not all(math.isfinite(b) and 0 <= b < 1 for b in betas):
+        raise ConfigError(f"invalid betas: {value!r} (two numbers in [0, 1) as B1,B2, e.g. 0.9,0.99)", field="betas")
+    return betas
 
 
 def parse_model(text: str) -> list:

@@ -59,7 +59,8 @@ def build_optimizer(cfg: TrainConfig, params) -> Optimizer:
     if cfg.optimizer == "sgd":
         return OPTIMIZERS["sgd"](params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                  weight_decay=cfg.weight_decay)
-    return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, betas=tuple(cfg.betas or (0.9, 0.999)), eps=cfg.eps,
+                                     weight_decay=cfg.weight_decay)
 
 
 def total_steps(cfg: TrainConfig, num_examples: int) -> int:
@@ -70,7 +71,7 @@ def total_steps(cfg: TrainConfig, num_examples: int) -> int:
 
 def build_schedule(cfg: TrainConfig, steps: int) -> Schedule:
     return Schedule(cfg.schedule, cfg.lr, total_steps=steps, warmup_steps=cfg.warmup,
-                    step_size=cfg.step_size, gamma=cfg.gamma)
+                    step_size=cfg.step_size, gamma=cfg.gamma, min_lr=cfg.min_lr)
 
 
 # --------------------------------------------------------------------------- the loop

@@ -69,6 +69,14 @@ def dptrain(*args, timeout=300):
     (["--servers", "2", "--staleness", "1"], "invalid --staleness: 1.0 (relaxed steps run on one server"),
     (["--compress", "topk:0.9"], "invalid --compress: 'topk:0.9' (expected none, fp16, bf16 or topk:RATIO with "
                                  "0 < RATIO <= 0.5"),
+    (["--optimizer", "adamw", "--betas", "1,0.9"], "invalid --betas: '1,0.9' (two numbers in [0, 1) as B1,B2"),
+    (["--optimizer", "adamw", "--betas", "0.9"], "invalid --betas: '0.9' (two numbers in [0, 1)"),
+    (["--optimizer", "adam", "--betas", "a,b"], "invalid --betas: 'a,b' (two numbers in [0, 1)"),
+    (["--betas", "0.9,0.99"], "invalid --betas: '0.9,0.99' (betas are Adam's and AdamW's, and the optimizer is sgd)"),
+    (["--optimizer", "adam", "--eps", "0"], "invalid --eps: 0.0 (must be > 0)"),
+    (["--optimizer", "adam", "--eps", "nan"], "invalid --eps: nan (must be > 0)"),
+    (["--schedule", "cosine", "--lr", "0.1", "--min-lr", "0.5"], "invalid --min-lr: 0.5 (above the learning rate 0.1"),
+    (["--min-lr", "0.01"], "invalid --min-lr: 0.01 (the cosine schedule's floor, and the schedule is constant)"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     r = dptrain("train", *args)
@@ -308,7 +316,8 @@ def test_an_address_where_another_service_listens_is_refused_within_seconds(tmp_
         assert time.monotonic() - start < 10
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         said = "it answered '<!DOCTYPE HTML>'" if service == "http" else "it said nothing within 3 s"
-        assert f"127.0.0.1:{port}: something listens there, but not a Ray cluster's GCS" in r.stderr and said in r.stderr
+        assert f"127.0.0.1:{port}: something listens there, but not a Ray cluster's GCS" in r.stderr
+        assert said in r.stderr
         assert not (tmp_path / "run").exists()
     finally:
         server.kill()

@@ -32,6 +32,24 @@ def test_n_workers_equal_single_process(ray_local, workers, opt):
                                [r["loss"] for r in local.metrics["steps"]], rtol=1e-10)
 
 
+RECIPE = dict(optimizer="adamw", lr=0.01, betas="0.9,0.95", eps=1e-6, weight_decay=0.1, schedule="cosine", warmup=3,
+              min_lr=0.001)  # nanoGPT's kind of settings
+
+
+@pytest.mark.parametrize("placement", [{"workers": 3}, {"workers": 2, "transport": "object_store", "servers": 2}],
+                         ids=["shared-memory", "object-store-2-shards"])
+def test_adam_betas_eps_and_the_cosine_floor_equal_one_process(ray_local, placement):
+    """--betas, --eps and --min-lr reach every optimizer (the server's, each shard's) and
+    schedule: N workers equal one process, which they change (so the settings are not ignored)."""
+    cfg = dp.TrainConfig(**BASE, **RECIPE, **placement)
+    dist = dp.Trainer(cfg).fit()
+    local = dp.train_local(cfg)
+    assert _max_rel_diff(dist.params, local.params) < 1e-10
+    assert dist.metrics["steps"][-1]["lr"] == pytest.approx(0.001 + 0.5 * (0.01 - 0.001) * (1 + np.cos(np.pi * 8 / 9)))
+    default = dp.train_local(cfg.replace(betas=None, eps=1e-8, min_lr=0.0))
+    assert _max_rel_diff(default.params, local.params) > 1e-6
+
+
 @pytest.mark.parametrize("workers", [2, 3])
 def test_object_store_transport_equals_single_process(ray_local, workers):
     cfg = dp.TrainConfig(workers=workers, transport="object_store", optimizer="adam", lr=0.01, **BASE)

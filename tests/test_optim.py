@@ -135,3 +135,15 @@ def test_schedules():
         Schedule("linear", 0.1)
     with pytest.raises(ValueError, match="invalid warmup"):
         Schedule("constant", 0.1, warmup_steps=-1)
+
+
+def test_a_recipes_adam_settings_reach_the_optimizer_and_the_schedule():
+    from dptrain.loop import build_optimizer, build_schedule
+    cfg = dp.TrainConfig(optimizer="adamw", betas="0.9,0.99", eps=1e-6, lr=1e-3, weight_decay=0.1,
+                         schedule="cosine", warmup=10, min_lr=1e-4)
+    assert cfg.betas == [0.9, 0.99] and dp.TrainConfig.from_dict(cfg.to_dict()) == cfg  # JSON round trip
+    opt = build_optimizer(cfg, [_param([1.0])])
+    assert (type(opt), opt.beta1, opt.beta2, opt.eps, opt.weight_decay) == (dp.optim.AdamW, 0.9, 0.99, 1e-6, 0.1)
+    s = build_schedule(cfg, 110)  # nanoGPT's get_lr: a warm-up to lr, then a cosine down to min_lr
+    assert s(9) == 1e-3 and math.isclose(s(60), 1e-4 + 0.5 * (1e-3 - 1e-4)) and math.isclose(s(110), 1e-4)
+    assert build_optimizer(dp.TrainConfig(optimizer="adam"), [_param([1.0])]).beta2 == 0.999  # the default
