@@ -17,10 +17,6 @@ except Exception:  # ImportError, or a cupy build that cannot find CUDA
 DEVICES = ("cpu", "cuda")
 
 
-def cupy_available() -> bool:
-    return _cupy is not None
-
-
 def gpu_available() -> bool:
     """True when cupy imports and sees at least one CUDA device."""
     if _cupy is None:

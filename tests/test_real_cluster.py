@@ -255,7 +255,8 @@ def test_a_users_own_script_through_plain_ray_job_submit(cluster, tmp_path):
     assert r.returncode == 0 and "succeeded" in r.stdout, r.stdout[-3000:] + r.stderr[-3000:]
     assert "nodes 2" in r.stdout
     run = results / "runs" / "mine"
-    assert {"config.json", "metrics.jsonl", "summary.json", "params.npz", "checkpoints"} <= {p.name for p in run.iterdir()}
+    files = {p.name for p in run.iterdir()}
+    assert {"config.json", "metrics.jsonl", "summary.json", "params.npz", "checkpoints"} <= files
     sys.path.insert(0, str(job))
     try:
         import mine_model

@@ -159,7 +159,9 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert floors["local_step_ms"] > 0 and floors["actor_round_trip_ms"] > 0
     assert floors["one_worker_step_ms"] > 0.5 * floors["local_step_ms"]
     assert floors["driver_chained_empty_step_ms"] > floors["actor_round_trip_ms"]  # chained: several round trips
-    assert [c["workers"] for c in floors["ceiling"]] == [1, 2] and floors["ceiling"][0]["ceiling_speedup"] == 1.0
+    one, two = floors["ceiling"]  # the ceiling: one process's compute time over the slowest of N on B/N each
+    assert (one["workers"], one["examples_each"], two["workers"], two["examples_each"]) == (1, 32, 2, 16)
+    assert two["ceiling_speedup"] == pytest.approx(one["compute_ms"] / two["compute_ms"])
     assert [p["workers"] for p in floors["paired_strong"]] == [1, 2] and floors["paired_strong"][1]["rounds"] == 1
     assert len(floors["blocks_ms"]) == 3 and floors["block_steps"] == 10
     model = json.loads((out / "costmodel.json").read_text())

@@ -66,7 +66,6 @@ def _check_staleness(result, tau: float, workers: int) -> dict:
     for rec in steps:
         assert sorted(shard for _, shard, _ in rec["versions"]) == list(range(workers))  # every example
         assert all(0 <= rec["step"] - v <= tau for _, _, v in rec["versions"])
-        assert sum(1 for _, _, v in rec["versions"] if v == rec["step"]) >= 1 or tau > 0
     hist = result.summary["staleness_histogram"]
     assert sum(hist.values()) == workers * len(steps)
     return hist
@@ -86,6 +85,10 @@ def test_bounded_staleness_never_applies_a_gradient_older_than_tau(ray_local, ta
     result = dp.Trainer(cfg).fit()
     hist = _check_staleness(result, tau, 3)
     assert any(int(age) > 0 for age in hist)  # the straggler made the others run ahead
+    for r in range(3):  # a worker always takes the newest parameters: its versions never go back
+        mine = sorted((rec["step"], shard, v) for rec in result.metrics["steps"] for rank, shard, v in rec["versions"]
+                      if rank == r)
+        assert [v for _, _, v in mine] == sorted(v for _, _, v in mine)
     # the slow worker took fewer shards than each fast one
     taken = {r: sum(1 for rec in result.metrics["steps"] for rank, _, _ in rec["versions"] if rank == r)
              for r in range(3)}

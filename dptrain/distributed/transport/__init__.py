@@ -4,7 +4,8 @@ The parameter server talks to its workers only through a `Transport`, one per ki
 each carrying some of the workers (by rank). Per step the server calls `send(step)`
 on every transport, then `receive(step, deadline)`: every worker computes at once,
 and each transport hands back, for the ranks it carries, the worker's gradient of
-its loss sum (a flat numpy array the server only reads) and its metrics. Whatever
+its loss sum and its metrics: a flat array the server only reads, or, with sharded
+servers (--servers K), the references to its K slices, which the shards fetch. Whatever
 the transport, a worker that dies, hangs past the deadline or whose result is lost
 comes out as `WorkerLost(rank, step, cause)`, and a worker whose code fails as
 `WorkerError`.
@@ -77,7 +78,8 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def receive(self, step: int, deadline: float) -> dict:
-        """rank -> (gradient, metrics) of `step` for every worker carried; WorkerLost for the
+        """rank -> (gradient, metrics) of `step` for every worker carried (the gradient: a flat
+        array, or with sharded servers the ObjectRefs of its K slices); WorkerLost for the
         first that died, or did not answer by `deadline` (time.monotonic()), which is killed:
         a hung worker must not come back stale."""
 

@@ -2,8 +2,9 @@
 
 Ray's object store copies an array in and out on every put; for a 7.5 MB model that is
 several milliseconds per step, more than the gradient sum itself. A worker on the
-server's node instead computes its gradient straight into a segment the server reads,
-and reads its parameters straight from the segment the server updates: no copies.
+server's node instead computes its gradient straight into a segment the server reads
+(no copy), and copies its parameters from the segment the server updates into its model
+(one memory pass, mostly while the server still updates the rest: `params_final`).
 The order of the steps (a worker's next step waits for the server's update, which
 waits for every gradient) is what makes the sharing safe.
 """
