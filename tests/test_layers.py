@@ -33,6 +33,7 @@ LAYER_OPS = [
     ("avg_pool2d_overlap_pad", lambda x: F.avg_pool2d(x, 3, 2, 1), [(1, 2, 7, 5)]),
     ("layer_norm", lambda x, w, b: F.layer_norm(x, (5,), w, b), [(4, 3, 5), (5,), (5,)]),
     ("layer_norm_2d", lambda x, w, b: F.layer_norm(x, (3, 4), w, b), [(2, 3, 4), (3, 4), (3, 4)]),
+    ("layer_norm_no_bias", lambda x, w: F.layer_norm(x, (5,), w, None), [(4, 3, 5), (5,)]),
     ("gelu", lambda x: F.gelu(x), [(3, 7)]),
     ("gelu_tanh", lambda x: F.gelu(x, "tanh"), [(3, 7)]),
     ("self_attention_causal", lambda qkv: F.self_attention(qkv, 2, causal=True), [(2, 5, 12)]),
@@ -112,6 +113,17 @@ def test_layer_norm_normalizes():
     out = nn.LayerNorm(10, dtype="float64")(dp.Tensor(x)).data
     np.testing.assert_allclose(out.mean(axis=1), 0, atol=1e-12)
     np.testing.assert_allclose(out.var(axis=1), 1, rtol=1e-4)
+
+
+def test_layer_norm_without_bias_has_only_its_weight():
+    """LayerNorm(..., bias=False), as PyTorch 2.1+: parameters and state_dict hold the weight
+    only, and the output is the affine one's with a zero bias."""
+    ln, plain = nn.LayerNorm(6, bias=False, dtype="float64"), nn.LayerNorm(6, dtype="float64")
+    assert [n for n, _ in ln.named_parameters()] == ["weight"] and list(ln.state_dict()) == ["weight"]
+    x = dp.Tensor(np.random.default_rng(4).standard_normal((3, 6)))
+    ln.weight.data[:] = plain.weight.data[:] = np.linspace(0.5, 2, 6)
+    np.testing.assert_array_equal(ln(x).data, plain(x).data)
+    assert nn.LayerNorm(6, elementwise_affine=False, bias=True).parameters() == []
 
 
 def test_flatten_and_mlp_on_images():

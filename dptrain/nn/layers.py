@@ -104,15 +104,17 @@ class Flatten(Module):
 
 
 class LayerNorm(Module):
-    """Normalizes over the last axes (normalized_shape); weight ones, bias zeros, as PyTorch."""
+    """Normalizes over the last axes (normalized_shape); weight ones, bias zeros, as PyTorch.
+    `bias=False` (PyTorch 2.1+, nanoGPT's models) keeps the weight and drops the bias."""
 
-    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, dtype="float32"):
+    def __init__(self, normalized_shape, eps: float = 1e-5, elementwise_affine: bool = True, bias: bool = True,
+                 dtype="float32"):
         super().__init__()
         shape = tuple(normalized_shape) if isinstance(normalized_shape, (tuple, list)) else (int(normalized_shape),)
         self.normalized_shape, self.eps = shape, eps
         dt = as_dtype(dtype)
         self.weight = Parameter(np.ones(shape, dt)) if elementwise_affine else None
-        self.bias = Parameter(np.zeros(shape, dt)) if elementwise_affine else None
+        self.bias = Parameter(np.zeros(shape, dt)) if elementwise_affine and bias else None
 
     def forward(self, x):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
