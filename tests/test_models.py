@@ -180,3 +180,33 @@ def test_a_model_file_and_its_helper_module_reach_the_workers(ray_local, tmp_pat
     dist = dp.Trainer(cfg).fit()
     assert _max_rel_diff(dist.params, dp.train_local(cfg).params) < 1e-10
     assert list(dist.params) == ["0.lin.weight", "0.lin.bias", "1.weight", "1.bias"]
+
+
+@pytest.mark.ray
+def test_a_tied_embedding_trains_on_workers_checkpoints_and_resumes(ray_local, in_repo, tmp_path):
+    """A head tied to the token embedding (user_models.TiedCharModel) through the Trainer: two
+    workers give one process's parameters, the checkpoint stores the parameter once, the
+    results list it under both names, and a resume from step 4 ends on the same bits."""
+    import shutil
+    from dptrain import checkpoint
+    text = tmp_path / "t.txt"
+    text.write_text("to be, or not to be, that is the question: whether 'tis nobler in the mind. " * 40)
+    base = dict(data=str(text), seq_len=8, model="tests/user_models.py:build_tied", batch_size=24, steps=12,
+                dtype="float64", optimizer="adamw", lr=0.01, weight_decay=0.1, seed=3, log_every=4)
+    local = dp.train_local(dp.TrainConfig(**base))
+    cfg = dp.TrainConfig(workers=2, out=str(tmp_path / "run"), checkpoint_every=4, keep_checkpoints=5, **base)
+    run = dp.Trainer(cfg).fit()
+    assert list(run.params) == ["wte.weight", "norm.weight", "lm_head.weight"]
+    assert np.array_equal(run.params["wte.weight"], run.params["lm_head.weight"])
+    for k in local.params:
+        np.testing.assert_allclose(run.params[k], local.params[k], rtol=1e-10, atol=1e-13)
+    saved = checkpoint.read(tmp_path / "run" / "checkpoints" / "ckpt-00000004.json")
+    assert [name for name, _, _ in saved["layout"]] == ["wte.weight", "norm.weight"]  # stored once
+    with np.load(tmp_path / "run" / "params.npz", allow_pickle=False) as params:
+        assert sorted(params.files) == ["lm_head.weight", "norm.weight", "wte.weight"]
+    again = tmp_path / "again"
+    shutil.copytree(tmp_path / "run", again)
+    resumed = dp.Trainer(cfg.replace(out=str(again)), resume=True, resume_at_most=4).fit()
+    assert resumed.summary["resumed_from_step"] == 4
+    for k in run.params:
+        assert np.array_equal(resumed.params[k], run.params[k]), k

@@ -83,6 +83,43 @@ def test_load_state_dict_checks_names_and_shapes():
         m.load_state_dict(bad)
 
 
+def test_a_tied_parameter_is_one_parameter_under_two_names():
+    """An output head tied to the token embedding: stored once (parameters, flat buffer, layout),
+    its gradient the sum of both uses (finite differences, float64), listed under both names by
+    state_dict as in PyTorch, and loaded from either name or both (which must agree)."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from user_models import TiedCharModel
+    m = TiedCharModel(7, 4).to("float64")
+    assert [n for n, _ in m.named_parameters()] == ["wte.weight", "norm.weight"]
+    assert m.flat().shapes == [(7, 4), (4,)] and m.flat().num_parameters == 7 * 4 + 4  # stored once
+    assert list(m.state_dict()) == ["wte.weight", "norm.weight", "lm_head.weight"]
+    x, y = np.array([[1, 2, 3], [4, 5, 6]]), np.array([[2, 3, 4], [5, 6, 0]])
+
+    def loss():
+        return float(F.cross_entropy(m(dp.Tensor(x)), y, reduction="sum").data)
+    m.zero_grad()
+    F.cross_entropy(m(dp.Tensor(x)), y, reduction="sum").backward()
+    w, numeric = m.wte.weight.data, np.zeros((7, 4))
+    for i in range(7):
+        for j in range(4):
+            w[i, j] += 1e-6
+            up = loss()
+            w[i, j] -= 2e-6
+            numeric[i, j] = (up - loss()) / 2e-6
+            w[i, j] += 1e-6
+    np.testing.assert_allclose(m.wte.weight.grad, numeric, atol=1e-7)
+    sd = {k: v + 1 for k, v in m.state_dict().items()}
+    m.load_state_dict(sd)  # both names
+    np.testing.assert_array_equal(m.lm_head.weight.data, sd["wte.weight"])
+    m.load_state_dict({k: v for k, v in sd.items() if k != "wte.weight"})  # the alias alone
+    with pytest.raises(ValueError, match="'wte.weight' and 'lm_head.weight' are one shared parameter but differ"):
+        m.load_state_dict(dict(sd, **{"lm_head.weight": sd["wte.weight"] * 2}))
+    with pytest.raises(KeyError, match=r"missing keys \['wte.weight'\]"):
+        m.load_state_dict({"norm.weight": sd["norm.weight"]})
+
+
 def test_sequential_and_custom_module():
     class Net(dp.nn.Module):
         def __init__(self):

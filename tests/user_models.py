@@ -68,3 +68,22 @@ def different_on_workers(input_shape, num_outputs):
     from dptrain.distributed.worker import Worker
     on_worker = any(isinstance(f.frame.f_locals.get("self"), Worker) for f in inspect.stack())
     return nn.Linear(int(np.prod(input_shape)), num_outputs, bias=not on_worker)
+
+
+class TiedCharModel(nn.Module):
+    """A next-token model whose output head is its token embedding (GPT-2's and nanoGPT's tie):
+    one parameter used twice, listed once by parameters() and under both names by state_dict."""
+
+    def __init__(self, vocab: int, d: int = 8):
+        super().__init__()
+        self.wte = nn.Embedding(vocab, d)
+        self.norm = nn.LayerNorm(d, bias=False)
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+        self.lm_head.weight = self.wte.weight
+
+    def forward(self, x):  # (batch, positions) token ids -> (batch, positions, vocab)
+        return self.lm_head(self.norm(self.wte(x).tanh()))
+
+
+def build_tied(input_shape, num_outputs):
+    return TiedCharModel(num_outputs)

@@ -117,27 +117,45 @@ class Module:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
-        """Name -> a numpy copy of the parameter, in `parameters()` order."""
-        return OrderedDict((name, backend.to_numpy(p.data).copy()) for name, p in self.named_parameters())
+        """Name -> a numpy copy of the parameter, in the order modules hold them. A parameter
+        shared by two modules (a tied embedding and output head) is listed under both names,
+        as PyTorch does; it is one parameter (`parameters()` lists it once, the flat buffer
+        stores it once)."""
+        return OrderedDict((name, backend.to_numpy(p.data).copy()) for name, p in self._named_parameters(""))
 
     def load_state_dict(self, state: dict) -> None:
         """Copy values into the parameters in place (flat-buffer views stay valid).
 
-        Every name must match and every shape agree; nothing is changed otherwise.
+        Every name must be known and every shape agree, and every parameter given (a shared
+        one under any of its names; given under several, they must agree); nothing is changed
+        otherwise.
         """
-        params = OrderedDict(self.named_parameters())
-        missing = [k for k in params if k not in state]
-        unexpected = [k for k in state if k not in params]
+        names: "OrderedDict[int, list]" = OrderedDict()  # parameter (by identity) -> its names
+        params = {}
+        for name, p in self._named_parameters(""):
+            names.setdefault(id(p), []).append(name)
+            params[id(p)] = p
+        known = {n for ns in names.values() for n in ns}
+        missing = [ns[0] for ns in names.values() if not any(n in state for n in ns)]
+        unexpected = [k for k in state if k not in known]
         if missing or unexpected:
             raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
-        for name, p in params.items():
-            shape = tuple(np.shape(state[name]))
-            if shape != p.shape:
-                raise ValueError(f"load_state_dict: {name!r} has shape {shape} in the state dict, "
-                                 f"{p.shape} in the model")
-        for name, p in params.items():
+        source = {}
+        for key, ns in names.items():
+            given = [n for n in ns if n in state]
+            p = params[key]
+            for name in given:
+                shape = tuple(np.shape(state[name]))
+                if shape != p.shape:
+                    raise ValueError(f"load_state_dict: {name!r} has shape {shape} in the state dict, "
+                                     f"{p.shape} in the model")
+            if any(not np.array_equal(np.asarray(state[n]), np.asarray(state[given[0]])) for n in given[1:]):
+                raise ValueError(f"load_state_dict: {' and '.join(map(repr, given))} are one shared parameter "
+                                 "but differ in the state dict")
+            source[key] = given[0]
+        for key, p in params.items():
             xp = backend.array_module(p.data)
-            p.data[...] = xp.asarray(backend.to_device(np.asarray(state[name]), p.device), dtype=p.data.dtype)
+            p.data[...] = xp.asarray(backend.to_device(np.asarray(state[source[key]]), p.device), dtype=p.data.dtype)
 
     def to(self, device: str) -> "Module":
         """Move every parameter to `device` ("cpu" or "cuda"), or cast it to a dtype ("float32",
