@@ -124,7 +124,7 @@ def _progress_bar(enabled: bool, total: int):
 # the worker count decides which examples each update uses, so there it is the run's own.)
 RESUME_PLACEMENT = ("workers", "servers", "spread", "address", "transport", "cpus", "cpus_per_worker",
                     "gpus_per_worker", "device", "progress", "log_every", "checkpoint_every", "keep_checkpoints",
-                    "max_failures", "step_timeout", "on_worker_loss", "eval_batch_size")
+                    "max_failures", "step_timeout", "on_worker_loss", "eval_batch_size", "micro_batch")
 
 
 def _resumed_config(folder: str, given: dict) -> TrainConfig:

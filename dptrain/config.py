@@ -66,6 +66,10 @@ class TrainConfig:
     activation: str = _choice("relu", ("relu", "tanh", "sigmoid"), "Hidden-layer activation: {choices}.")
     workers: int = _f(1, "Data-parallel worker actors.")
     batch_size: int = _f(256, "Global batch size, split over the workers.")
+    micro_batch: Optional[int] = _f(None,
+        "Examples per forward and backward pass in a worker: its share of the batch runs in "
+        "micro-batches of at most this many and their gradients are added (gradient accumulation): "
+        "the same step, with the activations of fewer examples in memory at once.")
     epochs: int = _f(10, "Passes over the training set (ignored when `steps` is set).")
     steps: Optional[int] = _f(None, "Total optimizer steps; overrides `epochs`.")
     target_accuracy: Optional[float] = _f(None,
@@ -168,6 +172,9 @@ class TrainConfig:
             bad("workers", self.workers, "must be >= 1")
         if self.batch_size < 1:
             bad("batch_size", self.batch_size, "must be >= 1")
+        if self.micro_batch is not None and not (isinstance(self.micro_batch, (int, np.integer))
+                                                 and self.micro_batch >= 1):
+            bad("micro_batch", self.micro_batch, "examples per forward and backward pass: a whole number >= 1")
         if self.steps is None and self.epochs < 1:
             bad("epochs", self.epochs, "must be >= 1")
         if self.steps is not None and self.steps < 1:

@@ -81,19 +81,31 @@ class Replica:
         self.flat = flatten(self.model.parameters(), data=self.flat.data, grad=storage, data_is_current=True)
 
     def compute_gradients(self, indices, step: int = 0, first_position: int = 0) -> tuple[float, float, int]:
+        """With cfg.micro_batch M, the examples go through forward and backward M at a time and
+        their gradients add up in the flat buffer (gradient accumulation): the loss is a sum, so
+        the result is the one pass's (to rounding), with the activations of M examples alive at
+        once instead of all of them. Each example keeps its position, so its dropout mask too."""
         self.flat.zero_grad()
         count = len(indices)
         if count == 0:  # an empty shard contributes nothing
             return 0.0, 0, 0
-        idx = self.xp.asarray(indices)
-        x, y = self.x_train[idx], self.y_train[idx]
+        size = self.cfg.micro_batch or count
+        loss_sum, correct = 0.0, 0
         self.model.train()
-        with nn_random.context(self.cfg.seed, step, np.arange(first_position, first_position + count)):
-            out = self.model(Tensor(x))
-        loss = self.loss(out, y)
-        loss.backward()
-        correct = count_correct(out.data, y) if self.task == "classification" else 0
-        return float(loss.data), correct, count
+        for start in range(0, count, size):
+            part = indices[start:start + size]
+            idx = self.xp.asarray(part)
+            x, y = self.x_train[idx], self.y_train[idx]
+            begin = first_position + start
+            with nn_random.context(self.cfg.seed, step, np.arange(begin, begin + len(part))):
+                out = self.model(Tensor(x))
+            loss = self.loss(out, y)
+            loss.backward()  # adds to what the micro-batches before wrote
+            loss_sum += float(loss.data)
+            if self.task == "classification":
+                correct += count_correct(out.data, y)
+            del out, loss  # this micro-batch's activations go before the next one's come
+        return loss_sum, correct, count
 
     def evaluate(self, split: str = "test") -> dict:
         """Mean loss (and accuracy for classification) over a whole split, in batches, in eval mode."""

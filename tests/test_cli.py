@@ -77,6 +77,8 @@ def dptrain(*args, timeout=300):
     (["--optimizer", "adam", "--eps", "nan"], "invalid --eps: nan (must be > 0)"),
     (["--schedule", "cosine", "--lr", "0.1", "--min-lr", "0.5"], "invalid --min-lr: 0.5 (above the learning rate 0.1"),
     (["--min-lr", "0.01"], "invalid --min-lr: 0.01 (the cosine schedule's floor, and the schedule is constant)"),
+    (["--micro-batch", "0"], "invalid --micro-batch: 0 (examples per forward and backward pass: a whole number >= 1)"),
+    (["--micro-batch", "2.5"], "argument --micro-batch: invalid int value: '2.5'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
     r = dptrain("train", *args)

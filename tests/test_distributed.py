@@ -50,6 +50,14 @@ def test_adam_betas_eps_and_the_cosine_floor_equal_one_process(ray_local, placem
     assert _max_rel_diff(default.params, local.params) > 1e-6
 
 
+def test_micro_batches_on_workers_equal_one_process(ray_local):
+    """--micro-batch 4 on 3 workers (shards of 17/17/16: micro-batches of 4 and a rest) gives
+    one process's parameters without micro-batches."""
+    cfg = dp.TrainConfig(workers=3, optimizer="sgd", momentum=0.9, lr=0.1, **BASE)
+    dist = dp.Trainer(cfg.replace(micro_batch=4)).fit()
+    assert _max_rel_diff(dist.params, dp.train_local(cfg).params) < 1e-10
+
+
 @pytest.mark.parametrize("workers", [2, 3])
 def test_object_store_transport_equals_single_process(ray_local, workers):
     cfg = dp.TrainConfig(workers=workers, transport="object_store", optimizer="adam", lr=0.01, **BASE)

@@ -210,3 +210,33 @@ def test_a_tied_embedding_trains_on_workers_checkpoints_and_resumes(ray_local, i
     assert resumed.summary["resumed_from_step"] == 4
     for k in run.params:
         assert np.array_equal(resumed.params[k], run.params[k]), k
+
+
+def test_micro_batches_give_the_same_step_with_less_memory(in_repo):
+    """--micro-batch M: a shard in micro-batches of M, gradients added. The same run as without
+    (float64, 1e-10, the CNN with dropout: each example keeps its mask), and the step's peak
+    memory (numpy's allocations, as tracemalloc sees them) well below the one-pass step's."""
+    import tracemalloc
+    from dptrain.step import Replica
+    cfg = dp.TrainConfig(dataset="mnist1d", model="tests/user_models.py:build", batch_size=50, steps=6,
+                         dtype="float64", optimizer="adam", lr=0.01, seed=2)
+    whole, micro = dp.train_local(cfg), dp.train_local(cfg.replace(micro_batch=7))
+    assert _max_rel_diff(micro.params, whole.params) < 1e-10
+    np.testing.assert_allclose([r["loss"] for r in micro.metrics["steps"]],
+                               [r["loss"] for r in whole.metrics["steps"]], rtol=1e-10)
+    # a batch whose activations (2048 x 512 per layer) outweigh the parameters' gradients: what
+    # micro-batches are for; the weight-gradient temporaries of each backward stay
+    big = dp.TrainConfig(dataset="mnist1d", model=[40, 512, 512, 10], batch_size=2048, dtype="float64")
+    ds = dp.data.load_dataset("mnist1d")
+    peaks, grads = {}, {}
+    for m in (None, 64):
+        factory, loss = prepare(big.replace(micro_batch=m), ds)
+        replica = Replica(big.replace(micro_batch=m), ds, factory, loss)
+        replica.compute_gradients(np.arange(2048))  # warm: buffers made on first use are not the step's
+        tracemalloc.start()
+        replica.compute_gradients(np.arange(2048))
+        peaks[m] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        grads[m] = replica.flat.grad.copy()
+    assert np.abs(grads[64] - grads[None]).max() <= 1e-10 * np.abs(grads[None]).max()
+    assert peaks[64] < 0.25 * peaks[None], peaks
