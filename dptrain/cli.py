@@ -18,11 +18,12 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, TrainConfig, is_widths, parse_model
 from dptrain_console import install_signal_handlers, interrupted
+
 from .auth import use_token_auth_for
+from .config import ConfigError, TrainConfig, is_widths, parse_model
 from .data import DataError
-from .rundir import RunDir, RunFolderError, default_out, resolve_out
+from .rundir import RunFolderError, default_out
 
 log = logging.getLogger("dptrain")
 
@@ -141,23 +142,24 @@ def _resumed_config(folder: str, given: dict) -> TrainConfig:
     if not isinstance(saved, dict):
         raise ConfigError(f"invalid resume: {path} holds a JSON {type(saved).__name__}, not a run's settings",
                           field="resume")
+    saved["out"] = str(Path(folder))
+    try:
+        run = TrainConfig.from_dict(saved)
+    except ConfigError as e:
+        raise ConfigError(f"invalid resume: {path}: {e}", field="resume") from None
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"invalid resume: {path}: not a run's settings ({e})", field="resume") from None
+    typed = TrainConfig.from_dict({**saved, **given})  # the flags as the config reads them ("0.9,0.99" a list)
     refused = [name for name in given if name not in RESUME_PLACEMENT or
-               (name == "workers" and (saved.get("staleness") or saved.get("backup_workers")))]
-    changed = [name for name in refused if saved.get(name) != given[name]]
+               (name == "workers" and run.relaxed)]
+    changed = [name for name in refused if getattr(typed, name) != getattr(run, name)]
     if changed:
         flags = ", ".join(f"--{n.replace('_', '-')} {given[n]!r} ({saved.get(n)!r} in {path})" for n in changed)
         raise ConfigError(f"invalid resume: {flags}: a resumed run keeps the settings that decide its arithmetic; "
                           "it takes only where and how it runs (" + ", ".join(
                               "--" + n.replace("_", "-") for n in RESUME_PLACEMENT) + "; not --workers in a relaxed "
                           "run): start a new run for other settings", field="resume")
-    saved.update({k: v for k, v in given.items() if k in RESUME_PLACEMENT})
-    saved["out"] = str(Path(folder))
-    try:
-        return TrainConfig.from_dict(saved)
-    except ConfigError as e:
-        raise ConfigError(f"invalid resume: {path}: {e}", field="resume") from None
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"invalid resume: {path}: not a run's settings ({e})", field="resume") from None
+    return run.replace(**{k: getattr(typed, k) for k in given if k in RESUME_PLACEMENT})
 
 
 def _given_config_flags(argv: list) -> dict:
@@ -175,13 +177,12 @@ def run_train(args) -> int:
     cfg = args.cfg
     from .loop import load_data, total_steps
 
-    dataset = load_data(cfg)  # bad data is reported before anything starts
-    cfg = cfg.replace(out=resolve_out(cfg.out) if cfg.out else default_out())
-    RunDir(cfg.out, append=bool(args.resume)).check()  # and an out that cannot be this run's folder
+    dataset = load_data(cfg)  # bad data is reported before anything starts (the trainer checks the rest)
     from .distributed import Trainer  # imports Ray: only when needed
 
     bar, update = _progress_bar(cfg.progress, total_steps(cfg, len(dataset)))
-    trainer = Trainer(cfg, dataset=dataset, progress=update, resume=bool(args.resume))
+    trainer = Trainer(cfg.replace(out=cfg.out or default_out()), dataset=dataset, progress=update,
+                      resume=bool(args.resume))
     try:
         if bar is not None:
             from tqdm.contrib.logging import logging_redirect_tqdm
@@ -198,7 +199,7 @@ def run_train(args) -> int:
     print(f"done: {s['steps']} steps on {s['workers']} worker(s) in {s['wall_s']:.1f} s "
           f"({s['samples_per_s']:,.0f} samples/s) | train loss {s['train_loss']:.4f} | "
           f"test loss {s['test_loss']:.4f}{acc}")
-    print(f"results: {cfg.out}/ (config.json, metrics.jsonl, summary.json, params.npz)")
+    print(f"results: {trainer.cfg.out}/ (config.json, metrics.jsonl, summary.json, params.npz)")
     return 0
 
 

@@ -338,3 +338,17 @@ def test_a_malformed_config_on_resume_is_one_line_naming_the_file(tmp_path, text
     r = dptrain("train", "--resume", str(tmp_path))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert f"invalid --resume: {tmp_path}/{message}" in r.stderr, r.stderr
+
+
+def test_resume_compares_flags_as_the_config_reads_them(tmp_path):
+    """`--resume DIR --betas 0.9,0.99` of a run saved with betas [0.9, 0.99] is the same setting
+    (typed as text, stored as a list): accepted, with the placement flags applied; another
+    value is refused naming it."""
+    from dptrain.cli import _resumed_config
+    from dptrain.config import ConfigError, TrainConfig
+    saved = TrainConfig(dataset="moons", optimizer="adam", betas="0.9,0.99", model="2,8,2").to_dict()
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg = _resumed_config(str(tmp_path), {"betas": "0.9,0.99", "model": [2, 8, 2], "workers": 3})
+    assert (cfg.betas, cfg.workers, cfg.out) == ([0.9, 0.99], 3, str(tmp_path))
+    with pytest.raises(ConfigError, match=r"--betas '0.9,0.95' \(\[0.9, 0.99\] in .*config.json\)"):
+        _resumed_config(str(tmp_path), {"betas": "0.9,0.95"})

@@ -32,7 +32,7 @@ from ..data import BatchSampler, Dataset
 from ..loop import load_data, prepare, total_steps
 from ..metrics import MetricsLog, TrainResult, epoch_record, reached_target, step_record, summary_record
 from ..models import layout, user_modules
-from ..rundir import RunDir, resolve_out
+from ..rundir import RunDir
 from ..tensor import as_dtype
 from .cluster import check_resources, connect, embedded_cpus
 from .errors import ServerLost, TrainingError, WorkerLost
@@ -85,9 +85,9 @@ class Trainer:
     def __init__(self, config: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None,
                  faults: list | None = None, resume: bool = False, *, model=None, loss=None, on_start=None,
                  resume_at_most: int | None = None):
-        if config.out:  # the actors' working directories are not ours: one absolute path for all
-            config = config.replace(out=resolve_out(config.out))
         self.run = RunDir(config.out, append=resume) if config.out else None
+        if self.run is not None:  # the actors' working directories are not ours: one absolute path for all
+            config = config.replace(out=str(self.run.path))
         self.cfg = config
         self.model, self.loss = model, loss
         self.dataset = dataset
