@@ -91,36 +91,30 @@ def save(folder, step: int, params: np.ndarray, optimizer_state: dict, layout: l
     `relaxed`: what a relaxed run had in flight (relaxed.py; a resume computes it again)."""
     folder = Path(folder)
     stem = f"ckpt-{step:08d}"
-    npz = folder / f"{stem}.npz"
+    npz, meta_path = folder / f"{stem}.npz", folder / f"{stem}.json"
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        return _save(folder, stem, npz, step, params, optimizer_state, layout, config, keep, relaxed)
+        arrays = {"params": np.asarray(params)}
+        for name, arr in optimizer_state["state"].items():
+            arrays[f"opt.{name}"] = np.asarray(arr)
+        write_atomic(npz, lambda f: np.savez(f, **arrays))
+        meta = {"format": FORMAT, "step": step, "layout": layout, "dtype": str(params.dtype),
+                "size": int(params.size), "optimizer": {k: v for k, v in optimizer_state.items() if k != "state"},
+                "config": config, "npz": npz.name, "npz_bytes": npz.stat().st_size, "npz_sha256": _sha256(npz)}
+        if relaxed is not None:
+            meta["relaxed"] = relaxed
+        meta["meta_sha256"] = _meta_sha256(meta)
+        write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
+        _fsync_dir(folder)
+        for old in list_checkpoints(folder)[keep:]:
+            for p in (old, old.with_suffix(".npz")):
+                p.unlink(missing_ok=True)
     except OSError as e:
         npz.unlink(missing_ok=True)  # without its JSON it is no checkpoint: do not leave it taking space
         kept = list_checkpoints(folder) if folder.is_dir() else []
         last = f"the newest intact one is {kept[0]}" if kept else "no earlier checkpoint exists"
         raise CheckpointWriteError(f"cannot write the checkpoint of step {step} to {folder} "
                                    f"({getattr(e, 'filename', None) or npz}: {e.strerror or e}); {last}") from None
-
-
-def _save(folder: Path, stem: str, npz: Path, step: int, params, optimizer_state: dict, layout: list,
-          config: dict, keep: int, relaxed: dict | None) -> Path:
-    arrays = {"params": np.asarray(params)}
-    for name, arr in optimizer_state["state"].items():
-        arrays[f"opt.{name}"] = np.asarray(arr)
-    write_atomic(npz, lambda f: np.savez(f, **arrays))
-    meta = {"format": FORMAT, "step": step, "layout": layout, "dtype": str(params.dtype),
-            "size": int(params.size), "optimizer": {k: v for k, v in optimizer_state.items() if k != "state"},
-            "config": config, "npz": npz.name, "npz_bytes": npz.stat().st_size, "npz_sha256": _sha256(npz)}
-    if relaxed is not None:
-        meta["relaxed"] = relaxed
-    meta["meta_sha256"] = _meta_sha256(meta)
-    meta_path = folder / f"{stem}.json"
-    write_atomic(meta_path, (json.dumps(meta, indent=1) + "\n").encode())
-    _fsync_dir(folder)
-    for old in list_checkpoints(folder)[keep:]:
-        for p in (old, old.with_suffix(".npz")):
-            p.unlink(missing_ok=True)
     return meta_path
 
 

@@ -13,6 +13,10 @@ from . import compress
 from .optim import OPTIMIZERS, SCHEDULES
 
 
+ADAM_OPTIMIZERS = ("adam", "adamw")  # the ones that take betas and eps
+ADAM_EPS = 1e-8  # their default epsilon (torch.optim's)
+
+
 def _f(default, help: str):
     """A config field with its help text (the CLI's --help shows it)."""
     return field(default=default, metadata={"help": help})
@@ -81,7 +85,7 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "L2 weight decay (decoupled for adamw).")
     betas: Optional[object] = _f(None,
         "Adam and AdamW's (beta1, beta2), as B1,B2 (e.g. 0.9,0.99); default 0.9,0.999.")
-    eps: float = _f(1e-8, "Adam and AdamW's epsilon, added to the root of the second moment.")
+    eps: float = _f(ADAM_EPS, "Adam and AdamW's epsilon, added to the root of the second moment.")
     schedule: str = _choice("constant", SCHEDULES, "Learning-rate schedule: {choices}.")
     warmup: int = _f(0, "Linear warm-up steps.")
     step_size: int = _f(1000, "Steps between decays of the `step` schedule.")
@@ -191,12 +195,12 @@ class TrainConfig:
             bad("warmup", self.warmup, "must be >= 0")
         if self.betas is not None:
             self.betas = parse_betas(self.betas)
-            if self.optimizer not in ("adam", "adamw"):
+            if self.optimizer not in ADAM_OPTIMIZERS:
                 bad("betas", ",".join(f"{b:g}" for b in self.betas), f"betas are Adam's and AdamW's, and the "
                                                                       f"optimizer is {self.optimizer}")
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
             bad("eps", self.eps, "must be > 0")
-        if self.eps != 1e-8 and self.optimizer not in ("adam", "adamw"):
+        if self.eps != ADAM_EPS and self.optimizer not in ADAM_OPTIMIZERS:
             bad("eps", self.eps, f"eps is Adam's and AdamW's, and the optimizer is {self.optimizer}")
         if not (isinstance(self.min_lr, (int, float)) and math.isfinite(self.min_lr) and 0 <= self.min_lr):
             bad("min_lr", self.min_lr, "must be >= 0")

@@ -121,7 +121,7 @@ def check_reachable(address: str, timeout_s: float = 3.0, given: str | None = No
         raise ClusterError(f"--address {shown}: no Ray cluster answers there ({e.strerror or e}). "
                            "Is it started (cluster/status.sh)? Is the port the head's GCS port (6379 by default)?") from None
     if reply is None or len(reply) < 9 or reply[3] != _HTTP2_SETTINGS:
-        said = ("it said nothing within {:g} s".format(timeout_s) if reply is None
+        said = (f"it said nothing within {timeout_s:g} s" if reply is None
                 else "it closed the connection" if not reply.strip()
                 else f"it answered {reply[:40].decode('latin-1').splitlines()[0]!r}")
         raise ClusterError(f"--address {shown}: something listens there, but not a Ray cluster's GCS (it does not "

@@ -130,20 +130,17 @@ class Module:
         one under any of its names; given under several, they must agree); nothing is changed
         otherwise.
         """
-        names: "OrderedDict[int, list]" = OrderedDict()  # parameter (by identity) -> its names
-        params = {}
+        names: dict = {}  # id of a parameter -> (the parameter, its names)
         for name, p in self._named_parameters(""):
-            names.setdefault(id(p), []).append(name)
-            params[id(p)] = p
-        known = {n for ns in names.values() for n in ns}
-        missing = [ns[0] for ns in names.values() if not any(n in state for n in ns)]
+            names.setdefault(id(p), (p, []))[1].append(name)
+        known = {n for _, ns in names.values() for n in ns}
+        missing = [ns[0] for _, ns in names.values() if not any(n in state for n in ns)]
         unexpected = [k for k in state if k not in known]
         if missing or unexpected:
             raise KeyError(f"load_state_dict: missing keys {missing}, unexpected keys {unexpected}")
         source = {}
-        for key, ns in names.items():
+        for key, (p, ns) in names.items():
             given = [n for n in ns if n in state]
-            p = params[key]
             for name in given:
                 shape = tuple(np.shape(state[name]))
                 if shape != p.shape:
@@ -153,7 +150,7 @@ class Module:
                 raise ValueError(f"load_state_dict: {' and '.join(map(repr, given))} are one shared parameter "
                                  "but differ in the state dict")
             source[key] = given[0]
-        for key, p in params.items():
+        for key, (p, _) in names.items():
             xp = backend.array_module(p.data)
             p.data[...] = xp.asarray(backend.to_device(np.asarray(state[source[key]]), p.device), dtype=p.data.dtype)
 

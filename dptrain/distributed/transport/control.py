@@ -54,6 +54,10 @@ def peer_credentials(sock: socket.socket) -> tuple[int, int] | None:
     return pid, uid
 
 
+def _another_user(creds: tuple[int, int] | None) -> bool:
+    return creds is not None and creds[1] != os.geteuid()
+
+
 class Refused(ConnectionError):
     """A connection that is not one of this run's workers (or a server of another user)."""
 
@@ -167,7 +171,7 @@ class Listener:
     def _admit(self, chan: Channel) -> int:
         creds = peer_credentials(chan.sock)
         who = "" if creds is None else f"pid {creds[0]}, uid {creds[1]}"
-        if creds is not None and creds[1] != os.geteuid():
+        if _another_user(creds):
             raise Refused(f"{who}: another user than this run's")
         try:
             hello = chan.recv(time.monotonic() + HELLO_TIMEOUT_S, limit=HELLO_BYTES)
@@ -199,7 +203,7 @@ def connect(address: str, rank: int, secret: str) -> Channel:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(address)
     creds = peer_credentials(sock)
-    if creds is not None and creds[1] != os.geteuid():
+    if _another_user(creds):
         sock.close()
         raise Refused(f"the control channel at {address!r} is held by uid {creds[1]} (pid {creds[0]}), "
                       "not by this run's user")

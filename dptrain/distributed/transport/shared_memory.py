@@ -51,7 +51,6 @@ class SharedMemoryTransport(Transport):
         super().__init__(host)
         self._params: SharedArray | None = None  # the server's parameters, once moved into shared memory
         self._grads: dict = {}  # actor -> the SharedArray its backward writes (mapped here)
-        self.refused = 0  # connections to the control channel refused: not this run's workers
         self._sessions: dict = {}  # rank -> (Channel, ObjectRef of the worker's serve call)
         self._notified = 0  # how far served workers were told this update's parameters are final
         self._by_rank: dict = {}  # rank -> its gradient array (what receive hands out every step)
@@ -195,7 +194,6 @@ class SharedMemoryTransport(Transport):
                     continue
                 self._sessions[rank] = (chan, refs.pop(rank))
         finally:
-            self.refused += listener.refused
             listener.close()
 
     def _reply(self, rank: int, step: int, deadline: float) -> dict:
