@@ -27,6 +27,7 @@ from . import backend
 
 DEFAULT_DTYPE = np.float32
 _DTYPES = {"float32": np.float32, "float64": np.float64}
+DTYPES = tuple(_DTYPES)  # the training dtypes, by name
 
 
 def as_dtype(dtype) -> np.dtype:
@@ -119,6 +120,12 @@ class Tensor:
 
     __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "_op", "__weakref__")
     __array_priority__ = 1000  # numpy scalars and arrays defer to our operators
+
+    def _claim_grad(self):
+        """The hook behind `claim_grad`: this tensor's gradient array if it is known to be zero and
+        an op may write its gradient straight into it (once), else None. Subclasses that store
+        gradients elsewhere (nn.Parameter) override it."""
+        return None
 
     def __init__(self, data, requires_grad: bool = False, dtype=None):
         if isinstance(data, Tensor):
@@ -532,18 +539,16 @@ def _topological_order(root: Tensor) -> list:
 
 
 def claim_grad(leaf: Tensor):
-    """The gradient array of a flat-buffer parameter whose gradient is known to be zero, or None.
+    """The gradient array of a leaf whose gradient is known to be zero, or None.
 
     An op's backward may write its gradient for `leaf` straight into the returned
     array (matmul's `out=`) and return None for that parent, instead of returning
-    a new array that backward() would then add to zeros. The claim clears the
-    zero mark, so a second use of the same parameter accumulates as usual.
+    a new array that backward() would then add to zeros. Where gradients are stored
+    is not the engine's business: the leaf's `_claim_grad` hook answers (a plain
+    tensor never claims; nn's Parameter asks its flat buffer, and clears the zero
+    mark, so a second use of the same parameter accumulates as usual).
     """
-    buf = getattr(leaf, "_flat", None)
-    if buf is None or not DIRECT_GRAD_WRITES or not buf.zeroed[leaf._flat_index]:
-        return None
-    buf.zeroed[leaf._flat_index] = False
-    return leaf.grad
+    return leaf._claim_grad() if DIRECT_GRAD_WRITES else None
 
 
 DIRECT_GRAD_WRITES = True  # False makes every gradient go through `+=` (tests compare the two paths)

@@ -39,6 +39,14 @@ class FlatBuffer:
         self.grad.fill(0)
         self.zeroed = [True] * len(self.shapes)
 
+    def claim(self, i: int) -> bool:
+        """Whether parameter i's gradient is known to be zero; it no longer is once claimed (the
+        claimer writes it: tensor.claim_grad)."""
+        if not self.zeroed[i]:
+            return False
+        self.zeroed[i] = False
+        return True
+
     def mark_written(self) -> None:
         self.zeroed = [False] * len(self.shapes)
 

@@ -25,6 +25,13 @@ class Parameter(Tensor):
         self._flat = None
         self._flat_index = -1
 
+    def _claim_grad(self):
+        """The engine's direct-write hook (tensor.claim_grad): our gradient's view of the flat
+        buffer, once, while the buffer knows it to be zero."""
+        if self._flat is not None and self._flat.claim(self._flat_index):
+            return self.grad
+        return None
+
 
 class Module:
     """Base class: parameters and submodules are registered when assigned as attributes.
