@@ -32,25 +32,50 @@ class TrainResult:
 
 
 class MetricsLog:
-    """Collects step and epoch records, writes metrics.jsonl as it goes, prints log lines."""
+    """Collects step and epoch records, hands them to `sink` as it goes, prints log lines. It owns
+    replay: `rewind(step, record)` forgets the records of steps >= step (they are about to run
+    again, after a failure or on a resume) and rewinds the sink too when it can (a `rewind`
+    method: the run folder's metrics.jsonl keeps each step once), whatever the sink is."""
 
     def __init__(self, cfg: TrainConfig, total: int, workers: int, sink=None):
         self.cfg, self.total, self.workers = cfg, total, workers
         self.steps: list = []
         self.epochs: list = []
-        self.sink = sink  # a callable taking one record dict (the CLI writes metrics.jsonl)
+        self.evaluations: list = []  # --eval-every's evaluations between epoch ends
+        self.eval_s = 0.0  # seconds spent evaluating (replays included: they are time spent)
+        self.sink = sink  # a callable taking one record dict (the run folder writes metrics.jsonl)
         self.target: dict | None = None  # when and where cfg.target_accuracy was reached
-        self._window: list = []
+        self._window: list = []  # the steps since the last log line
+        self._epoch: list = []  # the steps since the last epoch's end
 
-    def truncate(self, step: int) -> None:
-        """Forget the records of steps >= `step` (they are about to be run again after a failure)."""
+    def rewind(self, step: int, record: dict | None = None) -> None:
+        """Forget the records of steps >= `step`, in this log and the sink's; then log `record` (what
+        sent the run back: a recovery, a resume)."""
         self.steps = [r for r in self.steps if r["step"] < step]
         self.epochs = [r for r in self.epochs if r["step"] < step]
+        self.evaluations = [r for r in self.evaluations if r["step"] < step]
         self._window = [r for r in self._window if r["step"] < step]
+        ended = self.epochs[-1]["step"] if self.epochs else -1  # the epoch whose end is replayed gets its steps back
+        self._epoch = [r for r in self.steps if r["step"] > ended]
+        if self.sink is not None and hasattr(self.sink, "rewind"):
+            self.sink.rewind(step)
+        if record is not None and self.sink:
+            self.sink(record)
+
+    @property
+    def epoch_open(self) -> bool:
+        """Whether steps were logged since the last epoch's end."""
+        return bool(self._epoch)
+
+    @property
+    def next_step(self) -> int:
+        """The step after the last one logged (0: none yet): what the log holds without a gap."""
+        return self.steps[-1]["step"] + 1 if self.steps else 0
 
     def step(self, record: dict) -> None:
         self.steps.append(record)
         self._window.append(record)
+        self._epoch.append(record)
         if self.sink:
             self.sink({"kind": "step", **record})
         s = record["step"]
@@ -63,6 +88,29 @@ class MetricsLog:
                      s + 1, loss, ms, f"{rate:,.0f}", self.workers)
             self._window = []
 
+    def end_epoch(self, epoch: int, step: int, evaluation: dict) -> dict:
+        """Log the epoch that ends at `step` (its steps logged since the last one's end, and the
+        held-out `evaluation`); its record."""
+        record = epoch_record(epoch, step, self._epoch, evaluation)
+        self._epoch = []
+        self.eval_s += evaluation.get("eval_s", 0.0)
+        self.epoch(record)
+        return record
+
+    def evaluation(self, step: int, evaluation: dict) -> dict:
+        """Log an evaluation of the held-out split after `step` between epoch ends (--eval-every)."""
+        record = {"step": step, "test_loss": evaluation["loss"]}
+        if "accuracy" in evaluation:
+            record["test_accuracy"] = evaluation["accuracy"]
+        record["eval_s"] = evaluation.get("eval_s", 0.0)
+        self.eval_s += record["eval_s"]
+        self.evaluations.append(record)
+        if self.sink:
+            self.sink({"kind": "eval", **record})
+        acc = f" | test acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
+        log.info("eval after step %d | test loss %.4f%s", step + 1, record["test_loss"], acc)
+        return record
+
     def epoch(self, record: dict) -> None:
         self.epochs.append(record)
         if self.sink:
@@ -70,6 +118,22 @@ class MetricsLog:
         acc = f" | test acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
         log.info("epoch %3d | train loss %.4f | test loss %.4f%s", record["epoch"] + 1,
                  record["train_loss"], record["test_loss"], acc)
+
+
+class Sinks:
+    """Several record sinks as one: each gets every record, and those that can are rewound."""
+
+    def __init__(self, *sinks):
+        self.sinks = [s for s in sinks if s is not None]
+
+    def __call__(self, record: dict) -> None:
+        for sink in self.sinks:
+            sink(record)
+
+    def rewind(self, step: int) -> None:
+        for sink in self.sinks:
+            if hasattr(sink, "rewind"):
+                sink.rewind(step)
 
 
 def epoch_record(epoch: int, step: int, window: list, evaluation: dict) -> dict:
@@ -95,11 +159,15 @@ def reached_target(cfg: TrainConfig, record: dict, log_: MetricsLog, elapsed_s: 
 
 
 def summary_record(log_: MetricsLog, wall_s: float, final_train: dict, final_test: dict) -> dict:
+    """The run's summary. `final_train` and `final_test` are the final evaluations
+    (step.evaluation_plan says what they cover); eval_s is the time spent evaluating, the final
+    evaluations included."""
     samples = sum(r["count"] for r in log_.steps)
     step_times = sorted(r["time_s"] for r in log_.steps)
     out = {"steps": len(log_.steps), "wall_s": wall_s, "samples_per_s": samples / max(wall_s, 1e-12),
            "median_step_ms": 1e3 * step_times[len(step_times) // 2] if step_times else 0.0,
-           "train_loss": final_train["loss"], "test_loss": final_test["loss"]}
+           "train_loss": final_train["loss"], "test_loss": final_test["loss"],
+           "eval_s": log_.eval_s + final_train.get("eval_s", 0.0) + final_test.get("eval_s", 0.0)}
     if "accuracy" in final_test:
         out["train_accuracy"] = final_train["accuracy"]
         out["test_accuracy"] = final_test["accuracy"]
@@ -126,7 +194,7 @@ def step_record(server: dict, steps_per_epoch: int, classification: bool) -> dic
            "apply_s": server["apply_s"]}
     if server.get("skipped"):
         rec["skipped"] = True
-    for key in ("sent_bytes", "timeline", "versions", "counted", "dropped"):  # the last three: relaxed steps
+    for key in ("grad_norm", "sent_bytes", "timeline", "versions", "counted", "dropped"):  # the last three: relaxed
         if key in server:
             rec[key] = server[key]
     if classification:

@@ -109,23 +109,22 @@ class RunDir:
                 raise ConfigError(f"invalid out: {path} already holds a run ({', '.join(found)}): "
                                   f"--resume {path} continues it; give another --out for a new run", field="out")
 
-    def open(self, cfg: TrainConfig) -> None:
+    def open(self, cfg: TrainConfig, vocab: str | None = None) -> None:
+        """config.json (and a text dataset's `vocab`, for dptrain sample), and metrics.jsonl opened."""
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not self.append or not (self.path / "config.json").exists():
                 write_atomic(self.path / "config.json", (json.dumps(cfg.to_dict(), indent=2) + "\n").encode())
+            if vocab is not None:
+                write_atomic(self.path / "vocab.json", (json.dumps({"vocab": vocab}) + "\n").encode())
             self._metrics = open(self.path / "metrics.jsonl", "a" if self.append else "w")
         except OSError as e:
             raise ConfigError(f"invalid out: cannot write to {self.path} ({e.strerror or e})", field="out") from None
 
     def record(self, rec: dict) -> None:
-        """Append a record. A run that goes back to an earlier step (a recovery, a resume) first
-        drops the step and epoch records from that step on: they are about to be run again, so
-        every step appears once in metrics.jsonl."""
+        """Append a record to metrics.jsonl."""
         path = self.path / "metrics.jsonl"
         try:
-            if rec.get("kind") in ("recovery", "resume"):
-                self._drop_from(rec["resume_step"])
             self._metrics.write(json.dumps(rec) + "\n")
             self._metrics.flush()
         except OSError as e:
@@ -156,13 +155,21 @@ class RunDir:
             n += 1
         return n or None
 
-    def _drop_from(self, step: int) -> None:
-        self._metrics.close()
-        kept = [line for line, r in self._records()
-                if not (r.get("kind") in ("step", "epoch") and r.get("step", -1) >= step)]
+    __call__ = record  # a sink (metrics.MetricsLog)
+
+    def rewind(self, step: int) -> None:
+        """Drop the step and epoch records of steps >= `step`: a run that goes back to an earlier
+        step (a recovery, a resume) runs them again, so every step appears once in metrics.jsonl."""
         path = self.path / "metrics.jsonl"
-        write_atomic(path, "".join(line + "\n" for line in kept).encode())
-        self._metrics = open(path, "a")
+        try:
+            self._metrics.close()
+            kept = [line for line, r in self._records()
+                    if not (r.get("kind") in ("step", "epoch", "eval") and r.get("step", -1) >= step)]
+            write_atomic(path, "".join(line + "\n" for line in kept).encode())
+            self._metrics = open(path, "a")
+        except OSError as e:
+            raise RunFolderError(f"cannot write {path} ({e.strerror or e}); the checkpoints in "
+                                 f"{self.path / 'checkpoints'} are kept (--resume {self.path} continues)") from None
 
     def finish(self, result) -> None:
         """summary.json and params.npz of a finished run."""

@@ -17,7 +17,9 @@ parameters (1e-10 relative in float64):
    rank order and divided once by the total example count: `mean_gradient`. That is
    the full batch's mean gradient, whatever N is and however the batch split.
 4. **The optimizer's update**, with the schedule's learning rate for step k, on the
-   flat parameters; then step k + 1 reads them. Nothing else changes the parameters,
+   flat parameters (with --clip-grad-norm, of the mean gradient scaled as
+   torch.nn.utils.clip_grad_norm_ does, by its global L2 norm: `apply_mean_gradient`);
+   then step k + 1 reads them. Nothing else changes the parameters,
    so a step is a pure function of (parameters, optimizer state, k, data): what makes
    retries after failures exact.
 
@@ -30,7 +32,7 @@ import numpy as np
 
 from . import backend
 from .config import TrainConfig
-from .data import Dataset
+from .data import Dataset, shard_bounds
 from .models import ModelFactory, count_correct
 from .nn import flatten, random as nn_random
 from .nn.flat import aligned_zeros
@@ -107,26 +109,65 @@ class Replica:
             del out, loss  # this micro-batch's activations go before the next one's come
         return loss_sum, correct, count
 
-    def evaluate(self, split: str = "test") -> dict:
-        """Mean loss (and accuracy for classification) over a whole split, in batches, in eval mode."""
+    def evaluate(self, split: str = "test", part: int = 0, of: int = 1) -> list:
+        """Part `part` of `of` of an evaluation of a split (`evaluation_plan`): [loss sum, correct,
+        count] of each of its batches, in order, in eval mode. `combine_evaluation` of every part's
+        lists, in part order, is the one-process figure, bit for bit."""
         x, y = (self.x_test, self.y_test) if split == "test" else (self.x_train, self.y_train)
-        total, correct, n = 0.0, 0, len(x)
-        bs = self.cfg.eval_batch_size
+        plan = evaluation_plan(self.cfg, split, len(x), len(self.x_test))
+        lo, hi = shard_bounds(len(plan), of, part)
+        out = []
         self.model.eval()
         try:
             with no_grad():
-                for start in range(0, n, bs):
-                    xb, yb = x[start:start + bs], y[start:start + bs]
-                    out = self.model(Tensor(xb))
-                    total += float(self.loss(out, yb).data)
-                    if self.task == "classification":
-                        correct += count_correct(out.data, yb)
+                for start, stop in plan[lo:hi]:
+                    xb, yb = x[start:stop], y[start:stop]
+                    out_ = self.model(Tensor(xb))
+                    correct = count_correct(out_.data, yb) if self.task == "classification" else 0
+                    out.append([float(self.loss(out_, yb).data), int(correct), int(stop - start)])
         finally:
             self.model.train()
-        result = {"loss": total / max(n, 1)}
-        if self.task == "classification":
-            result["accuracy"] = correct / max(n, 1)
-        return result
+        return out
+
+    def evaluation(self, split: str = "test") -> dict:
+        """The split's loss (and accuracy) in this process: the whole evaluation's figure."""
+        return combine_evaluation(self.evaluate(split), self.task == "classification")
+
+
+EVAL_SEED_KEY = 0xE7A1
+SPLIT_KEYS = {"train": 0, "test": 1}
+
+
+def evaluation_plan(cfg: TrainConfig, split: str, n: int, n_test: int) -> list:
+    """The [start, stop) batches an evaluation of a split of `n` examples runs, in order: the
+    split cut into consecutive batches of cfg.eval_batch_size; with cfg.eval_batches K, a fixed
+    choice of K of them, drawn from (seed, split): the same batches at every evaluation (an
+    estimate, as nanoGPT's eval_iters). Without K the held-out split is evaluated whole, and the
+    training split as an estimate too: as many of its batches as the held-out split has (not a
+    second pass over the whole training set)."""
+    size = cfg.eval_batch_size
+    batches = [(a, min(a + size, n)) for a in range(0, n, size)]
+    limit = cfg.eval_batches
+    if limit is None and split == "train":
+        limit = max(1, -(-n_test // size))
+    if limit is not None and limit < len(batches):
+        rng = np.random.default_rng([cfg.seed, SPLIT_KEYS[split], EVAL_SEED_KEY])
+        batches = [batches[i] for i in np.sort(rng.choice(len(batches), size=limit, replace=False))]
+    return batches
+
+
+def combine_evaluation(parts: list, classification: bool) -> dict:
+    """{loss, accuracy, count} from [loss sum, correct, count] of every batch, in plan order: the
+    sums added in that order, divided once."""
+    total, correct, n = 0.0, 0, 0
+    for loss_sum, right, count in parts:
+        total += loss_sum
+        correct += right
+        n += count
+    result = {"loss": total / max(n, 1), "count": n}
+    if classification:
+        result["accuracy"] = correct / max(n, 1)
+    return result
 
 
 def mean_gradient(grads: list, count: int, out, start: int = 0, stop: int | None = None) -> None:
@@ -141,6 +182,56 @@ def mean_gradient(grads: list, count: int, out, start: int = 0, stop: int | None
     for g in grads[2:]:
         dst += g[start:stop]
     dst /= count
+
+
+def sum_of_squares(grad) -> float:
+    """The sum of the squares of a flat array's entries (numpy or cupy)."""
+    return float(backend.array_module(grad).dot(grad, grad))
+
+
+def clip_scale(norm: float, max_norm: float | None) -> float:
+    """What --clip-grad-norm scales the mean gradient by, as torch.nn.utils.clip_grad_norm_ does:
+    min(1, max_norm / (norm + 1e-6)); 1 without a maximum."""
+    return 1.0 if max_norm is None else min(1.0, max_norm / (norm + 1e-6))
+
+
+def apply_mean_gradient(optimizer, addends: list, count: int, lr: float, max_norm: float | None = None,
+                        done=None) -> float:
+    """Parts 3 and 4 over one flat buffer (the optimizer's): the addends' mean gradient, clipped to
+    `max_norm` if given, fed to the optimizer at rate `lr`; returns the sum of the squares of the
+    mean gradient before clipping (its global L2 norm squared). Without a maximum it is one pass:
+    each block's mean is computed inside the optimizer's pass and its squares summed there.
+    With one, the mean comes first (the norm needs all of it), then the scaled update.
+    `done(stop)`: the optimizer's notices."""
+    grad = optimizer.flat.grad
+    if max_norm is None:
+        squares = 0.0
+
+        def prepare(start, stop):
+            nonlocal squares
+            mean_gradient(addends, count, grad, start, stop)
+            squares += sum_of_squares(grad[start:stop])
+        optimizer.lr = lr
+        optimizer.update(optimizer.flat.data, grad, prepare, done)
+        return squares
+    squares = mean_and_squares(addends, count, grad)
+    scaled_update(optimizer, lr, clip_scale(squares ** 0.5, max_norm), done)
+    return squares
+
+
+def mean_and_squares(addends: list, count: int, grad) -> float:
+    """grad = the addends' mean gradient (all of it); the sum of its squares."""
+    mean_gradient(addends, count, grad)
+    return sum_of_squares(grad)
+
+
+def scaled_update(optimizer, lr: float, scale: float, done=None) -> None:
+    """The optimizer's update from the mean gradient in its flat buffer, scaled by `scale` first."""
+    grad = optimizer.flat.grad
+    if scale < 1.0:
+        grad *= scale
+    optimizer.lr = lr
+    optimizer.update(optimizer.flat.data, grad, None, done)
 
 
 def step_metrics(step: int, metrics: list, lr: float) -> dict:
