@@ -11,8 +11,14 @@ Parameters always travel exact; only the gradients workers send are compressed:
   every gradient is sent eventually. Exactly: sent + kept = gradient + old residual.
 
 A payload is a byte buffer (a uint8 array, or the first bytes of a worker's shared-memory
-gradient segment) plus a small `meta` dict that travels with the step's metrics; the
+gradient segment) plus a small `meta` dict that travels beside the step's metrics; the
 server adds each decoded payload into one dense buffer in rank order (`decode_add`).
+
+Where gradients travel, a `Codec` is always present (`codec`): `Dense` (no --compress) is
+the identity, sending the gradient itself; `Encoded` wraps one of the compressors above.
+The worker's side `encode`s, the side where gradients meet turns the payloads of a step
+into the addends of its mean gradient (`addends`, rank order): the gradients themselves,
+or their decoded sum. Nothing else in the step's path asks whether gradients are compressed.
 """
 
 from __future__ import annotations
@@ -128,6 +134,77 @@ class TopK(Compressor):
         k, item = meta["k"], self.dtype.itemsize
         raw = _bytes(payload)
         out[raw[k * item:k * (item + 4)].view(np.int32)] += raw[:k * item].view(self.dtype)
+
+
+class Codec:
+    """The payload path of gradients of `size` entries of `dtype` (see the module's docstring)."""
+
+    def __init__(self, size: int, dtype):
+        self.size, self.dtype = size, np.dtype(dtype)
+
+    writes_in_place = False  # whether the gradient itself is the payload (backward may write it where it goes)
+
+    def encode(self, grad: np.ndarray, into: np.ndarray | None = None) -> tuple[np.ndarray, dict | None]:
+        """(payload, meta) of the gradient `grad` (numpy); the payload is written into the byte
+        buffer `into` if given (a shared-memory segment), else into the codec's own."""
+        raise NotImplementedError
+
+    def addends(self, payloads: list, metas: list) -> list:
+        """What `step.mean_gradient` adds up, in rank order, for these payloads (rank order)."""
+        raise NotImplementedError
+
+    def ranges(self, bounds: list) -> list:
+        """A codec of the same kind for each range [(lo, hi)] of the gradient (sharded servers: each
+        shard's range travels, and is decoded, on its own)."""
+        return [codec(self.setting, hi - lo, self.dtype) for lo, hi in bounds]
+
+    setting = "none"
+
+
+class Dense(Codec):
+    """No compression: the payload is the gradient (a view, never a copy)."""
+
+    writes_in_place = True
+
+    @property
+    def max_bytes(self) -> int:
+        return self.size * self.dtype.itemsize
+
+    def encode(self, grad, into=None):
+        return grad, None
+
+    def addends(self, payloads, metas):
+        return list(payloads)
+
+
+class Encoded(Codec):
+    """A compressor's payloads: encoded by workers, their sum decoded where they meet."""
+
+    def __init__(self, setting: str, size: int, dtype):
+        super().__init__(size, dtype)
+        self.setting = setting
+        self.compressor = make(setting, size, dtype)
+        self.max_bytes = self.compressor.max_bytes
+        self._buffer = None  # the worker's payload buffer, made on first use
+        self._dense = None  # where the server adds decoded payloads up, made on first use
+
+    def encode(self, grad, into=None):
+        if into is None:
+            if self._buffer is None:
+                self._buffer = np.empty(self.max_bytes, np.uint8)
+            into = self._buffer
+        meta = self.compressor.encode(grad, into)
+        return into[:meta["bytes"]], meta
+
+    def addends(self, payloads, metas):
+        if self._dense is None:
+            self._dense = np.zeros(self.size, self.dtype)
+        return [decode_sum(self.compressor, payloads, metas, self._dense)]
+
+
+def codec(setting: str | None, size: int, dtype) -> Codec:
+    """The codec of a `--compress` setting for gradients of `size` entries of `dtype`."""
+    return Dense(size, dtype) if parse(setting)[0] == "none" else Encoded(str(setting), size, dtype)
 
 
 def decode_sum(decoder: Compressor, payloads: list, metas: list, out: np.ndarray) -> np.ndarray:

@@ -19,9 +19,10 @@ import ray
 from dptrain.scaling.bench import write_results
 from dptrain.config import TrainConfig
 from dptrain.data import Dataset
+from dptrain.distributed.messages import Request
 from dptrain.distributed.worker import Worker
 from dptrain.distributed.trainer import prepare_dataset
-from dptrain.loop import prepare
+from dptrain.blocks import prepare
 
 
 def synthetic(mb: float, features: int = 64, seed: int = 0) -> Dataset:
@@ -40,7 +41,7 @@ def measure(dataset: Dataset, workers: int) -> list:
     actors = [ray.remote(Worker).options(num_cpus=0).remote(cfg.to_dict(), factory, loss, ref, r, workers)
               for r in range(workers)]
     params = factory().flat().data
-    ray.get([a.compute_gradients.remote(params, 0) for a in actors])
+    ray.get([a.compute.remote(Request(0), params) for a in actors])
     mem = ray.get([a.memory.remote() for a in actors])
     for a in actors:
         ray.kill(a)

@@ -1,12 +1,18 @@
 """Data-parallel training on Ray: the Trainer (driver), the Worker and ParameterServer actors, their transports.
 
     trainer.py    Trainer: runs the step loop from the driver, logs, recovers
-    fleet.py      the run's actors on the driver's side: start, connect, call, stop
-    recovery.py   replace a lost worker, shrink, replace the server
-    server.py     ParameterServer: the update, the step loop, checkpoints
-    worker.py     Worker: a replica computing its shard's gradient
-    transport/    how steps travel between server and workers (object store; shared memory)
-    errors.py     the failure vocabulary (WorkerLost, ServerLost, ...)
+    fleet.py      the run's actors on the driver's side: start, connect, call, recover, stop
+    recovery.py   the recovery policy: what to replace after a loss (a value; no Ray)
+    server.py     ParameterServer: drives the step loop, checkpoints, heartbeat
+    update.py     the update seam: LocalUpdate (the server applies it)
+    shards.py     ShardedUpdate and ServerShard (--servers K)
+    loops.py      the step-loop seam: Synchronous
+    relaxed.py    Relaxed (--staleness, --backup-workers)
+    worker.py     Worker: a replica computing its shard's gradient (one entry point, compute)
+    messages.py   Request, Gradient, SegmentSpec, ServerView: what crosses the seams
+    transport/    how steps travel between server and workers (object store, shared memory,
+                  compiled graph; control.py the shared-memory workers' control channel)
+    errors.py     the failure vocabulary (WorkerLost, ServerLost, ...), and Ray's errors translated
     faults.py     fault injection for tests and the soak script
     cluster.py    finding, joining or starting a Ray cluster
 """

@@ -69,8 +69,9 @@ class FaultyWorker(Worker):
         time.sleep(self.connect_delay)
         return super().serve(address, secret)
 
-    def compute(self, step: int, shard: int | None = None, of: int | None = None) -> dict:
+    def _gradient(self, request):
         # at the first step computed at or after the fault's (a relaxed run's worker may skip steps)
+        step = request.step
         due = [s for s in self.faults if s <= step]
         fault = self.faults.pop(min(due)) if due else None
         kind = fault and fault["kind"]
@@ -80,7 +81,7 @@ class FaultyWorker(Worker):
             os._exit(1)
         if kind == "hang":
             time.sleep(fault.get("seconds", 3600))
-        metrics = super().compute(step, shard, of)
+        metrics = super()._gradient(request)
         if kind == "nan":
             self.replica.flat.grad[0] = float("nan")
             metrics["finite"] = False
@@ -101,6 +102,6 @@ class FaultyShard(ServerShard):
         super().__init__(*args)
         self.faults = for_server(faults, "shard", self.index)
 
-    def update(self, step: int, count: int, lr: float, metas, *grads) -> tuple:
+    def starting(self, step: int) -> None:
         _server_fault(self.faults.pop(step, None))
-        return super().update(step, count, lr, metas, *grads)
+        super().starting(step)

@@ -7,6 +7,7 @@ they answer, checks that every worker built the server's model, and hands the
 server its workers and where they run (`connect`): the server's transports do the
 rest. The driver's calls to the server go through `server_call`, which turns Ray's
 errors into the failure vocabulary (errors.py) with deadlines: no call waits forever.
+`recover` carries out what recovery.py decided after a loss.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from ..config import ConfigError, TrainConfig
 from ..models import first_difference
 from . import transport
 from .cluster import head_node_id, live_node_ids
-from .errors import NonFiniteError, ServerLost, ShardLost, TrainingError, WorkerError, WorkerLost
+from . import recovery
+from .errors import (NonFiniteError, ServerLost, ShardLost, TrainingError, WorkerError, WorkerLost, is_timeout,
+                     lost_cause, unwrap)
 from .server import ParameterServer, Watch
 from .shards import ServerShard
 from .worker import Worker
@@ -33,14 +36,6 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120.0  # actors (and placement groups) that cannot start within this are an error
 WAIT_NOTICE_S = 5.0  # after this long waiting for them, say so
 HEARTBEAT_SLACK_S = 10.0  # a server is lost after step_timeout + this without progress or an answer
-
-
-def unwrap(error: BaseException) -> BaseException:
-    """The original exception inside Ray's wrappers (a task error inside a dependency's error)."""
-    seen = 0
-    while isinstance(error, ray.exceptions.RayTaskError) and getattr(error, "cause", None) is not None and seen < 10:
-        error, seen = error.cause, seen + 1
-    return error
 
 
 class Fleet:
@@ -157,7 +152,9 @@ class Fleet:
                 log.warning("waiting for the cluster to reserve %d x %s across its nodes; giving up after %.0f s",
                             cfg.replicas, bundle, READY_TIMEOUT_S)
             ray.get(pg.ready(), timeout=READY_TIMEOUT_S - WAIT_NOTICE_S)
-        except ray.exceptions.GetTimeoutError:
+        except Exception as e:
+            if not is_timeout(e):
+                raise
             remove_placement_group(pg)
             raise TrainingError(f"could not reserve {cfg.replicas} x {bundle} across the cluster's nodes "
                                 f"within {READY_TIMEOUT_S:.0f} s (its resources are taken?)") from None
@@ -180,7 +177,7 @@ class Fleet:
         try:
             self.placement = ray.get(refs)
             self.shard_nodes = ray.get(shards)
-        except ray.exceptions.RayError as e:
+        except Exception as e:  # (Ray's errors: a worker's constructor failed)
             raise TrainingError(f"a worker failed to start: {unwrap(e)}") from None
         server = ray.get(self.ps.get_layout.remote())
         for rank, theirs in enumerate(ray.get([w.layout.remote() for w in self.workers])):
@@ -207,12 +204,13 @@ class Fleet:
             actor = spawn()
             try:
                 return actor, ray.get(probe(actor), timeout=max(deadline - time.monotonic(), 1.0))
-            except ray.exceptions.GetTimeoutError:
+            except Exception as e:
                 ray.kill(actor)
-                raise TrainingError(f"no replacement for {what} could start within {READY_TIMEOUT_S:.0f} s"
-                                    + (f" ({hint})" if hint else "")) from None
-            except ray.exceptions.RayActorError as e:
-                ray.kill(actor)
+                if is_timeout(e):
+                    raise TrainingError(f"no replacement for {what} could start within {READY_TIMEOUT_S:.0f} s"
+                                        + (f" ({hint})" if hint else "")) from None
+                if lost_cause(e) is None:
+                    raise
                 reason = str(e).split("The actor died because", 1)[-1].splitlines()[0].strip(" .")
                 if time.monotonic() + 1.0 > deadline:
                     raise TrainingError(f"no replacement for {what} could start within {READY_TIMEOUT_S:.0f} s "
@@ -239,8 +237,10 @@ class Fleet:
         while not ray.wait([ref], timeout=min(5.0, limit / 3))[0]:
             try:
                 beat = ray.get(self._watch().read.remote(), timeout=limit)
-            except ray.exceptions.GetTimeoutError:  # the Watch itself is slow to start: ask again
-                continue
+            except Exception as e:
+                if is_timeout(e):  # the Watch itself is slow to start: ask again
+                    continue
+                raise
             if beat["age_s"] > limit or beat["idle_s"] > limit:
                 if ray.wait([ref], timeout=0)[0]:
                     break  # it answered after all
@@ -250,17 +250,15 @@ class Fleet:
                 raise ServerLost(step, f"{why} (hung?)")
         try:
             return ray.get(ref)
-        except ray.exceptions.RayTaskError as e:
+        except Exception as e:
             cause = unwrap(e)
             if isinstance(cause, (WorkerLost, ShardLost)):
                 raise cause from None
-            if isinstance(cause, ray.exceptions.RayActorError):
-                raise ServerLost(step, str(cause).splitlines()[0]) from None
+            if lost_cause(cause) is not None:  # the server's process died
+                raise ServerLost(step, str(cause).splitlines()[0] if cause is not e else type(e).__name__) from None
             if isinstance(cause, (WorkerError, NonFiniteError)):
                 raise TrainingError(str(cause)) from None
             raise TrainingError(f"step {step}: {type(cause).__name__}: {cause}") from None
-        except ray.exceptions.RayActorError as e:
-            raise ServerLost(step, type(e).__name__) from None
 
     def restore(self, required: bool, max_step: int | None = None) -> int:
         """Load the newest intact checkpoint (of at most `max_step` steps) into the server; returns
@@ -276,6 +274,58 @@ class Fleet:
             return 0
         log.info("restored the checkpoint of step %d", step)
         return step
+
+    # ------------------------------------------------------------------ recovering
+
+    def recover(self, decision: recovery.Recovery, recorded: int) -> None:
+        """Carry out recovery.decide's `decision`, then hand the server its shards and workers.
+        `recorded`: the steps logged so far (a restored server restores a checkpoint of at most
+        that many, so the steps after it are run again and logged)."""
+        if decision.action == recovery.SHRINK:
+            self._shrink(decision.index)
+        elif decision.action == recovery.REPLACE_SHARD:
+            self._replace_shard(decision.index, recorded)
+        elif decision.action == recovery.REPLACE_SERVER:
+            self._replace_server(recorded)
+            if decision.new_workers:
+                for rank in range(len(self.workers)):
+                    self._replace_worker(rank)
+        else:
+            self._replace_worker(decision.index)
+        self.connect()
+
+    def _replace_worker(self, rank: int) -> None:
+        """A new worker `rank`, started and answering, in the lost one's place."""
+        ray.kill(self.workers[rank])
+        self.workers[rank], self.placement[rank] = self.start_actor(
+            f"worker {rank}", lambda: self.spawn_worker(rank, len(self.workers)), lambda actor: actor.ready.remote(),
+            "no free resources left? --on-worker-loss shrink goes on without it")
+
+    def _shrink(self, rank: int) -> None:
+        """Go on without worker `rank`: the others take its share of every global batch."""
+        ray.kill(self.workers.pop(rank))
+        self.placement.pop(rank)
+        for new_rank, where in enumerate(self.placement):  # the server tells the workers (connect)
+            where["rank"] = new_rank
+
+    def _replace_shard(self, index: int, recorded: int) -> None:
+        """A new server shard `index`; the server (alive) restores the newest checkpoint of at most
+        `recorded` steps (or the initial state) and, in connect, gives every shard its range of
+        it: the shards' ranges are one step's again, and the steps after it run again."""
+        ray.kill(self.shards[index])
+        self.shards[index], self.shard_nodes[index] = self.start_actor(
+            f"server shard {index}", lambda: self.spawn_shard(index), lambda actor: actor.ready.remote())
+        log.info("a new server shard %d runs on node %s", index, self.shard_nodes[index][:8])
+        self.restore(required=False, max_step=recorded)
+
+    def _replace_server(self, recorded: int) -> None:
+        """A new server from the newest checkpoint of at most `recorded` steps (or the initial
+        parameters): the steps after it run again, so their metrics reach the log even if the
+        old server died before sending them."""
+        ray.kill(self.ps)
+        self.ps, node = self.start_actor("the parameter server", self.spawn_server, lambda actor: actor.ready.remote())
+        log.info("a new parameter server runs on node %s", node[:8])
+        self.restore(required=False, max_step=recorded)
 
     # ------------------------------------------------------------------ stopping
 

@@ -39,6 +39,7 @@ see the parameters of exactly their step: the loop lets the tasks in flight fini
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -46,17 +47,23 @@ import time
 
 import numpy as np
 
+from .loops import StepLoop
+from .messages import ServerView
+
 
 DECISIONS = "decisions.jsonl"
 
 
-class Relaxed:
-    """The relaxed step loop of the ParameterServer `server` (its config says which mode)."""
+class Relaxed(StepLoop):
+    """The relaxed step loop (loops.py's seam) over the server `view`: bounded staleness `tau`
+    (0 with backup workers), or `backups` backup workers."""
 
-    def __init__(self, server):
-        self.server = server
-        self.tau = server.cfg.staleness  # 0 with backup workers
-        self.backups = server.cfg.backup_workers
+    notify = False  # a task reads a consistent snapshot of the parameters: no notices during an update
+
+    def __init__(self, view: ServerView, tau: float, backups: int):
+        self.view = view
+        self.tau = tau
+        self.backups = backups
         self.plan: dict = {}  # step -> the ranks a backup-worker step counted (replayed as they were)
         self._pool: list = []  # spare gradient buffers (bounded staleness over reused buffers)
         self.reset()
@@ -65,7 +72,7 @@ class Relaxed:
         """Forget what is in flight: the tasks of every step not yet applied are handed out again."""
         self.in_flight: dict = {}  # rank -> (task, transport, deadline)
         self.arrived: dict = {}  # step -> {shard: (rank, gradient, metrics)}; backup workers: in arrival order
-        self.next_task = (self.server.step, 0)  # bounded staleness: the next (step, shard) to hand out
+        self.next_task = (self.view.version(), 0)  # bounded staleness: the next (step, shard) to hand out
         self.given: dict = {}  # backup workers: rank -> the last step handed to it
         self._started, self._t0 = None, 0.0  # the step begun, and when
 
@@ -73,69 +80,69 @@ class Relaxed:
 
     def run(self, first: int, count: int, out: list) -> None:
         """Apply updates first .. first+count-1 (the server's run_steps)."""
-        server = self.server
-        while server.step < first + count:
-            step = server.step
+        view = self.view
+        while view.version() < first + count:
+            step = view.version()
             if self._started != step:
-                server.starting(step)
+                view.begin(step)
                 self._started, self._t0 = step, time.perf_counter()
             self._hand_out()
             ready = self._ready(step)
             if ready is None:
                 self._wait()
                 continue
-            grads, metrics, extra = ready
-            server.conclude(step, grads, metrics, self._t0, out, extra, notify=False)
+            gradients, extra = ready
+            view.conclude(step, gradients, self._t0, out, extra)
             self._applied(step, extra)
 
     def _hand_out(self) -> None:
-        server, n = self.server, len(self.server.carrier)
+        version, n = self.view.version(), len(self.view.carriers())
         free = [rank for rank in range(n) if rank not in self.in_flight]
         if self.backups:
             for rank in free:
-                if self.given.get(rank) != server.step:
-                    self._assign(rank, {"step": server.step, "shard": rank, "of": n})
-                    self.given[rank] = server.step
+                if self.given.get(rank) != version:
+                    self._assign(rank, {"step": version, "shard": rank, "of": n})
+                    self.given[rank] = version
             return
         for rank in free:
             step, shard = self.next_task
-            if step >= server.total_steps or step > server.step + self.tau:
+            if step >= self.view.total_steps or step > version + self.tau:
                 return
             self._assign(rank, {"step": step, "shard": shard, "of": n})
             self.next_task = (step, shard + 1) if shard + 1 < n else (step + 1, 0)
 
     def _assign(self, rank: int, task: dict) -> None:
-        carrier = self.server.carrier[rank]
+        carrier = self.view.carriers()[rank]
         carrier.assign(rank, task)
-        self.in_flight[rank] = (task, carrier, time.monotonic() + self.server.cfg.step_timeout)
+        self.in_flight[rank] = (task, carrier, time.monotonic() + self.view.step_timeout)
 
     def _wait(self) -> None:
         """Take the next finished task(s); WorkerLost for a worker that died or missed its deadline."""
         if not self.in_flight:
-            raise RuntimeError(f"relaxed step {self.server.step}: nothing in flight and the step incomplete")
+            raise RuntimeError(f"relaxed step {self.view.version()}: nothing in flight and the step incomplete")
         carriers = list({id(c): c for _, c, _ in self.in_flight.values()}.values())
         first_deadline = min(d for _, _, d in self.in_flight.values())
         timeout = min(max(first_deadline - time.monotonic(), 0.0), 1.0)
         if len(carriers) > 1:  # several transports: short turns at each
             timeout = min(timeout, 0.002)
         arrivals = [a for c in carriers for a in c.poll(timeout)]
-        for rank, grad, metrics in arrivals:
-            self._accept(rank, grad, metrics)
+        for rank, gradient in arrivals:
+            self._accept(rank, gradient)
         now = time.monotonic()
         late = sorted(r for r, (_, _, d) in self.in_flight.items() if d <= now)
         if late:  # hung (a backup worker's lateness is no excuse past the step timeout)
             task, carrier, _ = self.in_flight[late[0]]
             raise carrier.hung(late[:1], task["step"])
 
-    def _accept(self, rank: int, grad, metrics: dict) -> None:
+    def _accept(self, rank: int, gradient) -> None:
         task, carrier, _ = self.in_flight.pop(rank)
-        self.server._progressed()
+        self.view.progressed()
         step = task["step"]
-        if step < self.server.step:  # a backup worker's late gradient: its step is applied already
+        if step < self.view.version():  # a backup worker's late gradient: its step is applied already
             return
         if carrier.reuses_buffers and not self.backups:  # the worker's next task overwrites it
-            grad = self._keep(grad)
-        self.arrived.setdefault(step, {})[task["shard"]] = (rank, grad, metrics)
+            gradient = dataclasses.replace(gradient, parts=[self._keep(p) for p in gradient.parts])
+        self.arrived.setdefault(step, {})[task["shard"]] = (rank, gradient)
 
     def _keep(self, grad) -> np.ndarray:
         buf = self._pool.pop() if self._pool else np.empty_like(grad)
@@ -143,15 +150,15 @@ class Relaxed:
         return buf
 
     def _ready(self, step: int):
-        """(gradients, metrics, extra record fields) of `step` once it can be applied, else None."""
+        """(gradients, extra record fields) of `step` once it can be applied, else None."""
         got = self.arrived.get(step, {})
-        n = len(self.server.carrier)
+        n = len(self.view.carriers())
         if not self.backups:
             if len(got) < n:
                 return None
             shards = [got[j] for j in range(n)]
-            versions = [[rank, j, m["version"]] for j, (rank, _, m) in enumerate(shards)]
-            return [g for _, g, _ in shards], [m for _, _, m in shards], {"versions": versions}
+            versions = [[rank, j, g.metrics["version"]] for j, (rank, g) in enumerate(shards)]
+            return [g for _, g in shards], {"versions": versions}
         planned = self.plan.get(step)
         if planned is not None and planned["of"] == n:  # a replay: the ranks the run counted then
             if not all(r in got for r in planned["counted"]):
@@ -161,20 +168,20 @@ class Relaxed:
             if len(got) < max(n - self.backups, 1):
                 return None
             counted = sorted(list(got)[:max(n - self.backups, 1)])  # the first to arrive
-        shards = [got[r] for r in counted]
         dropped = [r for r in range(n) if r not in counted]
-        return [g for _, g, _ in shards], [m for _, _, m in shards], {"counted": counted, "dropped": dropped}
+        return [got[r][1] for r in counted], {"counted": counted, "dropped": dropped}
 
     def _applied(self, step: int, extra: dict) -> None:
         got = self.arrived.pop(step, {})
         if self.backups:
             if step not in self.plan:  # write the decision down (a resume replays it)
-                self.plan[step] = {"step": step, "counted": extra["counted"], "of": len(self.server.carrier)}
+                self.plan[step] = {"step": step, "counted": extra["counted"], "of": len(self.view.carriers())}
                 self._write_decision(self.plan[step])
             return
-        for _, grad, _ in got.values():  # the copies _keep made go back to the pool
-            if grad.flags.writeable and grad.flags.owndata:
-                self._pool.append(grad)
+        for _, gradient in got.values():  # the copies _keep made go back to the pool
+            for part in gradient.parts:
+                if isinstance(part, np.ndarray) and part.flags.writeable and part.flags.owndata:
+                    self._pool.append(part)
 
     # ------------------------------------------------------------------ the server's other calls
 
@@ -187,11 +194,11 @@ class Relaxed:
     def checkpoint(self) -> dict:
         """What a checkpoint records of the loop: the mode, and what was in flight or arrived but
         not applied (a resume computes those tasks again)."""
-        version = self.server.step  # (a backup worker's late task of an applied step is not needed)
+        version = self.view.version()  # (a backup worker's late task of an applied step is not needed)
         pending = [[t["step"], t["shard"], rank] for rank, (t, _, _) in sorted(self.in_flight.items())
                    if t["step"] >= version]
         pending += [[step, shard, rank] for step, got in sorted(self.arrived.items()) if step >= version
-                    for shard, (rank, _, _) in sorted(got.items())]
+                    for shard, (rank, _) in sorted(got.items())]
         return {"staleness": None if math.isinf(self.tau) else self.tau, "backup_workers": self.backups,
                 "version": version, "not_applied": pending}
 
@@ -204,7 +211,7 @@ class Relaxed:
             self.plan = read_decisions(path)
 
     def _write_decision(self, decision: dict) -> None:
-        folder = self.server.checkpoints
+        folder = self.view.checkpoints
         if folder is None:
             return
         os.makedirs(folder, exist_ok=True)

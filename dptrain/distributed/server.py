@@ -1,15 +1,23 @@
-"""The parameter-server actor: the flat parameters, the optimizer, the step loop, checkpoints.
+"""The parameter-server actor: the step loop's driving, checkpoints and the heartbeat.
 
-A plain class (Ray makes it remote where it is spawned). It runs the contract's
-parts 3 and 4 (step.py): the workers' gradients of loss sums added in rank order,
-divided once by the batch's example count, fed to the optimizer block by block in
-the same pass. It drives chunks of steps itself (`run_steps`), so a step costs one
-fan-out and fan-in, not a round trip through the driver; the workers are reached
-only through transports (transport/), which it sets up itself from the driver's list
-of workers and where they run (`set_workers`). With --staleness or --backup-workers the
-steps run relaxed (relaxed.py), each concluded by the same `conclude`; with --compress
-the workers' payloads are decoded and added up in rank order before the update. With
---servers K > 1 the update is the shards' (shards.py): the server passes references.
+A plain class (Ray makes it remote where it is spawned). What varies between runs is
+chosen once, at construction, and lives behind a seam of its own:
+
+- the update (update.py): where a step's gradients meet the optimizer. `LocalUpdate`
+  applies the contract's parts 3 and 4 (step.py) here, the workers' gradients of loss
+  sums added in rank order, divided once by the batch's example count, fed to the
+  optimizer block by block in the same pass; `ShardedUpdate` (shards.py, --servers K)
+  has K shard actors do it over their ranges;
+- the step loop (loops.py): `Synchronous`, or `Relaxed` (relaxed.py: --staleness,
+  --backup-workers), each step concluded by the same `conclude`;
+- the codec (compress.py): dense, or --compress's payloads, turned into the update's
+  addends by the update itself;
+- the transports (transport/): how each worker is reached, set up from the driver's list
+  of workers and where they run (`set_workers`).
+
+The collaborators get a `ServerView` (messages.py), not this object. The server drives
+chunks of steps itself (`run_steps`), so a step costs one fan-out and fan-in, not a
+round trip through the driver.
 """
 
 from __future__ import annotations
@@ -19,29 +27,26 @@ import os
 import threading
 import time
 
-import numpy as np
 import ray
 
 from .. import compress
+from ..blocks import build_optimizer, build_schedule
 from ..config import TrainConfig
-from ..loop import build_optimizer, build_schedule
 from ..models import ModelFactory, layout
-from ..nn import flatten
-from ..step import mean_gradient, step_metrics
-from . import transport
+from ..step import combine_evaluation, step_metrics
+from . import loops, transport, update
 from .errors import NonFiniteError
-from .relaxed import Relaxed
-from .shards import Shards
+from .messages import Gradient, ServerView
 from .worker import node_id
 
 log = logging.getLogger(__name__)
 
 
 class ParameterServer:
-    """Owns the flat parameters and the optimizer; averages gradients exactly.
+    """Owns the run's step and drives its update, its step loop and its transports.
 
     `run_steps(first, n)` runs n steps over the workers given to `set_workers`;
-    `update(step, grads, metrics)` is one step's arithmetic; `save_checkpoint` /
+    `apply(step, gradients)` is one step's arithmetic; `save_checkpoint` /
     `restore_checkpoint` write and read its full state. Given `watch_name`, a thread of
     its own sends the step loop's progress to the driver's `Watch` every second: how the
     driver tells a hung server from a slow step.
@@ -57,18 +62,22 @@ class ParameterServer:
         self.cfg = cfg.replace(device="cpu", gpus_per_worker=0.0)
         self.model = factory.on("cpu")()  # its parameters are the run's initial ones
         self.layout = layout(self.model)
-        self.optimizer = build_optimizer(self.cfg, self.model.parameters())
+        optimizer = build_optimizer(self.cfg, self.model.parameters())
         self.schedule = build_schedule(self.cfg, total_steps)
-        self.flat = self.optimizer.flat
-        self.decoder = compress.make(self.cfg.compress, self.flat.size, self.flat.data.dtype)  # --compress
-        self._dense = None  # where compressed gradients are added up
+        flat = optimizer.flat
+        self.dtype = flat.data.dtype
+        codec = compress.codec(self.cfg.compress, flat.size, self.dtype)
+        self.update = update.make(self.cfg, self.model, optimizer, codec)  # the seams, chosen once
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.run_key = run_key  # names this run's shared-memory segments
         self.step = 0
-        self.transports = transport.transports(self)
-        self.relaxed = Relaxed(self) if self.cfg.relaxed else None  # bounded staleness or backup workers
-        self.shards = Shards(self) if self.cfg.servers > 1 else None  # --servers K: they update, we coordinate
-        self._initial = (self.flat.data.copy(), self.optimizer.state_dict()) if self.shards else None
+        view = ServerView(run_key=run_key, step_timeout=self.cfg.step_timeout, total_steps=total_steps,
+                          size=flat.size, dtype=self.dtype, checkpoints=self.checkpoints, version=self.current_step,
+                          parameters=self.update.parameters, outgoing=self.update.outgoing, place=self.update.place,
+                          carriers=lambda: self.carrier, progressed=self._progressed, begin=self.starting,
+                          gather=self._gather, conclude=self.conclude)
+        self.loop = loops.make(self.cfg, view)
+        self.transports = transport.transports(view)
         self.carrier: list = []  # rank -> the transport carrying that worker
         self._active: list = []  # the transports carrying any
         self._ranks: dict = {}  # actor -> (rank, workers) it was last given
@@ -90,12 +99,9 @@ class ParameterServer:
         transport sets up the workers it newly carries and releases the ones it no longer does:
         the same call at the start, after a worker was replaced or the others took a lost one's
         share, and for a new server. Returns transport name -> ranks."""
-        # sharded: every worker reaches the shards through the object store (they may be on any node)
-        plan = transport.assign(self.cfg.transport if self.shards is None else transport.OBJECT_STORE, placement,
-                                node_id())
+        plan = transport.assign(self.update.transport_setting(self.cfg.transport), placement, node_id())
         self._pause()  # served workers must take the setup calls
-        if self.relaxed is not None:
-            self.relaxed.reset()  # what was in flight is computed again (with the new workers)
+        self.loop.reset()  # what was in flight is computed again (with the new workers)
         n = len(workers)
         renumbered = {rank: w for rank, w in enumerate(workers) if self._ranks.get(w) != (rank, n)}
         if renumbered:  # each worker's shard of the batch: by its rank among n (after a shrink, new ones)
@@ -111,17 +117,12 @@ class ParameterServer:
     def set_shards(self, shards: list) -> None:
         """Use these server shard actors (--servers K; index order) from now on; new ones get
         their ranges of the newest restored state."""
-        self.shards.attach(shards)
+        self.update.attach(shards)
 
     def _pause(self) -> None:
         """Let every worker take other Ray calls (ours, during a change of setup)."""
         for t in self.transports.values():
             t.pause()
-
-    def place_parameters(self, storage: np.ndarray) -> None:
-        """Move the flat parameters into `storage` (a shared-memory segment, say)."""
-        self.flat = flatten(self.model.parameters(), data=storage, grad=self.flat.grad)
-        self.optimizer.flat = self.flat
 
     def close(self) -> None:
         for t in self.transports.values():
@@ -159,8 +160,9 @@ class ParameterServer:
         self._progress_at = time.monotonic()
 
     def run_steps(self, first: int, count: int) -> list:
-        """Run steps first .. first+count-1; their metrics. An epoch's last step also carries
-        the held-out evaluation (run here, so it sees exactly that step's parameters).
+        """Run steps first .. first+count-1; their metrics. An epoch's last step (and with
+        --eval-every, every such step) also carries the held-out evaluation (run here, so it sees
+        exactly that step's parameters).
 
         A worker that dies, or does not answer within cfg.step_timeout, raises WorkerLost with
         the server's state that of before the step: the step can be run again. (Lost during an
@@ -174,11 +176,7 @@ class ParameterServer:
         self._busy = True
         self._progressed()
         try:
-            if self.relaxed is not None:
-                self.relaxed.run(first, count, out)
-            else:
-                for step in range(first, first + count):
-                    self.run_step(step, out)
+            self.loop.run(first, count, out)
         except BaseException:
             self._unreported.extend(out)
             raise
@@ -189,19 +187,10 @@ class ParameterServer:
     def starting(self, step: int) -> None:
         """Called as each step begins (faults.py injects server faults here)."""
 
-    def run_step(self, step: int, out: list) -> None:
-        """One synchronous step: fan out, fan in, then `conclude` it."""
-        self.starting(step)
-        t0 = time.perf_counter()
-        grads, metrics = self._gather(step)
-        self._progressed()
-        self.conclude(step, grads, metrics, t0, out)
-
-    def conclude(self, step: int, grads: list, metrics: list, t0: float, out: list, extra: dict | None = None,
-                 notify: bool = True) -> None:
+    def conclude(self, step: int, gradients: list, t0: float, out: list, extra: dict | None = None) -> None:
         """Update from a step's gradients (or skip a non-finite one), record it (with `extra`),
-        maybe evaluate and save. `notify`: let served workers copy finished parameters during
-        the update (the synchronous step; a relaxed one's tasks read a consistent snapshot)."""
+        maybe evaluate and save."""
+        metrics = [g.metrics for g in gradients]
         bad = [m["rank"] for m in metrics if not m.get("finite", True)]
         if bad and self.cfg.on_nonfinite == "stop":
             raise NonFiniteError(f"step {step}: NaN or Inf in the loss or gradient of worker(s) {bad}; "
@@ -211,7 +200,7 @@ class ParameterServer:
             record = dict(step_metrics(step, metrics, self.schedule(step)), apply_s=0.0, skipped=True)
             self.step += 1
         else:
-            record = self.update(step, grads, metrics, notify)
+            record = self.apply(step, gradients)
         record["step_s"] = time.perf_counter() - t0
         # who waited for whom: each worker's computation and the server's update, wall clock
         record["timeline"] = {"compute": [[m["rank"], round(m["start"], 6), round(m["end"], 6)] for m in metrics],
@@ -219,15 +208,22 @@ class ParameterServer:
         record.update(extra or {})
         out.append(record)  # the step is done: its record goes out whatever follows
         self._progressed()
-        if (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.total_steps:
+        if self._evaluates_after(step):
             record["evaluation"] = self.evaluate("test")
             self._progressed()
         if self.checkpoints and self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
             self.save_checkpoint()
 
-    def _gather(self, step: int) -> tuple[list, list]:
-        """Every worker's gradient and metrics of `step`, in rank order; WorkerLost naming the first
-        that failed. Every transport sends before any receives: all workers compute at once."""
+    def _evaluates_after(self, step: int) -> bool:
+        """Whether `step` ends with an evaluation of the held-out split: an epoch's end, the last
+        step, or every --eval-every steps."""
+        every = self.cfg.eval_every
+        return ((step + 1) % self.steps_per_epoch == 0 or step + 1 == self.total_steps
+                or bool(every and (step + 1) % every == 0))
+
+    def _gather(self, step: int) -> list:
+        """Every worker's Gradient of `step`, in rank order; WorkerLost naming the first that
+        failed. Every transport sends before any receives: all workers compute at once."""
         active = self._active
         for t in active:
             t.send(step)
@@ -236,46 +232,20 @@ class ParameterServer:
         results: dict = {}
         for t in active:
             results.update(t.receive(step, deadline))
-        ranks = range(len(self.carrier))
-        return [results[r][0] for r in ranks], [results[r][1] for r in ranks]
+        return [results[r] for r in range(len(self.carrier))]
 
-    def update(self, step: int, grads: list, metrics: list, notify: bool = True) -> dict:
-        """Step `step`'s update from the workers' gradients of loss sums and metrics (rank order):
-        their mean gradient, computed block by block inside the optimizer's pass; the step's metrics.
-        The transports see it begin and end (`updating`), so a worker never reads a torn version."""
+    def apply(self, step: int, gradients: list[Gradient]) -> dict:
+        """Step `step`'s update from the workers' gradients of loss sums (rank order): their mean
+        gradient, by the update seam; the step's metrics."""
         t0 = time.perf_counter()
         if step != self.step:
             raise RuntimeError(f"parameter server at step {self.step} was sent gradients for step {step}")
-        count = max(sum(m["count"] for m in metrics), 1)
-        if self.shards is not None:  # each shard updates its range (grads: every worker's K slices)
-            lr = self.schedule(step)
-            self.shards.update(step, grads, count, lr,
-                               [m["payload"] for m in metrics] if self.decoder is not None else None)
-            self.step += 1
-            return dict(step_metrics(step, metrics, lr), apply_s=time.perf_counter() - t0)
-        grad = self.flat.grad
-        if self.decoder is not None:  # compressed: their sum, in rank order, first
-            grads = [self._decompressed(grads, metrics)]
-        self.optimizer.lr = self.schedule(step)
-        watching = [t for t in self._active if t.progress] if notify else []
-
-        def final(stop):  # served workers copy the finished part while the rest is updated
-            for t in watching:
-                t.params_final(stop)
-        for t in self._active:
-            t.updating(True, self.step)
-        self.optimizer.update(self.flat.data, grad, lambda start, stop: mean_gradient(grads, count, grad, start, stop),
-                              final if watching else None)
+        metrics = [g.metrics for g in gradients]
+        lr = self.schedule(step)
+        norm = self.update.apply(step, gradients, max(sum(m["count"] for m in metrics), 1), lr, self._active,
+                                 self.loop.notify)
         self.step += 1
-        for t in self._active:
-            t.updating(False, self.step)
-        return dict(step_metrics(step, metrics, self.optimizer.lr), apply_s=time.perf_counter() - t0)
-
-    def _decompressed(self, payloads: list, metrics: list) -> np.ndarray:
-        """The sum of the workers' compressed gradients (rank order), dense."""
-        if self._dense is None:
-            self._dense = np.zeros(self.flat.size, self.flat.data.dtype)
-        return compress.decode_sum(self.decoder, payloads, [m["payload"] for m in metrics], self._dense)
+        return dict(step_metrics(step, metrics, lr), apply_s=time.perf_counter() - t0, grad_norm=norm)
 
     def take_unreported(self) -> list:
         """Metrics of the steps a failed run_steps call completed before it failed."""
@@ -283,12 +253,23 @@ class ParameterServer:
         return out
 
     def evaluate(self, split: str = "test") -> dict:
-        """Loss (and accuracy) of the current parameters on a split, computed by worker 0."""
-        if self.relaxed is not None:
-            self.relaxed.settle()  # no task in flight: worker 0 is free and the parameters stay put
-        if self.shards is not None:
-            self.shards.gather()
-        return self.carrier[0].evaluate(0, split, time.monotonic() + self.cfg.step_timeout)
+        """Loss (and accuracy) of the current parameters on a split, as a data-parallel job: every
+        worker evaluates its contiguous part of the evaluation's batches (step.evaluation_plan)
+        and their batches' sums are added in order and divided once, so N workers give one
+        process's figure bit for bit. With the seconds it took (`eval_s`)."""
+        self.loop.settle()  # no task in flight: the workers are free and the parameters stay put
+        t0 = time.perf_counter()
+        n = len(self.carrier)
+        for t in self._active:
+            t.send_evaluation(split, n)
+        deadline = time.monotonic() + self.cfg.step_timeout
+        parts: dict = {}
+        for t in self._active:
+            parts.update(t.receive_evaluation(deadline))
+        batches = [b for rank in range(n) for b in parts[rank]["batches"]]
+        result = combine_evaluation(batches, parts[0]["classification"])
+        result["eval_s"] = time.perf_counter() - t0
+        return result
 
     # ------------------------------------------------------------------ state
 
@@ -297,12 +278,10 @@ class ParameterServer:
         if not self.checkpoints:
             return None
         from .. import checkpoint
-        if self.shards is not None:  # every shard's range of one step
-            self.shards.gather(optimizer=True)
+        params, optimizer_state = self.update.state()
         try:
-            path = checkpoint.save(self.checkpoints, self.step, self.flat.data, self.optimizer.state_dict(),
-                                   self.layout, self.config, keep=self.cfg.keep_checkpoints,
-                                   relaxed=self.relaxed.checkpoint() if self.relaxed is not None else None)
+            path = checkpoint.save(self.checkpoints, self.step, params, optimizer_state, self.layout, self.config,
+                                   keep=self.cfg.keep_checkpoints, relaxed=self.loop.checkpoint())
         except checkpoint.CheckpointWriteError as e:  # a full disk must not end a run: the older ones stay valid
             if not self._checkpoint_failing:  # one line, not one per checkpoint while the disk stays full
                 log.warning("%s; training goes on (said once until a checkpoint is written again)", e)
@@ -315,42 +294,31 @@ class ParameterServer:
 
     def restore_checkpoint(self, folder: str | None = None, max_step: int | None = None) -> int | None:
         """Load the newest intact checkpoint (of this model, of at most `max_step` steps) from
-        `folder` or our own; returns its step (None: there is none)."""
+        `folder` or our own; returns its step (None: there is none, and the initial state holds)."""
         from .. import checkpoint
         self._pause()  # served workers keep copies of the parameters they saw
         folder = folder or self.checkpoints
         self._unreported = []  # steps after the state restored run again: their records come then
-        state = checkpoint.load_latest(folder, self.layout, str(self.flat.data.dtype), max_step) if folder else None
-        if state is None:  # none kept or none yet: a new server starts from the initial parameters,
-            if self.shards is not None:  # and so do shards that lost one of theirs
-                params, optimizer_state = self._initial
-                self.flat.data[...] = params
-                self.optimizer.load_state_dict(optimizer_state)
-                self.step = 0
-                self.shards.restored()
+        state = checkpoint.load_latest(folder, self.layout, str(self.dtype), max_step) if folder else None
+        if state is None:  # none kept or none yet: the initial parameters (shards that lost one of theirs too)
+            self.update.restore(None)
+            self.step = 0
             return None
-        self.flat.data[...] = state["params"]
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.update.restore((state["params"], state["optimizer"], state["step"]))
         self.step = state["step"]
-        if self.relaxed is not None:
-            self.relaxed.restored(folder)
-        if self.shards is not None:
-            self.shards.restored()  # set_shards sends it to them
+        self.loop.restored(folder)
         return self.step
 
     def get_layout(self) -> list:
         """[name, shape, dtype] of every parameter: the model's identity in checkpoints."""
         return self.layout
 
-    def get_weights(self) -> np.ndarray:
+    def get_weights(self):
         """The current flat parameters."""
-        if self.shards is not None:
-            self.shards.gather()
-        return self.flat.data
+        return self.update.parameters()
 
     def state_dict(self) -> dict:
-        if self.shards is not None:
-            self.shards.gather()
+        self.update.parameters()  # the model's parameters are views of the update's flat buffer
         return dict(self.model.state_dict())
 
 

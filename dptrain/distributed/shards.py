@@ -4,7 +4,7 @@ With K > 1 the parameter server (server.py) keeps the step loop, the requests to
 its workers, evaluation and checkpoints, but not the update: server shard j holds
 parameters [lo_j, hi_j) and the optimizer's state over them. Per step every worker
 fetches each shard's newest slice from the object store and returns its gradient as
-K slices, one per shard (`Worker.compute_sharded`); shard j fetches the N slices of
+K slices, one per shard (a `Request` with the shards' ranges); shard j fetches the N slices of
 its range straight from the workers' nodes, adds them in rank order, divides once by
 the batch's example count and applies the optimizer to its range (step.py's parts 3
 and 4); its new slice stays in its node's object store for the workers' next fetch.
@@ -16,7 +16,8 @@ split into ranges gives exactly the one server's numbers. The shards move in
 lockstep (the server waits for all K before the next step), so the state gathered for
 a checkpoint is one step's. A lost shard leaves the ranges at possibly different
 steps: `ShardLost`, a new shard in its place, and every shard restored from the
-newest checkpoint (recovery.py).
+newest checkpoint (recovery.py). `ShardedUpdate` is the parameter server's end: its
+update seam (update.py) for this placement.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import numpy as np
 
 from .. import compress
 from ..config import TrainConfig
-from ..loop import build_optimizer
+from ..blocks import build_optimizer
 from ..nn.flat import ALIGN_BYTES
 from ..nn.module import Parameter
-from ..step import mean_gradient
-from .errors import ShardLost
+from ..step import apply_mean_gradient, clip_scale, mean_and_squares, scaled_update
+from .errors import ShardLost, get_all
+from .update import Update
 from .worker import node_id
 
 
@@ -53,10 +55,11 @@ class ServerShard:
     parameter server (`load`): at the start, after a restore, and when it replaces a lost one."""
 
     def __init__(self, config: dict, index: int):
-        self.cfg = TrainConfig.from_dict(config).replace(device="cpu", gpus_per_worker=0.0)
+        # its optimizer's per-entry options (weight decay by parameter) arrive with the state (`load`)
+        self.cfg = TrainConfig.from_dict(config).replace(device="cpu", gpus_per_worker=0.0, decay_params="all")
         self.index = index
         self.optimizer = None
-        self.decoder = self.dense = None  # --compress: the range's payloads are decoded into `dense`
+        self.codec = None  # the range's payloads become the addends of its mean gradient
         self.lo = self.hi = 0
         self.step = 0
 
@@ -64,10 +67,10 @@ class ServerShard:
         """The node this shard runs on (any answer means it has started)."""
         return node_id()
 
-    def load(self, step: int, lo: int, params: np.ndarray, state: dict) -> tuple[int, np.ndarray]:
+    def load(self, step: int, lo: int, params: np.ndarray, state: dict) -> tuple[tuple, np.ndarray]:
         """Hold parameters [lo, lo + len(params)) at `step` with the optimizer state `state`
-        (sliced alike); returns (step, them): two objects, called with num_returns=2, so that the
-        server learns the step and leaves the parameters where they are for the workers."""
+        (sliced alike); returns ((step, 0.0), them): two objects, called with num_returns=2, so that
+        the server learns the step and leaves the parameters where they are for the workers."""
         if self.optimizer is None or self.optimizer.flat.size != params.size:
             self.optimizer = build_optimizer(self.cfg, [Parameter(np.zeros(params.size, params.dtype))])
         flat = self.optimizer.flat
@@ -75,27 +78,38 @@ class ServerShard:
             raise ValueError(f"shard {self.index}: a range of {params.size} entries is not aligned")
         flat.data[...] = params
         self.optimizer.load_state_dict(state)
-        self.decoder = compress.make(self.cfg.compress, params.size, params.dtype)
-        self.dense = np.zeros_like(params) if self.decoder is not None else None
+        self.codec = compress.codec(self.cfg.compress, params.size, params.dtype)
         self.lo, self.hi, self.step = lo, lo + params.size, step
-        return self.step, flat.data
+        return (self.step, 0.0), flat.data
 
-    def update(self, step: int, count: int, lr: float, metas: list | None,
-               *grads: np.ndarray) -> tuple[int, np.ndarray]:
-        """Step `step` on this range: the workers' gradient slices (rank order; Ray fetched them
-        from the workers' nodes) added, divided by `count`, fed to the optimizer block by block
-        at rate `lr`. With --compress the slices are payloads (`metas`: theirs, rank order),
-        decoded and added first. Returns (the new step, the range's new parameters), like `load`."""
+    def starting(self, step: int) -> None:
+        """Called as each step's work on this range begins (faults.py injects shard faults here)."""
         if step != self.step:
             raise RuntimeError(f"server shard {self.index} at step {self.step} was sent gradients for step {step}")
-        if metas is not None:
-            grads = [compress.decode_sum(self.decoder, grads, metas, self.dense)]
-        flat = self.optimizer.flat
-        self.optimizer.lr = lr
-        grad = flat.grad
-        self.optimizer.update(flat.data, grad, lambda start, stop: mean_gradient(grads, count, grad, start, stop))
+
+    def update(self, step: int, count: int, lr: float, metas: list, *grads: np.ndarray) -> tuple[tuple, np.ndarray]:
+        """Step `step` on this range: the workers' payloads of it (rank order; Ray fetched them from
+        the workers' nodes; `metas`: their codec metas) become the codec's addends, which are added,
+        divided by `count` and fed to the optimizer block by block at rate `lr`. Returns ((the new
+        step, the sum of the squares of the range's mean gradient), the range's new parameters)."""
+        self.starting(step)
+        squares = apply_mean_gradient(self.optimizer, self.codec.addends(grads, metas), count, lr)
         self.step += 1
-        return self.step, flat.data
+        return (self.step, squares), self.optimizer.flat.data
+
+    def mean(self, step: int, count: int, metas: list, *grads: np.ndarray) -> float:
+        """--clip-grad-norm's first half of step `step`: the range's mean gradient, kept for `scaled`;
+        the sum of its squares (the server adds the K shards' in shard order for the global norm)."""
+        self.starting(step)
+        return mean_and_squares(self.codec.addends(grads, metas), count, self.optimizer.flat.grad)
+
+    def scaled(self, step: int, lr: float, scale: float) -> tuple[tuple, np.ndarray]:
+        """Its second half: the mean gradient scaled by `scale`, the optimizer's update; like `update`."""
+        if step != self.step:
+            raise RuntimeError(f"server shard {self.index} at step {self.step} was asked to finish step {step}")
+        scaled_update(self.optimizer, lr, scale)
+        self.step += 1
+        return (self.step, 0.0), self.optimizer.flat.data
 
     def state(self) -> dict:
         """The range's step, parameters and optimizer state (for a checkpoint)."""
@@ -106,100 +120,111 @@ class ServerShard:
         """Nothing to release (the fleet calls close on every actor before killing it)."""
 
 
-class Shards:
-    """The parameter server's end of its K shards: which range each owns, the references to
-    their newest slices, and the calls that update, gather and restore them. `host` is the
-    ParameterServer; its flat parameters and optimizer hold the run's state only where
-    `host_is_current` (at the start and after a restore): otherwise the shards do."""
+class ShardedUpdate(Update):
+    """The parameter server's end of its K shards (update.py's seam): which range each owns, the
+    references to their newest slices, and the calls that update, gather and restore them.
+    `optimizer` is the server's, over the whole flat buffer: the run's state where the server
+    holds it (the start, a restore, a gather); the shards hold the newest otherwise, and
+    `parameters` and `state` fetch it from them when the server's copy is older."""
 
-    def __init__(self, host):
-        self.host = host
-        flat = host.flat
-        self.bounds = bounds(flat.size, host.cfg.servers, flat.data.dtype.itemsize)
+    def __init__(self, optimizer, k: int, step_timeout: float, max_norm: float | None = None):
+        self.optimizer, self.flat = optimizer, optimizer.flat
+        self.step_timeout, self.max_norm = step_timeout, max_norm
+        self.ranges = tuple(bounds(self.flat.size, k, self.flat.data.dtype.itemsize))
+        self.initial = (self.flat.data.copy(), optimizer.state_dict())  # a lost shard without a checkpoint
         self.actors: list = []
         self.refs: list = []  # shard j's newest parameter slice: an object in its node's store
-        self.host_is_current = True
+        self.step = 0  # the step the shards hold
+        self._params_current = self._state_current = True  # what the server's copy holds of the newest
+        self._unsent = True  # the shards must be loaded from the server's copy (attach)
 
-    def attach(self, actors: list) -> None:
-        """Use these shard actors (index order) from now on: new ones, or the host's state
-        restored, get the host's ranges of parameters and optimizer state."""
-        if actors == self.actors and not self.host_is_current:
+    def transport_setting(self, setting):
+        return "object_store"  # every worker reaches the shards through the object store (any node)
+
+    def attach(self, actors):
+        """Use these shard actors (index order) from now on: new ones, or the server's state
+        restored, get their ranges of parameters and optimizer state."""
+        if actors == self.actors and not self._unsent:
             return  # the shards hold the newest state: nothing to send
-        if not self.host_is_current:
+        if not self._unsent:
             raise RuntimeError("server shards replaced without a restored state to give them (a restore comes first)")
-        host = self.host
-        state = host.optimizer.state_dict()
+        state = self.optimizer.state_dict()
         self.actors = list(actors)
-        self._settle([a.load.options(num_returns=2).remote(host.step, lo, host.flat.data[lo:hi],
+        self._settle([a.load.options(num_returns=2).remote(self.step, lo, self.flat.data[lo:hi],
                                                            sliced_state(state, lo, hi))
-                      for a, (lo, hi) in zip(self.actors, self.bounds)], host.step)
+                      for a, (lo, hi) in zip(self.actors, self.ranges)], self.step)
+        self._unsent = False
 
-    def restored(self) -> None:
-        """The host's parameters and optimizer state are the run's again (a checkpoint, or the
-        initial ones): `attach` sends them to the shards."""
-        self.host_is_current = True
+    def restore(self, state):
+        """The server's copy is the run's state again (a checkpoint, or None: the initial one):
+        `attach` sends it to the shards."""
+        params, optimizer_state, step = (*self.initial, 0) if state is None else state
+        self.flat.data[...] = params
+        self.optimizer.load_state_dict(optimizer_state)
+        self.step = step
+        self._params_current = self._state_current = self._unsent = True
 
-    def update(self, step: int, grads: list, count: int, lr: float, metas: list | None = None) -> None:
-        """Every shard's update of `step`; grads: each worker's K gradient slices (references, rank
-        order); metas: with --compress, each worker's K payload metas."""
-        self.host_is_current = False
-        self._settle([a.update.options(num_returns=2).remote(step, count, lr,
-                                                             None if metas is None else [m[j] for m in metas],
-                                                             *[g[j] for g in grads])
-                      for j, a in enumerate(self.actors)], step + 1)
+    def apply(self, step, gradients, count, lr, transports, notify):
+        """Every shard's update of `step` (each gradient's parts: its K slices, references). With
+        --clip-grad-norm in two calls: the shards' mean gradients and their sums of squares, then,
+        the global norm known, the scaled updates."""
+        if self._unsent:
+            raise RuntimeError("sharded update before the shards were given their state (attach)")
+        self._params_current = self._state_current = False
 
-    def _settle(self, calls: list, step: int) -> None:
-        """Wait for every shard's (step, parameters) call and keep the parameters' references:
-        only the small step comes here (on a cluster the ranges stay on the shards' nodes
-        until the workers fetch them)."""
+        def each(j):  # shard j's slices of every worker's payload, rank order, and their metas
+            return [g.meta[j] for g in gradients], *[g.parts[j] for g in gradients]
+        if self.max_norm is None:
+            squares = self._settle([a.update.options(num_returns=2).remote(step, count, lr, *each(j))
+                                    for j, a in enumerate(self.actors)], step + 1)
+        else:
+            squares = self.wait([a.mean.remote(step, count, *each(j)) for j, a in enumerate(self.actors)], step)
+            scale = clip_scale(sum(squares) ** 0.5, self.max_norm)
+            self._settle([a.scaled.options(num_returns=2).remote(step, lr, scale) for a in self.actors], step + 1)
+        self.step = step + 1
+        return sum(squares) ** 0.5
+
+    def outgoing(self):
+        return self.ranges, list(self.refs)
+
+    def parameters(self):
+        if not self._params_current:
+            for (lo, hi), values in zip(self.ranges, self.wait(self.refs, self.step)):
+                self.flat.data[lo:hi] = values
+            self._params_current = True
+        return self.flat.data
+
+    def state(self):
+        if not self._state_current:
+            step = self.step
+            states = self.wait([a.state.remote() for a in self.actors], step)
+            state = self.optimizer.state_dict()
+            for j, ((lo, hi), st) in enumerate(zip(self.ranges, states)):
+                if st["step"] != step:
+                    raise ShardLost(j, step, f"it holds step {st['step']}")
+                self.flat.data[lo:hi] = st["params"]
+                for name, a in state["state"].items():
+                    a[lo:hi] = st["optimizer"]["state"][name]
+            state["steps"], state["lr"] = states[0]["optimizer"]["steps"], states[0]["optimizer"]["lr"]
+            self.optimizer.load_state_dict(state)
+            self._params_current = self._state_current = True
+        return self.flat.data, self.optimizer.state_dict()
+
+    def _settle(self, calls: list, step: int) -> list:
+        """Wait for every shard's ((step, squares), parameters) call and keep the parameters'
+        references: only the small status comes here (on a cluster the ranges stay on the shards'
+        nodes until the workers fetch them). The shards' sums of squares, in shard order."""
         held = self.wait([s for s, _ in calls], step)
-        for j, at in enumerate(held):
+        for j, (at, _) in enumerate(held):
             if at != step:
                 raise ShardLost(j, step, f"it holds step {at}")
         self.refs = [params for _, params in calls]
-
-    def gather(self, optimizer: bool = False) -> None:
-        """Copy the shards' newest parameters (and with `optimizer` their optimizer state) into the
-        host's flat buffer: before an evaluation, a checkpoint, the final parameters."""
-        host = self.host
-        if self.host_is_current:
-            return
-        step = host.step
-        if not optimizer:
-            for (lo, hi), values in zip(self.bounds, self.wait(self.refs, step)):
-                host.flat.data[lo:hi] = values
-            return
-        states = self.wait([a.state.remote() for a in self.actors], step)
-        state = host.optimizer.state_dict()
-        for j, ((lo, hi), st) in enumerate(zip(self.bounds, states)):
-            if st["step"] != step:
-                raise ShardLost(j, step, f"it holds step {st['step']}")
-            host.flat.data[lo:hi] = st["params"]
-            for name, a in state["state"].items():
-                a[lo:hi] = st["optimizer"]["state"][name]
-        state["steps"], state["lr"] = states[0]["optimizer"]["steps"], states[0]["optimizer"]["lr"]
-        host.optimizer.load_state_dict(state)
+        return [squares for _, squares in held]
 
     def wait(self, refs: list, step: int) -> list:
         """The results of one call per shard (index order); ShardLost for the first that died, failed
         to fetch a worker's gradient (its node died) or missed step_timeout (it is killed: a hung
         shard must not come back stale)."""
-        import ray
-        timeout = self.host.cfg.step_timeout
-        _, pending = ray.wait(refs, num_returns=len(refs), timeout=timeout)
-        if pending:
-            hung = [refs.index(r) for r in pending]
-            for j in hung:
-                ray.kill(self.actors[j])
-            raise ShardLost(hung[0], step, f"no answer within {timeout:g} s (hung?)")
-        out = []
-        for j, ref in enumerate(refs):
-            try:
-                out.append(ray.get(ref))
-            except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
-                raise ShardLost(j, step, f"{type(e).__name__}") from None
-            except ray.exceptions.RayTaskError as e:
-                if isinstance(e.cause, (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError)):
-                    raise ShardLost(j, step, f"{type(e.cause).__name__}") from None
-                raise
-        return out
+        results = get_all(dict(enumerate(refs)), lambda j, cause: ShardLost(j, step, cause), self.step_timeout,
+                          dict(enumerate(self.actors)))
+        return [results[j] for j in range(len(refs))]

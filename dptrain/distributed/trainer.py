@@ -29,15 +29,15 @@ import ray
 from .. import checkpoint
 from ..config import ConfigError, TrainConfig
 from ..data import BatchSampler, Dataset
-from ..loop import load_data, prepare, total_steps
-from ..metrics import MetricsLog, TrainResult, epoch_record, reached_target, step_record, summary_record
+from ..blocks import load_data, prepare, total_steps
+from ..metrics import MetricsLog, Sinks, TrainResult, reached_target, step_record, summary_record
 from ..models import layout, user_modules
 from ..rundir import RunDir
 from ..tensor import as_dtype
 from .cluster import check_resources, connect, embedded_cpus
 from .errors import ServerLost, TrainingError, WorkerLost
+from . import recovery
 from .fleet import Fleet
-from .recovery import recover
 from .transport import shm
 
 log = logging.getLogger(__name__)
@@ -118,13 +118,6 @@ class Trainer:
             self.run.finish(result)
         return result
 
-    def _record(self, rec: dict) -> None:
-        """A metrics record to the run folder and the caller's sink."""
-        if self.run is not None:
-            self.run.record(rec)
-        if self.sink is not None:
-            self.sink(rec)
-
     # ------------------------------------------------------------------ setup
 
     @contextlib.contextmanager
@@ -170,7 +163,7 @@ class Trainer:
                      f"{sum(int(np.prod(p[1])) for p in model_layout):,}", steps,
                      min(cfg.batch_size, len(dataset)))
             if self.run is not None:
-                self.run.open(cfg)
+                self.run.open(cfg, vocab=dataset.vocab)
             if self.on_start is not None:
                 self.on_start()
             # startup, reported in the summary: Ray's own start apart from dptrain's
@@ -197,88 +190,15 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
 
     def _run(self, dataset: Dataset, steps: int) -> TrainResult:
-        cfg, fleet = self.cfg, self.fleet
-        steps_per_epoch = fleet.steps_per_epoch
-        mlog = MetricsLog(cfg, steps, workers=len(fleet.workers), sink=self._record)
-        classification = dataset.task == "classification"
-        window: list = []
+        """The steps (with recoveries), then the final evaluations and the result."""
+        driving = _Driving(self, dataset, steps)
+        resumed_from = driving.run()
+        return self._result(driving, resumed_from)
 
-        def record(chunk: list) -> bool:
-            """Log a chunk's step and epoch records; True when the target accuracy is reached."""
-            for value in chunk:
-                rec = step_record(value, steps_per_epoch, classification)
-                mlog.step(rec)
-                window.append(rec)
-                if self.progress:
-                    self.progress(rec["step"], rec)
-                if "evaluation" in value and record_epoch(rec["step"], value["evaluation"]):
-                    return True
-            return False
-
-        def record_epoch(step: int, evaluation: dict) -> bool:
-            """Log the epoch that ends at `step`; True when the target accuracy is reached."""
-            epoch = epoch_record(step // steps_per_epoch, step, window, evaluation)
-            mlog.epoch(epoch)
-            window.clear()
-            return reached_target(cfg, epoch, mlog, time.perf_counter() - start)
-
-        def chunks_from(step):
-            """Chunks end at log lines and epoch ends."""
-            while step < steps:
-                n = min(steps - step, steps_per_epoch - step % steps_per_epoch, cfg.log_every - step % cfg.log_every)
-                yield step, n
-                step += n
-
-        start = time.perf_counter()
-        failures, stop = 0, False
-        # One chunk is queued ahead of the one the driver waits for, so the server never
-        # idles -- unless a target accuracy is set: then each epoch's verdict comes first.
-        lookahead = 0 if cfg.target_accuracy is not None else 1
-        first = fleet.server_call(fleet.ps.current_step.remote(), -1)
-        resumed_from = first
-        if first > 0:  # a resumed run: what the killed one logged from here on is run again
-            self._record({"kind": "resume", "resume_step": first})
-        while not stop:
-            mlog.truncate(first)
-            window[:] = [r for r in window if r["step"] < first]
-            pending: collections.deque = collections.deque()
-            try:
-                for begin, n in chunks_from(first):
-                    pending.append((begin, fleet.ps.run_steps.remote(begin, n)))
-                    fleet.submitted = max(fleet.submitted, begin + n - 1)
-                    while len(pending) > lookahead and not stop:
-                        begin_done, ref = pending.popleft()
-                        stop = record(fleet.server_call(ref, begin_done))  # it may queue behind one more
-                    if stop:
-                        break
-                while pending and not stop:
-                    begin_done, ref = pending.popleft()
-                    stop = record(fleet.server_call(ref, begin_done))
-                break
-            except (WorkerLost, ServerLost) as e:
-                for _, ref in pending:  # chunks queued behind the failure fail fast; wait them out
-                    try:
-                        ray.get(ref, timeout=60)
-                    except Exception:
-                        pass
-                error = e
-                while True:  # recovery may find more lost (a dead node can take the server and workers)
-                    try:
-                        if isinstance(error, WorkerLost):  # the steps the failed chunk did complete
-                            stop = record(fleet.server_call(fleet.ps.take_unreported.remote(), error.step)) or stop
-                        failures += 1  # counted before recovering: a recovery may find more lost
-                        recover(fleet, error, failures, recorded=len(mlog.steps) and mlog.steps[-1]["step"] + 1)
-                        first = fleet.server_call(fleet.ps.current_step.remote(), -1)
-                        if window and first == window[-1]["step"] + 1 and first % steps_per_epoch == 0:
-                            # the loss cut an epoch's evaluation short: the server holds its parameters
-                            evaluation = fleet.server_call(fleet.ps.evaluate.remote("test"), first)
-                            stop = record_epoch(first - 1, evaluation) or stop
-                        break
-                    except (WorkerLost, ServerLost) as again:
-                        error = again
-                self._record({"kind": "recovery", "error": str(error), "resume_step": first, "failures": failures})
-        last = mlog.steps[-1]["step"] if mlog.steps else -1
-        wall = time.perf_counter() - start
+    def _result(self, driving: "_Driving", resumed_from: int) -> TrainResult:
+        cfg, fleet, mlog = self.cfg, self.fleet, driving.mlog
+        last = mlog.next_step - 1
+        wall = time.perf_counter() - driving.start
         if cfg.out:
             fleet.server_call(fleet.ps.save_checkpoint.remote(), last)
         final_train = fleet.server_call(fleet.ps.evaluate.remote("train"), last)
@@ -289,14 +209,127 @@ class Trainer:
         summary["shared_memory_workers"] = len(fleet.shared)
         if fleet.shards:
             summary["servers"], summary["server_nodes"] = len(fleet.shards), len(set(fleet.shard_nodes))
-        summary["failures_survived"] = failures
+        summary["failures_survived"] = driving.failures
         summary.update(self.startup)
         if resumed_from > 0:  # the run's steps in all, this session's from resumed_from on
             summary["resumed_from_step"] = resumed_from
             summary["steps"] = last + 1
         state_dict = fleet.server_call(fleet.ps.state_dict.remote(), last)
-        return TrainResult(cfg, {"steps": mlog.steps, "epochs": mlog.epochs, "summary": summary,
-                                 "placement": fleet.placement}, state_dict)
+        return TrainResult(cfg, {"steps": mlog.steps, "epochs": mlog.epochs, "evaluations": mlog.evaluations,
+                                 "summary": summary, "placement": fleet.placement}, state_dict)
+
+
+class _Driving:
+    """The driver's part of the steps: ask the server for chunks, log what comes back, recover
+    from losses. Its log (metrics.MetricsLog) owns replay: whatever is run again is rewound
+    in it and in its sinks (the run folder, the caller's sink) first."""
+
+    def __init__(self, trainer: Trainer, dataset: Dataset, steps: int):
+        self.cfg, self.fleet, self.progress = trainer.cfg, trainer.fleet, trainer.progress
+        self.steps, self.steps_per_epoch = steps, self.fleet.steps_per_epoch
+        self.classification = dataset.task == "classification"
+        self.mlog = MetricsLog(self.cfg, steps, workers=len(self.fleet.workers), sink=Sinks(trainer.run, trainer.sink))
+        self.failures = 0
+        self.reached = False  # the target accuracy was reached: no more steps
+        self.start = time.perf_counter()
+
+    def run(self) -> int:
+        """Every step, recovering from losses; the step this session started from."""
+        first = resumed_from = self._server_step()
+        if first > 0:  # a resumed run: what the killed one logged from here on is run again
+            self.mlog.rewind(first, {"kind": "resume", "resume_step": first})
+        while not self.reached:
+            try:
+                self._steps_from(first)
+                break
+            except (WorkerLost, ServerLost) as e:
+                first = self._recover(e)
+        return resumed_from
+
+    def _server_step(self) -> int:
+        return self.fleet.server_call(self.fleet.ps.current_step.remote(), -1)
+
+    def _chunks(self, step: int):
+        """(first, count) of each chunk from `step` on: chunks end at log lines and epoch ends."""
+        cfg, per_epoch = self.cfg, self.steps_per_epoch
+        while step < self.steps:
+            n = min(self.steps - step, per_epoch - step % per_epoch, cfg.log_every - step % cfg.log_every)
+            yield step, n
+            step += n
+
+    def _steps_from(self, first: int) -> None:
+        """Queue the server's chunks from `first` on and log each as it comes. One chunk is queued
+        ahead of the one waited for, so the server never idles -- unless a target accuracy is
+        set: then each epoch's verdict comes first."""
+        fleet = self.fleet
+        lookahead = 0 if self.cfg.target_accuracy is not None else 1
+        pending: collections.deque = collections.deque()
+        try:
+            for begin, n in self._chunks(first):
+                pending.append((begin, fleet.ps.run_steps.remote(begin, n)))
+                fleet.submitted = max(fleet.submitted, begin + n - 1)
+                while len(pending) > lookahead and not self.reached:
+                    self._log_next(pending)  # it may queue behind one more
+                if self.reached:
+                    return
+            while pending and not self.reached:
+                self._log_next(pending)
+        except (WorkerLost, ServerLost):
+            for _, ref in pending:  # chunks queued behind the failure fail fast; wait them out
+                try:
+                    ray.get(ref, timeout=60)
+                except Exception:
+                    pass
+            raise
+
+    def _log_next(self, pending: collections.deque) -> None:
+        begin, ref = pending.popleft()
+        self._log(self.fleet.server_call(ref, begin))
+
+    def _log(self, chunk: list) -> None:
+        """Log a chunk's step records and the epochs that end in it (until the target is reached)."""
+        for value in chunk:
+            rec = step_record(value, self.steps_per_epoch, self.classification)
+            self.mlog.step(rec)
+            if self.progress:
+                self.progress(rec["step"], rec)
+            if "evaluation" not in value:
+                continue
+            step = rec["step"]
+            if (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.steps:
+                self._end_epoch(step, value["evaluation"])
+                if self.reached:
+                    return
+            else:  # --eval-every
+                self.mlog.evaluation(step, value["evaluation"])
+
+    def _end_epoch(self, step: int, evaluation: dict) -> None:
+        epoch = self.mlog.end_epoch(step // self.steps_per_epoch, step, evaluation)
+        self.reached = reached_target(self.cfg, epoch, self.mlog, time.perf_counter() - self.start)
+
+    def _recover(self, error: WorkerLost | ServerLost) -> int:
+        """Replace what was lost (recovery.decide says what; a loss found while recovering counts
+        too), then rewind the log to the server's step; that step."""
+        fleet = self.fleet
+        while True:
+            try:
+                if isinstance(error, WorkerLost):  # the steps the failed chunk did complete
+                    self._log(fleet.server_call(fleet.ps.take_unreported.remote(), error.step))
+                self.failures += 1  # counted before recovering: a recovery may find more lost
+                decision = recovery.decide(error, self.cfg, len(fleet.workers), self.failures)
+                log.warning("%s; recovering: %s (failure %d of at most %d)", error, decision.describe(),
+                            self.failures, self.cfg.max_failures)
+                fleet.recover(decision, recorded=self.mlog.next_step)
+                first = self._server_step()
+                if self.mlog.epoch_open and first == self.mlog.next_step and first % self.steps_per_epoch == 0:
+                    # the loss cut an epoch's evaluation short: the server holds its parameters
+                    self._end_epoch(first - 1, fleet.server_call(fleet.ps.evaluate.remote("test"), first))
+                break
+            except (WorkerLost, ServerLost) as again:
+                error = again
+        self.mlog.rewind(first, {"kind": "recovery", "error": str(error), "resume_step": first,
+                                 "failures": self.failures})
+        return first
 
 
 def _clean_shared_memory(key: str | None) -> None:

@@ -166,7 +166,7 @@ def time_to_accuracy(base: TrainConfig, worker_counts: list, target: float, max_
 
 def _compute_only_ms(config: dict, dataset, batch: int, steps: int) -> float:
     """Median time of forward and backward on `batch` examples in this process (no transport)."""
-    from ..loop import prepare
+    from ..blocks import prepare
     from ..step import Replica
     cfg = TrainConfig.from_dict(config)
     replica = Replica(cfg, dataset, *prepare(cfg, dataset))
@@ -239,7 +239,8 @@ def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3, blo
     import ray
 
     from ..distributed import Trainer
-    from ..loop import LocalLoop, prepare
+    from ..blocks import prepare
+    from ..loop import LocalLoop
     from .hooks import running
 
     blocks = max(repeats * steps // block, 2)
@@ -298,7 +299,7 @@ def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float, shar
 
     from .bench import time_interleaved
     from ..distributed.transport.shm import SharedArray
-    from ..loop import build_optimizer
+    from ..blocks import build_optimizer
     from ..nn import MLP
 
     def median_s(fn) -> float:  # one operation at a time, 10 calls
@@ -339,7 +340,7 @@ def shard_update_s(base: TrainConfig, workers: int, servers: int, repeats: int =
     import ray
 
     from ..distributed.shards import ServerShard, bounds, sliced_state
-    from ..loop import build_optimizer
+    from ..blocks import build_optimizer
     from ..nn import MLP
     model = MLP(base.model, activation=base.activation, dtype=base.dtype, seed=base.seed)
     opt = build_optimizer(base, model.parameters())

@@ -124,7 +124,7 @@ def run(args) -> int:
         for k in server_counts:
             base.replace(workers=n, servers=k, transport="object_store" if k > 1 else base.transport)
     dataset = load_dataset(args.dataset)
-    from ..loop import prepare
+    from ..blocks import prepare
     prepare(base, dataset)  # a model that does not fit the data is refused before anything runs
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

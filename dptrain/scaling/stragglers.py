@@ -89,7 +89,7 @@ def run(args) -> int:
     configs = [(name, straggled, base.replace(**settings, straggler=args.straggler if straggled else None))
                for name, settings in modes for straggled in (False, True)]  # every run valid before any starts
     dataset = load_dataset("mnist1d")
-    from ..loop import prepare
+    from ..blocks import prepare
     prepare(base, dataset)
 
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")

@@ -1,14 +1,15 @@
 """Transports: how a step's request, parameters and gradients travel between the server and workers.
 
 The parameter server talks to its workers only through a `Transport`, one per kind,
-each carrying some of the workers (by rank). Per step the server calls `send(step)`
-on every transport, then `receive(step, deadline)`: every worker computes at once,
-and each transport hands back, for the ranks it carries, the worker's gradient of
-its loss sum and its metrics: a flat array the server only reads, or, with sharded
-servers (--servers K), the references to its K slices, which the shards fetch. Whatever
-the transport, a worker that dies, hangs past the deadline or whose result is lost
-comes out as `WorkerLost(rank, step, cause)`, and a worker whose code fails as
-`WorkerError`.
+each carrying some of the workers (by rank), and each seeing of the server only its
+`ServerView` (messages.py). Per step the server calls `send(step)` on every transport,
+then `receive(step, deadline)`: every worker computes at once, and each transport
+hands back, for the ranks it carries, the worker's `Gradient` (messages.py): its
+payload for each of the update's ranges and its metrics. A worker is asked through
+its one entry point, `Worker.compute(Request, *parameters)`; the transports differ in
+how the request, the parameters and the payload travel. Whatever the transport, a
+worker that dies, hangs past the deadline or whose result is lost comes out as
+`WorkerLost(rank, step, cause)`, and a worker whose code fails as `WorkerError`.
 
 - `ObjectStoreTransport` (object_store.py): Ray calls; the parameters go out as one
   object put per step, each gradient comes back as the call's result. Works across
@@ -16,7 +17,7 @@ comes out as `WorkerLost(rank, step, cause)`, and a worker whose code fails as
 - `SharedMemoryTransport` (shared_memory.py): CPU workers on the server's node read
   the parameters from, and write their gradients into, shared-memory segments
   (shm.py); the step's request and the metrics go over a Unix socket (control.py).
-  No copies through Ray, tens of microseconds of messaging per step.
+  Nothing passes through Ray's object store; tens of microseconds of messaging per step.
 - `CompiledGraphTransport` (compiled_graph.py): a Ray Compiled Graph over all workers
   (`--transport compiled_graph`); measured slower here, kept as the alternative.
 
@@ -32,7 +33,8 @@ from __future__ import annotations
 import abc
 import time
 
-from ..errors import WorkerLost
+from ..errors import WorkerLost, get_all, kill_hung
+from ..messages import Evaluate, ServerView
 
 OBJECT_STORE, SHARED_MEMORY, COMPILED_GRAPH = "object_store", "shared_memory", "compiled_graph"
 
@@ -56,15 +58,15 @@ def workers_outlive_server(setting: str) -> bool:
 
 
 class Transport(abc.ABC):
-    """The server's end of one way of moving steps; `host` is the ParameterServer (its flat
-    parameters, its config's step_timeout, its run key)."""
+    """The server's end of one way of moving steps, seeing the server through `view`."""
 
     name = ""
     progress = False  # whether the server should call params_final during its update
 
-    def __init__(self, host):
-        self.host = host
+    def __init__(self, view: ServerView):
+        self.view = view
         self.workers: dict = {}  # rank -> actor handle, the workers this transport carries
+        self._evaluating: dict = {}  # rank -> ObjectRef of its part of the evaluation in flight
 
     @abc.abstractmethod
     def connect(self, workers: dict, step: int) -> None:
@@ -78,14 +80,24 @@ class Transport(abc.ABC):
 
     @abc.abstractmethod
     def receive(self, step: int, deadline: float) -> dict:
-        """rank -> (gradient, metrics) of `step` for every worker carried (the gradient: a flat
-        array, or with sharded servers the ObjectRefs of its K slices); WorkerLost for the
-        first that died, or did not answer by `deadline` (time.monotonic()), which is killed:
-        a hung worker must not come back stale."""
+        """rank -> Gradient of `step` for every worker carried; WorkerLost for the first that died,
+        or did not answer by `deadline` (time.monotonic()), which is killed: a hung worker must
+        not come back stale."""
 
-    @abc.abstractmethod
-    def evaluate(self, rank: int, split: str, deadline: float) -> dict:
-        """Worker `rank`'s evaluation of the current parameters on `split`."""
+    def send_evaluation(self, split: str, of: int) -> None:
+        """Ask every worker carried for its part (its rank, of `of`) of an evaluation of the current
+        parameters on `split` (over Ray calls; a transport with a channel of its own overrides it)."""
+        import ray
+        if not self.workers:
+            return
+        params = ray.put(self.view.parameters())
+        self._evaluating = {rank: w.evaluate.remote(Evaluate(split, rank, of), params)
+                            for rank, w in self.workers.items()}
+
+    def receive_evaluation(self, deadline: float) -> dict:
+        """rank -> the answer to `send_evaluation` of every worker carried; WorkerLost as `receive`."""
+        refs, self._evaluating = self._evaluating, {}
+        return self.call_all(refs, self.view.version(), timeout=seconds_left(deadline)) if refs else {}
 
     def params_final(self, upto: int) -> None:
         """During the server's update: parameters [0, upto) hold their new values."""
@@ -104,8 +116,8 @@ class Transport(abc.ABC):
         raise NotImplementedError(f"the {self.name} transport runs only the synchronous step")
 
     def poll(self, timeout: float) -> list:
-        """[(rank, gradient, metrics)] of the tasks finished, waiting up to `timeout` s for one;
-        the metrics say the parameter version computed on. WorkerLost for a worker that died."""
+        """[(rank, Gradient)] of the tasks finished, waiting up to `timeout` s for one; the
+        metrics say the parameter version computed on. WorkerLost for a worker that died."""
         raise NotImplementedError(f"the {self.name} transport runs only the synchronous step")
 
     def pause(self) -> None:
@@ -120,57 +132,33 @@ class Transport(abc.ABC):
 
     def hung(self, ranks: list, step: int, what: str = "no answer") -> WorkerLost:
         """Kill workers that missed the deadline; the error naming the first."""
-        return kill_hung(self.workers, ranks, step, f"{what} within {self.host.cfg.step_timeout:g} s")
-
-    def evaluate_by_call(self, rank: int, split: str, deadline: float) -> dict:
-        """Worker `rank`'s evaluation of the current parameters, sent as a Ray call's argument."""
-        import ray
-        ref = self.workers[rank].evaluate.remote(ray.put(self.host.flat.data), split)
-        return self.call_all({rank: ref}, self.host.step, timeout=seconds_left(deadline))[rank]
+        return kill_hung(self.workers, ranks, _lost(step), f"{what} within {self.view.step_timeout:g} s")
 
     def call_all(self, refs: dict, step: int, timeout: float | None = None) -> dict:
         """rank -> result of the Ray calls `refs` (rank -> ObjectRef); WorkerLost for a worker that
         died, lost its result or missed the timeout (step_timeout by default)."""
-        return call_all(self.workers, refs, step, self.host.cfg.step_timeout if timeout is None else timeout)
+        return call_all(self.workers, refs, step, self.view.step_timeout if timeout is None else timeout)
 
 
 def call_all(workers: dict, refs: dict, step: int, timeout: float) -> dict:
     """rank -> result of the Ray calls `refs` (rank -> ObjectRef) to `workers` (rank -> actor);
     WorkerLost for the first that died or lost its result, or for one that missed the timeout
     (killed: a hung worker must not come back stale)."""
-    import ray
-
-    from ..errors import lost_cause
-    ranks, waiting = list(refs), list(refs.values())
-    _, pending = ray.wait(waiting, num_returns=len(waiting), timeout=max(timeout, 0.0))
-    if pending:
-        raise kill_hung(workers, [ranks[waiting.index(r)] for r in pending], step, f"no answer within {timeout:g} s")
-    out = {}
-    for rank, ref in refs.items():
-        try:
-            out[rank] = ray.get(ref)
-        except (ray.exceptions.RayActorError, ray.exceptions.ObjectLostError) as e:
-            raise WorkerLost(rank, step, lost_cause(e)) from None
-    return out
+    return get_all(refs, _lost(step), timeout, workers)
 
 
-def kill_hung(workers: dict, ranks: list, step: int, what: str) -> WorkerLost:
-    """Kill the workers `ranks` that missed a deadline (a hung worker must not come back stale);
-    the error naming the first."""
-    import ray
-    for rank in ranks:
-        ray.kill(workers[rank])
-    return WorkerLost(ranks[0], step, f"{what} (hung?)")
+def _lost(step: int):
+    return lambda rank, cause: WorkerLost(rank, step, cause)
 
 
 def seconds_left(deadline: float) -> float:
     return max(deadline - time.monotonic(), 0.0)
 
 
-def transports(host) -> dict:
-    """One transport of each kind for `host`, by name."""
+def transports(view: ServerView) -> dict:
+    """One transport of each kind for the server `view`, by name."""
     from .compiled_graph import CompiledGraphTransport
     from .object_store import ObjectStoreTransport
     from .shared_memory import SharedMemoryTransport
-    return {OBJECT_STORE: ObjectStoreTransport(host), SHARED_MEMORY: SharedMemoryTransport(host),
-            COMPILED_GRAPH: CompiledGraphTransport(host)}
+    return {OBJECT_STORE: ObjectStoreTransport(view), SHARED_MEMORY: SharedMemoryTransport(view),
+            COMPILED_GRAPH: CompiledGraphTransport(view)}

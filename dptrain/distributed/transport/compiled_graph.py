@@ -1,8 +1,8 @@
 """Steps over a Ray Compiled Graph: Ray's own shared-memory channels between the server and workers.
 
-The server compiles (`ray.dag`, `experimental_compile`) a graph whose input is (step,
-flat parameters) and whose outputs are every worker's `compute_gradients(params, step)`:
-(gradient of its loss sum, metrics). Ray moves the values over channels it allocates
+The server compiles (`ray.dag`, `experimental_compile`) a graph whose input is (request,
+flat parameters) and whose outputs are every worker's `compute(request, params)`: its
+reply and its gradient's payload. Ray moves the values over channels it allocates
 (shared memory on one node) and runs each worker's part in a loop of its own, with a
 per-execution cost Ray documents in tens of microseconds. `--transport compiled_graph`
 puts every worker on it.
@@ -17,6 +17,7 @@ Failures: a worker that dies breaks the graph (Ray tears it down); the dead rank
 by asking every worker for `ready` and reported as WorkerLost. A worker that misses the
 step deadline is found by its own `status` (answered outside the graph's loop) and
 killed. Recovery then connects a new set of workers, and a new graph is compiled.
+Evaluations go outside the graph, as Ray calls (Transport.send_evaluation).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from __future__ import annotations
 import logging
 import time
 
-from ..errors import WorkerError, WorkerLost
+from ..errors import WorkerError, WorkerLost, is_timeout, lost_cause, unwrap
+from ..messages import Gradient, Request, ServerView
 from . import COMPILED_GRAPH, Transport, seconds_left
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,8 @@ log = logging.getLogger(__name__)
 class CompiledGraphTransport(Transport):
     name = COMPILED_GRAPH
 
-    def __init__(self, host):
-        super().__init__(host)
+    def __init__(self, view: ServerView):
+        super().__init__(view)
         self._dag = None
         self._ref = None
         self._broken = False  # a worker of the graph died or was killed: compile a new one
@@ -47,18 +49,18 @@ class CompiledGraphTransport(Transport):
         if not workers:
             return
         self.call_all({rank: w.use_object_store.remote() for rank, w in workers.items()}, step,
-                      timeout=max(self.host.cfg.step_timeout, 60.0))
+                      timeout=max(self.view.step_timeout, 60.0))
         from ray.dag import InputNode, MultiOutputNode
         ranks = sorted(workers)
-        with InputNode() as inp:  # execute(step, params)
-            out = MultiOutputNode([workers[r].compute_gradients.bind(inp[1], inp[0]) for r in ranks])
-        self._dag = out.experimental_compile(_submit_timeout=self.host.cfg.step_timeout)
+        with InputNode() as inp:  # execute(request, params)
+            out = MultiOutputNode([workers[r].compute.bind(inp[0], inp[1]) for r in ranks])
+        self._dag = out.experimental_compile(_submit_timeout=self.view.step_timeout)
         self._ranks = ranks
 
     def send(self, step: int) -> None:
         if self._dag is None:
             return
-        self._ref = self._dag.execute(step, self.host.flat.data)
+        self._ref = self._dag.execute(Request(step), self.view.parameters())
 
     def receive(self, step: int, deadline: float) -> dict:
         import ray
@@ -67,19 +69,14 @@ class CompiledGraphTransport(Transport):
         ref, self._ref = self._ref, None
         try:
             outputs = ray.get(ref, timeout=max(seconds_left(deadline), 0.001))
-        except ray.exceptions.RayTaskError as e:
-            cause = getattr(e, "cause", None)
-            if isinstance(cause, WorkerError):
-                raise cause from None
-            raise self._lost(step, e) from None
-        except (ray.exceptions.GetTimeoutError, TimeoutError):
-            raise self.hung([self._slowest(step)], step) from None
         except Exception as e:  # a dead worker breaks the graph's channels
+            if isinstance(unwrap(e), WorkerError):
+                raise unwrap(e) from None
+            if is_timeout(e):
+                raise self.hung([self._slowest(step)], step) from None
             raise self._lost(step, e) from None
-        return dict(zip(self._ranks, outputs))
-
-    def evaluate(self, rank: int, split: str, deadline: float) -> dict:
-        return self.evaluate_by_call(rank, split, deadline)  # outside the graph: a Ray call
+        return {rank: Gradient(parts, reply["meta"], reply["metrics"])
+                for rank, (reply, *parts) in zip(self._ranks, outputs)}
 
     def hung(self, ranks: list, step: int, what: str = "no answer") -> WorkerLost:
         self._broken = True  # the graph cannot go on without the killed worker
@@ -98,11 +95,13 @@ class CompiledGraphTransport(Transport):
         for rank in self._ranks:
             try:
                 ray.get(self.workers[rank].ready.remote(), timeout=5)
-            except ray.exceptions.RayActorError:
+            except Exception as e:
+                if is_timeout(e):
+                    ray.kill(self.workers[rank])
+                    return WorkerLost(rank, step, "no answer within 5 s after the graph broke")
+                if lost_cause(e) is None:
+                    raise
                 return WorkerLost(rank, step, f"its process died ({type(error).__name__})")
-            except ray.exceptions.GetTimeoutError:
-                ray.kill(self.workers[rank])
-                return WorkerLost(rank, step, "no answer within 5 s after the graph broke")
         return WorkerLost(self._ranks[0], step, f"the compiled graph failed: {type(error).__name__}: {error}")
 
     def _slowest(self, step: int) -> int:

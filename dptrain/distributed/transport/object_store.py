@@ -1,29 +1,33 @@
-"""Steps over Ray's object store: one parameters object per step out, one gradient per worker back.
+"""Steps over Ray's object store: one parameters object per step out, one payload per worker back.
 
-The server puts its flat parameters once per step; every worker's
-`compute_gradients(params, step)` call receives it (read zero-copy from the shared
-object store of the worker's node) and returns its flat gradient, which Ray moves
-back to the server's node. It works between any nodes and for GPU workers; on a
-2-core machine a 7.5 MB model pays a few milliseconds of copies per step, which is
-why co-located CPU workers use shared memory instead.
+The server puts its flat parameters once per step; every worker's `compute(request,
+params)` call receives it (read zero-copy from the shared object store of the worker's
+node) and returns its reply and payload, which Ray moves back to the server's node. It
+works between any nodes and for GPU workers; on a 2-core machine a 7.5 MB model pays a
+few milliseconds of copies per step, which is why co-located CPU workers use shared
+memory instead.
 
-With sharded servers (--servers K, shards.py) a worker's call gets the K shards' newest
-slices as K objects and returns its metrics and K gradient slices as K + 1 objects;
-the server keeps the references for the shards' update.
+With sharded servers (--servers K, shards.py) the update's `outgoing` is its K ranges and
+the references to the shards' newest slices: a worker's call gets them as K arguments and
+returns its reply and K payload slices as K + 1 objects, whose references the Gradient
+carries to the shards, which fetch them from the worker's node.
 """
 
 from __future__ import annotations
 
+import numpy as np
+
+from ..messages import Gradient, Request, ServerView
 from . import OBJECT_STORE, Transport, seconds_left
 
 
 class ObjectStoreTransport(Transport):
     name = OBJECT_STORE
 
-    def __init__(self, host):
-        super().__init__(host)
-        self._refs: dict = {}  # rank -> ObjectRef of the step in flight (sharded: of its metrics)
-        self._slices: dict = {}  # sharded: rank -> the K ObjectRefs of its gradient's slices
+    def __init__(self, view: ServerView):
+        super().__init__(view)
+        self._refs: dict = {}  # rank -> ObjectRef of the step in flight (of its reply, with ranges)
+        self._slices: dict = {}  # with ranges: rank -> the K ObjectRefs of its payload's slices
         self._tasks: dict = {}  # ObjectRef -> (rank, step) of the relaxed tasks in flight
         self._put = (None, None)  # (version, ObjectRef) of the parameters last put for tasks
 
@@ -32,41 +36,37 @@ class ObjectStoreTransport(Transport):
         self.workers = dict(workers)
         if new:  # a worker that used shared memory (with this server or an old one) drops it
             self.call_all({rank: w.use_object_store.remote() for rank, w in new.items()}, step,
-                          timeout=max(self.host.cfg.step_timeout, 60.0))
+                          timeout=max(self.view.step_timeout, 60.0))
         self._refs, self._tasks = {}, {}
 
     def send(self, step: int) -> None:
         if not self.workers:
             return
-        shards = self.host.shards
-        if shards is not None:  # the shards' newest slices in, one gradient slice per shard out
-            k = len(shards.bounds)
-            for rank, w in self.workers.items():
-                metrics, *slices = w.compute_sharded.options(num_returns=k + 1).remote(step, shards.bounds,
-                                                                                        *shards.refs)
-                self._refs[rank], self._slices[rank] = metrics, slices
-            return
         import ray
-        params = ray.put(self.host.flat.data)  # once for every worker
-        self._refs = {rank: w.compute_gradients.remote(params, step) for rank, w in self.workers.items()}
+        ranges, parts = self.view.outgoing()
+        parts = [ray.put(p) if isinstance(p, np.ndarray) else p for p in parts]  # once for every worker
+        request = Request(step, ranges=ranges)
+        if ranges is None:
+            self._refs = {rank: w.compute.remote(request, *parts) for rank, w in self.workers.items()}
+            return
+        for rank, w in self.workers.items():  # the payload's slices stay on the worker's node
+            reply, *slices = w.compute.options(num_returns=len(ranges) + 1).remote(request, *parts)
+            self._refs[rank], self._slices[rank] = reply, slices
 
     def receive(self, step: int, deadline: float) -> dict:
         refs, self._refs = self._refs, {}
         results = self.call_all(refs, step, timeout=seconds_left(deadline)) if refs else {}
-        if self.host.shards is not None:  # (the slices' references, metrics)
+        if self._slices:
             slices, self._slices = self._slices, {}
-            return {rank: (slices[rank], metrics) for rank, metrics in results.items()}
-        return results
-
-    def evaluate(self, rank: int, split: str, deadline: float) -> dict:
-        return self.evaluate_by_call(rank, split, deadline)
+            return {rank: Gradient(slices[rank], reply["meta"], reply["metrics"]) for rank, reply in results.items()}
+        return {rank: _gradient(result) for rank, result in results.items()}
 
     def assign(self, rank: int, task: dict) -> None:
         import ray
-        version = self.host.step
+        version = self.view.version()
         if self._put[0] != version:  # once per version for every task that starts on it
-            self._put = (version, ray.put(self.host.flat.data))
-        ref = self.workers[rank].compute_task.remote(self._put[1], version, task)
+            self._put = (version, ray.put(self.view.parameters()))
+        ref = self.workers[rank].compute.remote(Request.task(task, version), self._put[1])
         self._tasks[ref] = (rank, task["step"])
 
     def poll(self, timeout: float) -> list:
@@ -80,6 +80,11 @@ class ObjectStoreTransport(Transport):
         out = []
         for ref in done:
             rank, step = self._tasks.pop(ref)
-            grad, metrics = self.call_all({rank: ref}, step, timeout=0)[rank]
-            out.append((rank, grad, metrics))
+            out.append((rank, _gradient(self.call_all({rank: ref}, step, timeout=0)[rank])))
         return out
+
+
+def _gradient(result: tuple) -> Gradient:
+    """A Gradient from a worker's `compute` result: (reply, *parts)."""
+    reply, *parts = result
+    return Gradient(parts, reply["meta"], reply["metrics"])

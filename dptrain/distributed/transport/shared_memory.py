@@ -16,10 +16,12 @@ setup. During the update the server tells served workers how far the new
 parameters are final, and they copy that much into their model while it updates
 the rest: most of the copy leaves the step's critical path.
 
-Requests: {"op": "step", "step": k} -> {"metrics": ...}; {"op": "evaluate",
-"split": s} -> {"evaluation": ...}; {"op": "params", "upto": i}, no answer;
-{"op": "task", "step": k, "shard": j, "of": n} -> {"metrics": ... with "version"};
-{"op": "stop"}. A failure is answered with {"error": message}.
+Requests: {"op": "step", "step": k} -> {"metrics": ..., "meta": [...]} (the worker's
+`compute` reply; the gradient, or its payload, lies in the worker's segment);
+{"op": "evaluate", "split": s, "part": r, "of": n} -> {"evaluation": ...} (the
+worker's part of an evaluation); {"op": "params", "upto": i}, no
+answer; {"op": "task", "step": k, "shard": j, "of": n} -> like a step, the metrics with
+"version"; {"op": "stop"}. A failure is answered with {"error": message}.
 
 Relaxed steps (relaxed.py) break that order: a task may start while the server
 updates. A small header segment, [sequence, version], makes each task's read of the
@@ -32,12 +34,14 @@ fences.)
 
 from __future__ import annotations
 
+import dataclasses
 import select
 import time
 
 import numpy as np
 
-from ..errors import WorkerError, WorkerLost
+from ..errors import WorkerError, WorkerLost, is_timeout, lost_cause, unwrap
+from ..messages import Evaluate, Gradient, Request, SegmentSpec, ServerView
 from . import SHARED_MEMORY, Transport, control
 from .shm import SharedArray, unlink
 
@@ -47,8 +51,8 @@ NOTICES_PER_UPDATE = 4  # "params" messages per update to each served worker
 class SharedMemoryTransport(Transport):
     name = SHARED_MEMORY
 
-    def __init__(self, host):
-        super().__init__(host)
+    def __init__(self, view: ServerView):
+        super().__init__(view)
         self._params: SharedArray | None = None  # the server's parameters, once moved into shared memory
         self._grads: dict = {}  # actor -> the SharedArray its backward writes (mapped here)
         self._sessions: dict = {}  # rank -> (Channel, ObjectRef of the worker's serve call)
@@ -75,43 +79,49 @@ class SharedMemoryTransport(Transport):
         if not new:
             self._by_rank = {rank: self._grads[w].array for rank, w in workers.items()}
             return
+        view = self.view
         if self._params is None:
-            flat = self.host.flat
-            self._params = SharedArray.create(flat.size, flat.data.dtype, f"{self.host.run_key}-params")
-            self.host.place_parameters(self._params.array)
-            self._header = SharedArray.create(2, "int64", f"{self.host.run_key}-pver")
-            self._header.array[:] = (0, self.host.step)
-        spec = {"params": self._params.name, "size": self.host.flat.size, "dtype": str(self.host.flat.data.dtype),
-                "tag": self.host.run_key, "header": self._header.name}
+            self._params = SharedArray.create(view.size, view.dtype, f"{view.run_key}-params")
+            view.place(self._params.array)
+            self._header = SharedArray.create(2, "int64", f"{view.run_key}-pver")
+            self._header.array[:] = (0, view.version())
+        spec = SegmentSpec(params=self._params.name, header=self._header.name, size=view.size, dtype=str(view.dtype),
+                           tag=view.run_key)
         names = self.call_all({rank: w.use_shared_memory.remote(spec) for rank, w in new.items()}, step,
-                              timeout=max(self.host.cfg.step_timeout, 60.0))
+                              timeout=max(view.step_timeout, 60.0))
         for rank, name in names.items():
-            self._grads[new[rank]] = SharedArray.attach(name, spec["size"], spec["dtype"])
+            self._grads[new[rank]] = SharedArray.attach(name, spec.size, spec.dtype)
         self._by_rank = {rank: self._grads[w].array for rank, w in workers.items()}
 
     def send(self, step: int) -> None:
         self._open_sessions(step)
         for rank, (chan, _) in list(self._sessions.items()):
             try:
-                chan.send({"op": "step", "step": step})
+                chan.send({"op": "step", **Request(step).to_dict()})
             except control.ChannelClosed:
                 self._session_lost(rank, step)
 
     def receive(self, step: int, deadline: float) -> dict:
-        return {rank: (self._by_rank[rank], self._reply(rank, step, deadline)["metrics"])
-                for rank in sorted(self._sessions)}
+        return {rank: self._gradient(rank, self._reply(rank, step, deadline)) for rank in sorted(self._sessions)}
 
-    def evaluate(self, rank: int, split: str, deadline: float) -> dict:
-        step = self.host.step
+    def _gradient(self, rank: int, reply: dict) -> Gradient:
+        return Gradient([self._by_rank[rank]], reply["meta"], reply["metrics"])
+
+    def send_evaluation(self, split: str, of: int) -> None:
+        step = self.view.version()
         self._open_sessions(step)
-        try:
-            self._sessions[rank][0].send({"op": "evaluate", "split": split})
-        except control.ChannelClosed:
-            self._session_lost(rank, step)
-        return self._reply(rank, step, deadline)["evaluation"]
+        for rank, (chan, _) in list(self._sessions.items()):
+            try:
+                chan.send({"op": "evaluate", **Evaluate(split, rank, of).to_dict()})
+            except control.ChannelClosed:
+                self._session_lost(rank, step)
+
+    def receive_evaluation(self, deadline: float) -> dict:
+        step = self.view.version()
+        return {rank: self._reply(rank, step, deadline)["evaluation"] for rank in sorted(self._sessions)}
 
     def params_final(self, upto: int) -> None:
-        size = self.host.flat.size
+        size = self.view.size
         if upto < self._notified:  # a new update
             self._notified = 0
         if upto != size and upto - self._notified < size // NOTICES_PER_UPDATE:
@@ -135,7 +145,7 @@ class SharedMemoryTransport(Transport):
     def assign(self, rank: int, task: dict) -> None:
         self._open_sessions(task["step"])
         try:
-            self._sessions[rank][0].send(dict(task, op="task"))
+            self._sessions[rank][0].send({"op": "task", **Request.task(task).to_dict()})
         except control.ChannelClosed:
             self._session_lost(rank, task["step"])
         self._tasks[rank] = task["step"]
@@ -149,8 +159,8 @@ class SharedMemoryTransport(Transport):
         for sock in readable:
             rank = waiting[sock]
             step = self._tasks.pop(rank)
-            reply = self._reply(rank, step, time.monotonic() + self.host.cfg.step_timeout)
-            out.append((rank, self._by_rank[rank], reply["metrics"]))
+            reply = self._reply(rank, step, time.monotonic() + self.view.step_timeout)
+            out.append((rank, self._gradient(rank, reply)))
         return out
 
     def pause(self) -> None:
@@ -176,10 +186,10 @@ class SharedMemoryTransport(Transport):
             return
         # A listener for this round of sessions only, closed once they are open: between rounds
         # nothing listens, and each round's secrets are new (control.py: who may connect).
-        listener = control.Listener(self.host.run_key)
+        listener = control.Listener(self.view.run_key)
         try:
             refs = {rank: self.workers[rank].serve.remote(listener.address, listener.expect(rank)) for rank in todo}
-            deadline = time.monotonic() + self.host.cfg.step_timeout
+            deadline = time.monotonic() + self.view.step_timeout
             while refs:
                 try:  # short waits: a worker that died instead of connecting shows up between them
                     chan, rank = listener.accept(min(0.5, max(deadline - time.monotonic(), 0.01)))
@@ -218,11 +228,12 @@ class SharedMemoryTransport(Transport):
             chan.close()
         try:
             ray.get(ref, timeout=10)
-        except ray.exceptions.RayTaskError as e:
-            raise WorkerError(f"worker {rank} failed at step {step}: {getattr(e, 'cause', None) or e}") from None
-        except ray.exceptions.RayActorError as e:
-            raise WorkerLost(rank, step, f"its process died ({type(e).__name__})") from None
-        except ray.exceptions.GetTimeoutError:
+        except Exception as e:
+            if not is_timeout(e):
+                cause = lost_cause(e)
+                if cause is not None:
+                    raise WorkerLost(rank, step, cause) from None
+                raise WorkerError(f"worker {rank} failed at step {step}: {unwrap(e)}") from None
             ray.kill(self.workers[rank])
         raise WorkerLost(rank, step, "its control channel closed")
 
@@ -241,14 +252,14 @@ class WorkerLink:
     """A worker's end: the server's parameters mapped read-only, and the segment its backward
     writes the gradient into (created here, removed by `close`)."""
 
-    def __init__(self, worker, spec: dict):
+    def __init__(self, worker, spec: SegmentSpec):
         self.worker = worker
         replica = worker.replica
-        self.params = SharedArray.attach(spec["params"], spec["size"], spec["dtype"])
+        self.params = SharedArray.attach(spec.params, spec.size, spec.dtype)
         self.params.array.flags.writeable = False  # workers never write parameters
-        self.header = SharedArray.attach(spec["header"], 2, "int64")
-        self.grad = SharedArray.create(spec["size"], spec["dtype"], f"{spec['tag']}-grad{worker.rank}")
-        if worker.compressor is None:  # backward writes the gradient straight here
+        self.header = SharedArray.attach(spec.header, 2, "int64")
+        self.grad = SharedArray.create(spec.size, spec.dtype, f"{spec.tag}-grad{worker.rank}")
+        if worker.codec.writes_in_place:  # dense: backward writes the gradient straight here
             replica.bind_gradients(self.grad.array)
         self.payload = self.grad.array.view(np.uint8)  # else: the compressed gradient is written here
         self.loaded = 0  # parameters [0, loaded) of the server's segment are copied in and current
@@ -258,15 +269,6 @@ class WorkerLink:
         if upto > self.loaded:
             self.worker.replica.load_parameters(self.params.array, self.loaded, upto)
             self.loaded = upto
-
-    def sent(self, metrics: dict) -> dict:
-        """The gradient just computed, in our segment for the server (compressed there with
-        --compress; already there otherwise); `metrics` with what was sent."""
-        if self.worker.compressor is None:
-            metrics["sent_bytes"] = self.grad.array.nbytes
-        else:
-            self.worker.outgoing(metrics, into=self.payload)
-        return metrics
 
     def snapshot(self) -> int:
         """Copy the server's parameters into the model as one version, even while it updates them
@@ -299,19 +301,18 @@ class WorkerLink:
                 if op == "params":
                     self.load(int(request["upto"]))
                     continue
-                try:
+                try:  # the gradient goes into our segment (its payload, with --compress)
                     if op == "task":  # any shard of any step, on a consistent snapshot of the parameters
-                        version = self.snapshot()
-                        metrics = worker.run_step(int(request["step"]), int(request["shard"]), int(request["of"]))
-                        reply = {"metrics": self.sent(dict(metrics, version=version))}
+                        task = dataclasses.replace(Request.from_dict(request), version=self.snapshot())
+                        reply = worker.compute(task, into=self.payload)[0]
                     else:  # the rest of the parameters the server's update made final
                         self.load(size)
                         if op == "step":
-                            step = int(request["step"])
                             self.loaded = 0  # the server's next update changes them
-                            reply = {"metrics": self.sent(worker.run_step(step))}
+                            reply = worker.compute(Request.from_dict(request), into=self.payload)[0]
                         elif op == "evaluate":
-                            reply = {"evaluation": worker.replica.evaluate(request["split"])}
+                            reply = {"evaluation": worker.evaluate(Evaluate(request["split"], int(request["part"]),
+                                                                            int(request["of"])))}
                         else:
                             reply = {"error": f"worker {worker.rank}: unknown request {op!r}"}
                 except Exception as e:
