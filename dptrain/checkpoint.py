@@ -214,9 +214,12 @@ def read(meta_path, layout: list | None = None, dtype: str | None = None) -> dic
             "layout": saved, "path": str(meta_path)}
 
 
-RUN_FIELDS = ("dataset", "data", "label", "seq_len", "model", "loss", "activation", "batch_size", "epochs", "steps",
-              "lr", "optimizer", "momentum", "nesterov", "weight_decay", "betas", "eps", "schedule", "warmup",
-              "step_size", "gamma", "min_lr", "seed", "dtype", "staleness", "backup_workers", "compress")  # what makes a run's arithmetic (workers and placement do not)
+# what makes a run's arithmetic (workers and placement do not)
+RUN_FIELDS = ("dataset", "data", "label", "seq_len", "model", "loss", "activation", "n_layer", "n_head", "n_embd",
+              "dropout", "batch_size", "epochs", "steps",
+              "lr", "optimizer", "momentum", "nesterov", "weight_decay", "decay_params", "betas", "eps", "schedule",
+              "warmup", "step_size", "gamma", "min_lr", "clip_grad_norm", "seed", "dtype", "staleness",
+              "backup_workers", "compress")
 
 
 class RunMismatch(CheckpointError):

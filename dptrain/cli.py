@@ -1,4 +1,4 @@
-"""The command line: `dptrain train`, `dptrain scale` (dptrain/scaling/scale.py), `dptrain stragglers`
+"""The command line: `dptrain train`, `dptrain sample` (dptrain/sample.py), `dptrain scale` (dptrain/scaling/scale.py), `dptrain stragglers`
 (dptrain/scaling/stragglers.py), `dptrain bench` (dptrain/scaling/bench.py).
 
     dptrain train --dataset mnist1d --workers 4 --epochs 10
@@ -99,7 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in DIR (its config.json and newest intact checkpoint); flags "
                             "of where and how it runs (--workers, --servers, --address, --transport, ...) apply, "
                             "flags that would change its arithmetic are refused")
+    from . import sample
     from .scaling import bench, scale, stragglers  # these commands' flags live with them
+    sample.add_parser(sub)
     scale.add_parser(sub)
     stragglers.add_parser(sub)
     bench.add_parser(sub)
@@ -125,7 +127,8 @@ def _progress_bar(enabled: bool, total: int):
 # the worker count decides which examples each update uses, so there it is the run's own.)
 RESUME_PLACEMENT = ("workers", "servers", "spread", "address", "transport", "cpus", "cpus_per_worker",
                     "gpus_per_worker", "device", "progress", "log_every", "checkpoint_every", "keep_checkpoints",
-                    "max_failures", "step_timeout", "on_worker_loss", "eval_batch_size", "micro_batch")
+                    "max_failures", "step_timeout", "on_worker_loss", "eval_batch_size", "eval_every",
+                    "eval_batches", "micro_batch")
 
 
 def _resumed_config(folder: str, given: dict) -> TrainConfig:
@@ -175,7 +178,7 @@ def _given_config_flags(argv: list) -> dict:
 
 def run_train(args) -> int:
     cfg = args.cfg
-    from .loop import load_data, total_steps
+    from .blocks import load_data, total_steps
 
     dataset = load_data(cfg)  # bad data is reported before anything starts (the trainer checks the rest)
     from .distributed import Trainer  # imports Ray: only when needed
@@ -229,6 +232,12 @@ def _configure_logging(quiet: bool) -> None:
 
 
 def _run(args, argv) -> int:
+    if args.command == "sample":  # no Ray
+        from . import sample
+        try:
+            return sample.run(args)
+        except (ConfigError, DataError) as e:
+            return _bad_input(args, e)
     try:
         if args.command == "train":  # the run's settings first: a resume's address is in its config.json
             args.cfg = _resumed_config(args.resume, args.given) if args.resume else config_from_args(args)

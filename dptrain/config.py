@@ -10,7 +10,9 @@ from typing import Optional
 import numpy as np
 
 from . import compress
+from .backend import DEVICES
 from .optim import OPTIMIZERS, SCHEDULES
+from .tensor import DTYPES
 
 
 ADAM_OPTIMIZERS = ("adam", "adamw")  # the ones that take betas and eps
@@ -68,6 +70,10 @@ class TrainConfig:
         "cross_entropy, mse, or path/to/file.py:function / package.module:function (output, target) -> "
         "the SUM of the per-example losses; default by the task (cross_entropy for classes, mse otherwise).")
     activation: str = _choice("relu", ("relu", "tanh", "sigmoid"), "Hidden-layer activation: {choices}.")
+    n_layer: int = _f(4, "--model gpt: transformer blocks.")
+    n_head: int = _f(4, "--model gpt: attention heads per block (they divide --n-embd).")
+    n_embd: int = _f(128, "--model gpt: the embedding width.")
+    dropout: float = _f(0.0, "--model gpt: dropout after the embeddings, attention and each MLP.")
     workers: int = _f(1, "Data-parallel worker actors.")
     batch_size: int = _f(256, "Global batch size, split over the workers.")
     micro_batch: Optional[int] = _f(None,
@@ -83,6 +89,13 @@ class TrainConfig:
     momentum: float = _f(0.9, "SGD momentum.")
     nesterov: bool = _f(False, "Nesterov momentum (SGD).")
     weight_decay: float = _f(0.0, "L2 weight decay (decoupled for adamw).")
+    decay_params: str = _choice("all", ("all", "matrices"),
+        "Which parameters --weight-decay applies to ({choices}): all, or matrices: those of two or "
+        "more dimensions (weight matrices, kernels, embeddings), not biases or norms (nanoGPT's rule).")
+    clip_grad_norm: Optional[float] = _f(None,
+        "Clip the mean gradient to this global L2 norm before the update, as "
+        "torch.nn.utils.clip_grad_norm_ does (default: no clipping; each step's grad_norm is "
+        "recorded either way).")
     betas: Optional[object] = _f(None,
         "Adam and AdamW's (beta1, beta2), as B1,B2 (e.g. 0.9,0.99); default 0.9,0.999.")
     eps: float = _f(ADAM_EPS, "Adam and AdamW's epsilon, added to the root of the second moment.")
@@ -93,10 +106,17 @@ class TrainConfig:
     min_lr: float = _f(0.0, "The cosine schedule's final learning rate: after the warm-up it falls from `lr` "
                             "to this (nanoGPT's min_lr).")
     seed: int = _f(0, "Seeds the initialisation, the sampler and any split of user data.")
-    dtype: str = _choice("float32", ("float32", "float64"), "{choices}.")
-    device: str = _choice("cpu", ("cpu", "cuda"), "{choices} (cupy on a GPU).")
+    dtype: str = _choice("float32", DTYPES, "{choices}.")
+    device: str = _choice("cpu", DEVICES, "{choices} (cupy on a GPU).")
     log_every: int = _f(10, "Steps between log lines.")
     eval_batch_size: int = _f(4096, "Examples per forward pass during evaluation.")
+    eval_every: Optional[int] = _f(None,
+        "Steps between evaluations of the held-out split, besides each epoch's end (default: epoch "
+        "ends only).")
+    eval_batches: Optional[int] = _f(None,
+        "Evaluate a fixed, seeded subset of this many batches of --eval-batch-size examples of each "
+        "split, the same at every evaluation: an estimate, as nanoGPT's eval_iters (default: the "
+        "held-out split whole, the training split as many batches as the held-out split has).")
     out: Optional[str] = _f(None, "Directory for metrics.jsonl, config.json and the final parameters.")
     # ---- distributed settings (used by dptrain.distributed)
     address: Optional[str] = _f(None,
@@ -202,6 +222,9 @@ class TrainConfig:
             bad("eps", self.eps, "must be > 0")
         if self.eps != ADAM_EPS and self.optimizer not in ADAM_OPTIMIZERS:
             bad("eps", self.eps, f"eps is Adam's and AdamW's, and the optimizer is {self.optimizer}")
+        if self.clip_grad_norm is not None and not (isinstance(self.clip_grad_norm, (int, float))
+                                                    and math.isfinite(self.clip_grad_norm) and self.clip_grad_norm > 0):
+            bad("clip_grad_norm", self.clip_grad_norm, "a finite norm > 0 (leave it out for no clipping)")
         if not (isinstance(self.min_lr, (int, float)) and math.isfinite(self.min_lr) and 0 <= self.min_lr):
             bad("min_lr", self.min_lr, "must be >= 0")
         if self.min_lr and self.schedule != "cosine":
@@ -210,10 +233,21 @@ class TrainConfig:
             bad("min_lr", self.min_lr, f"above the learning rate {self.lr:g}: the cosine falls from lr to min_lr")
         if self.gpus_per_worker > 0 and self.device == "cpu":
             self.device = "cuda"
+        for name in ("n_layer", "n_head", "n_embd"):
+            if getattr(self, name) < 1:
+                bad(name, getattr(self, name), "must be >= 1")
+        if self.n_embd % self.n_head:
+            bad("n_head", self.n_head, f"must divide --n-embd {self.n_embd}")
+        if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1):
+            bad("dropout", self.dropout, "a probability in [0, 1)")
         if self.log_every < 1:
             bad("log_every", self.log_every, "must be >= 1")
         if self.eval_batch_size < 1:
             bad("eval_batch_size", self.eval_batch_size, "must be >= 1")
+        if self.eval_every is not None and self.eval_every < 1:
+            bad("eval_every", self.eval_every, "must be >= 1 (leave it out to evaluate at epoch ends only)")
+        if self.eval_batches is not None and self.eval_batches < 1:
+            bad("eval_batches", self.eval_batches, "must be >= 1 (leave it out to evaluate whole splits)")
         if self.cpus is not None and self.cpus < 1:
             bad("cpus", self.cpus, "must be >= 1")
         if self.cpus_per_worker < 0 or self.gpus_per_worker < 0:
@@ -286,7 +320,7 @@ class TrainConfig:
         return dataclasses.replace(self, **changes)
 
 
-BUILTIN_MODEL_NAMES = ("mlp", "cnn1d", "cnn2d", "transformer")
+BUILTIN_MODEL_NAMES = ("mlp", "cnn1d", "cnn2d", "transformer", "gpt")
 BUILTIN_LOSS_NAMES = ("cross_entropy", "mse")
 
 

@@ -31,6 +31,7 @@ import hashlib
 import importlib
 import importlib.util
 import inspect
+import math
 import os
 import sys
 import sysconfig
@@ -39,8 +40,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError, TrainConfig, is_widths
-from .nn import (MLP, Conv1d, Conv2d, Embedding, Flatten, LayerNorm, Linear, MaxPool2d, Module, ReLU, Sequential,
-                 TransformerBlock, functional as F, init, random as nn_random)
+from .nn import (MLP, Conv1d, Conv2d, Dropout, Embedding, Flatten, LayerNorm, Linear, MaxPool2d, Module, ReLU,
+                 Sequential, TransformerBlock, functional as F, init, random as nn_random)
 from .tensor import Tensor, as_dtype
 
 # --------------------------------------------------------------------------- built-in models
@@ -108,6 +109,48 @@ class TinyTransformer(Module):
         return self.head(self.norm(self.blocks(x)))
 
 
+class GPT(Module):
+    """nanoGPT's model: token and position embeddings, `n_layer` pre-norm blocks of causal
+    self-attention and a 4x GELU MLP, a final LayerNorm, no biases, and the head tied to the
+    token embedding (one parameter, listed under both names). GPT-2's initialisation: every
+    matrix N(0, 0.02), the residual projections (attention's out_proj, the MLP's linear2)
+    N(0, 0.02 / sqrt(2 n_layer)), norms at one. Inputs (batch, T <= block) of token ids,
+    outputs (batch, T, vocab)."""
+
+    def __init__(self, vocab: int, block: int, n_layer: int = 4, n_head: int = 4, n_embd: int = 128,
+                 dropout: float = 0.0):
+        super().__init__()
+        self.block = block
+        self.tok_emb = Embedding(vocab, n_embd)
+        self.pos_emb = Embedding(block, n_embd)
+        self.drop = Dropout(dropout)
+        self.blocks = Sequential(*[TransformerBlock(n_embd, n_head, dropout=dropout, bias=False)
+                                   for _ in range(n_layer)])
+        self.norm = LayerNorm(n_embd, bias=False)
+        self.head = Linear(n_embd, vocab, bias=False)
+        self.head.weight = self.tok_emb.weight  # tied: the output head reads the token embedding
+        rng = init.default_generator()
+        residual = 0.02 / math.sqrt(2 * n_layer)
+        for name, p in self.named_parameters():
+            if p.data.ndim >= 2 and name != "head.weight":
+                std = residual if name.endswith(("out_proj.weight", "linear2.weight")) else 0.02
+                p.data[...] = rng.normal(0.0, std, p.data.shape)
+
+    def forward(self, idx):
+        t = idx.shape[1]
+        if t > self.block:
+            raise ValueError(f"gpt: sequences of {t} tokens, the model was built for {self.block}")
+        x = self.drop(self.tok_emb(idx) + self.pos_emb(np.arange(t)))
+        return self.head(self.norm(self.blocks(x)))
+
+
+def gpt(input_shape, num_outputs, n_layer: int = 4, n_head: int = 4, n_embd: int = 128, dropout: float = 0.0):
+    """nanoGPT's architecture (GPT) over (positions,) token sequences; --n-layer, --n-head, --n-embd
+    and --dropout size it."""
+    _needs(input_shape, 1, "gpt", "(positions,) of token ids")
+    return GPT(num_outputs, input_shape[0], n_layer, n_head, n_embd, dropout)
+
+
 def _needs(shape, ndim: int, name: str, what: str):
     if len(shape) != ndim:
         raise ValueError(f"{name}: needs inputs of shape {what} per example, the data has {tuple(shape)}")
@@ -138,7 +181,7 @@ def transformer(input_shape, num_outputs):
     return TinyTransformer(num_outputs, input_shape[0])
 
 
-BUILTIN_MODELS = {"mlp": mlp, "cnn1d": cnn1d, "cnn2d": cnn2d, "transformer": transformer}
+BUILTIN_MODELS = {"mlp": mlp, "cnn1d": cnn1d, "cnn2d": cnn2d, "transformer": transformer, "gpt": gpt}
 
 
 # --------------------------------------------------------------------------- losses
@@ -348,6 +391,12 @@ def model_factory(cfg: TrainConfig, dataset, model=None) -> ModelFactory:
     if callable(spec):
         name = getattr(spec, "__qualname__", type(spec).__name__)
         return ModelFactory(spec, name, shape, outputs, cfg.dtype, cfg.device, cfg.seed)
+    if spec == "gpt":  # sized by the run's settings
+        def build_gpt(input_shape, num_outputs, n_layer=cfg.n_layer, n_head=cfg.n_head, n_embd=cfg.n_embd,
+                      dropout=cfg.dropout):
+            return gpt(input_shape, num_outputs, n_layer, n_head, n_embd, dropout)
+        name = f"gpt-{cfg.n_layer}x{cfg.n_embd}"
+        return ModelFactory(build_gpt, name, shape, outputs, cfg.dtype, cfg.device, cfg.seed)
     if spec in BUILTIN_MODELS:
         return ModelFactory(BUILTIN_MODELS[spec], spec, shape, outputs, cfg.dtype, cfg.device, cfg.seed)
     return ModelFactory(load_reference(spec, "model"), spec, shape, outputs, cfg.dtype, cfg.device, cfg.seed)

@@ -210,20 +210,21 @@ class TransformerBlock(Module):
     """A pre-norm transformer block: x + attn(norm1(x)), then + linear2(gelu(linear1(norm2(x)))).
 
     Names as PyTorch's TransformerEncoderLayer(norm_first=True): self_attn, linear1,
-    linear2, norm1, norm2; `dropout` applies after attention and after the MLP.
+    linear2, norm1, norm2; `dropout` applies after attention and after the MLP; `bias=False`
+    leaves out every bias (the norms' too), as nanoGPT's blocks.
     """
 
     def __init__(self, d_model: int, nhead: int, dim_feedforward: int | None = None, dropout: float = 0.0,
-                 causal: bool = True, dtype="float32", rng: np.random.Generator | None = None):
+                 causal: bool = True, dtype="float32", rng: np.random.Generator | None = None, bias: bool = True):
         super().__init__()
         ff = 4 * d_model if dim_feedforward is None else dim_feedforward
-        self.norm1 = LayerNorm(d_model, dtype=dtype)
-        self.self_attn = MultiheadSelfAttention(d_model, nhead, causal=causal, dtype=dtype, rng=rng)
+        self.norm1 = LayerNorm(d_model, dtype=dtype, bias=bias)
+        self.self_attn = MultiheadSelfAttention(d_model, nhead, causal=causal, bias=bias, dtype=dtype, rng=rng)
         self.dropout1 = Dropout(dropout)
-        self.norm2 = LayerNorm(d_model, dtype=dtype)
-        self.linear1 = Linear(d_model, ff, dtype=dtype, rng=rng)
+        self.norm2 = LayerNorm(d_model, dtype=dtype, bias=bias)
+        self.linear1 = Linear(d_model, ff, bias=bias, dtype=dtype, rng=rng)
         self.activation = GELU()
-        self.linear2 = Linear(ff, d_model, dtype=dtype, rng=rng)
+        self.linear2 = Linear(ff, d_model, bias=bias, dtype=dtype, rng=rng)
         self.dropout2 = Dropout(dropout)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -33,15 +33,21 @@ def _check(name: str, value: float, low: float = 0.0, high: float | None = None,
 
 # --------------------------------------------------------------------------- update rules
 
+def _applies(value) -> bool:
+    """Whether a rate (a number, or a parameter group's per-entry array) changes anything."""
+    return not isinstance(value, (int, float)) or value != 0
+
+
 def sgd_update(param, grad, buf, lr, momentum=0.0, dampening=0.0, nesterov=False, weight_decay=0.0,
                first_step=False):
     """One SGD step in place (torch.optim.SGD's rule). Returns nothing; `grad` is not modified.
+    `lr` and `weight_decay` may be arrays shaped like `param` (parameter groups).
 
     g = grad + weight_decay * param
     buf = momentum * buf + (1 - dampening) * g     (buf = g on the first step)
     param -= lr * (g + momentum * buf if nesterov else buf)
     """
-    g = grad + weight_decay * param if weight_decay else grad
+    g = grad + weight_decay * param if _applies(weight_decay) else grad
     if momentum:
         if first_step:
             buf[...] = g
@@ -59,10 +65,10 @@ def adam_update(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, w
     Adam adds weight_decay * param to the gradient (L2); AdamW instead shrinks the
     parameter by lr * weight_decay before the update (Loshchilov & Hutter, 2019).
     """
-    if weight_decay and decoupled:
+    if _applies(weight_decay) and decoupled:
         param *= 1 - lr * weight_decay
         g = grad
-    elif weight_decay:
+    elif _applies(weight_decay):
         g = grad + weight_decay * param
     else:
         g = grad
@@ -80,17 +86,56 @@ def adam_update(param, grad, m, v, step, lr, beta1=0.9, beta2=0.999, eps=1e-8, w
 # --------------------------------------------------------------------------- classes
 
 class Optimizer:
-    """Base class: binds the parameters to one flat buffer and steps it in place."""
+    """Base class: binds the parameters to one flat buffer and steps it in place.
+
+    `params` is a list of parameters, or of parameter groups as in torch.optim: dicts with
+    "params" and the options that differ for them ("weight_decay"; "lr_scale", a factor on the
+    learning rate). The flat buffer keeps the order the parameters already have in one (a
+    model's: the order workers and the server agree on), else takes the groups' order. Where
+    groups differ, the option becomes an array over the flat buffer (`*_per_entry`, kept with
+    the state: checkpoints and sharded servers' ranges carry it).
+    """
 
     hyperparameters: tuple = ()
+    GROUP_OPTIONS = {"weight_decay": "weight_decay_per_entry", "lr_scale": "lr_scale_per_entry"}
 
     def __init__(self, params: Iterable, lr: float):
-        params = list(params)
-        if not params:
+        groups = _groups(params)
+        every = [p for g in groups for p in g["params"]]
+        if not every:
             raise ValueError("optimizer got an empty parameter list")
         self.lr = _check("learning rate", lr, strict=True)
-        self.flat = flatten(params)
+        buf = getattr(every[0], "_flat", None)
+        if buf is not None and len(buf.shapes) == len(every) and all(getattr(p, "_flat", None) is buf for p in every):
+            every.sort(key=lambda p: p._flat_index)  # already one buffer: its layout stays
+        self.flat = flatten(every)
         self.steps = 0  # updates applied so far
+        self.param_groups = groups
+        self._per_entry = {}  # option -> its array over the flat buffer, where groups differ
+
+    def _group_arrays(self) -> None:
+        """Make the per-entry arrays of the options some group sets (the subclass's defaults set first)."""
+        defaults = {"weight_decay": getattr(self, "weight_decay", 0.0), "lr_scale": 1.0}
+        params = sorted((p for g in self.param_groups for p in g["params"]), key=lambda p: p._flat_index)
+        group_of = {id(p): g for g in self.param_groups for p in g["params"]}
+        xp = backend.array_module(self.flat.data)
+        for option in self.GROUP_OPTIONS:
+            if not any(option in g for g in self.param_groups):
+                continue
+            values = np.zeros(self.flat.size, dtype=backend.to_numpy(self.flat.data[:1]).dtype)
+            for p, (shape, offset) in zip(params, zip(self.flat.shapes, self.flat.offsets)):
+                value = _check(option, group_of[id(p)].get(option, defaults[option]))
+                values[offset:offset + int(np.prod(shape, dtype=np.int64))] = value
+            self._per_entry[option] = xp.asarray(values)
+
+    def _option(self, option: str, scalar, sl: slice):
+        """An option's value for the block `sl`: the scalar, or its per-entry array's block."""
+        per_entry = self._per_entry.get(option)
+        return scalar if per_entry is None else per_entry[sl]
+
+    def _lr(self, sl: slice):
+        scale = self._per_entry.get("lr_scale")
+        return self.lr if scale is None else self.lr * scale[sl]
 
     def zero_grad(self) -> None:
         self.flat.zero_grad()
@@ -127,16 +172,24 @@ class Optimizer:
     def _state_arrays(self) -> dict:
         return {}
 
+    def _all_arrays(self) -> dict:
+        """The state arrays and the per-entry options (what a checkpoint and a shard's range hold)."""
+        return {**self._state_arrays(), **{self.GROUP_OPTIONS[k]: a for k, a in self._per_entry.items()}}
+
     def state_dict(self) -> dict:
         """Hyperparameters, step count and state arrays (numpy copies)."""
         return {"type": type(self).__name__, "steps": self.steps, "lr": self.lr,
                 "hyperparameters": {k: getattr(self, k) for k in self.hyperparameters},
-                "state": {k: backend.to_numpy(a).copy() for k, a in self._state_arrays().items()}}
+                "state": {k: backend.to_numpy(a).copy() for k, a in self._all_arrays().items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("type") != type(self).__name__:
             raise ValueError(f"load_state_dict: state of a {state.get('type')} optimizer, this is {type(self).__name__}")
-        arrays = self._state_arrays()
+        xp = backend.array_module(self.flat.data)
+        for option, key in self.GROUP_OPTIONS.items():  # groups' options: adopted from the state (a shard's range)
+            if key in state["state"] and option not in self._per_entry:
+                self._per_entry[option] = xp.asarray(np.array(state["state"][key], dtype=self.flat.data.dtype))
+        arrays = self._all_arrays()
         for k, a in arrays.items():
             src = state["state"].get(k)
             if src is None or np.shape(src) != a.shape:
@@ -168,11 +221,12 @@ class SGD(Optimizer):
                              f"{self.momentum} and dampening {self.dampening}")
         xp = backend.array_module(self.flat.data)
         self.momentum_buffer = xp.zeros_like(self.flat.data) if self.momentum else None
+        self._group_arrays()
 
     def _update(self, param, grad, sl):
         buf = self.momentum_buffer[sl] if self.momentum else None
-        sgd_update(param, grad, buf, self.lr, self.momentum, self.dampening,
-                   self.nesterov, self.weight_decay, first_step=self.steps == 1)
+        sgd_update(param, grad, buf, self._lr(sl), self.momentum, self.dampening,
+                   self.nesterov, self._option("weight_decay", self.weight_decay, sl), first_step=self.steps == 1)
 
     def _state_arrays(self):
         return {"momentum_buffer": self.momentum_buffer} if self.momentum else {}
@@ -192,10 +246,12 @@ class Adam(Optimizer):
         xp = backend.array_module(self.flat.data)
         self.exp_avg = xp.zeros_like(self.flat.data)
         self.exp_avg_sq = xp.zeros_like(self.flat.data)
+        self._group_arrays()
 
     def _update(self, param, grad, sl):
-        adam_update(param, grad, self.exp_avg[sl], self.exp_avg_sq[sl], self.steps, self.lr, self.beta1,
-                    self.beta2, self.eps, self.weight_decay, decoupled=self.decoupled)
+        adam_update(param, grad, self.exp_avg[sl], self.exp_avg_sq[sl], self.steps, self._lr(sl), self.beta1,
+                    self.beta2, self.eps, self._option("weight_decay", self.weight_decay, sl),
+                    decoupled=self.decoupled)
 
     def _state_arrays(self):
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
@@ -212,3 +268,18 @@ class AdamW(Adam):
 
 
 OPTIMIZERS = {"sgd": SGD, "adam": Adam, "adamw": AdamW}
+
+
+def _groups(params) -> list:
+    """Parameter groups (dicts with "params" and options) from a list of parameters or of groups."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        groups = []
+        for g in params:
+            unknown = set(g) - {"params", *Optimizer.GROUP_OPTIONS}
+            if "params" not in g or unknown:
+                raise ValueError(f"invalid parameter group: {sorted(unknown) or 'no params'} (a group has "
+                                 f"'params' and any of {sorted(Optimizer.GROUP_OPTIONS)})")
+            groups.append(dict(g, params=list(g["params"])))
+        return groups
+    return [{"params": params}]
