@@ -78,6 +78,11 @@ def dptrain(*args, timeout=300):
     (["--schedule", "cosine", "--lr", "0.1", "--min-lr", "0.5"], "invalid --min-lr: 0.5 (above the learning rate 0.1"),
     (["--min-lr", "0.01"], "invalid --min-lr: 0.01 (the cosine schedule's floor, and the schedule is constant)"),
     (["--micro-batch", "0"], "invalid --micro-batch: 0 (examples per forward and backward pass: a whole number >= 1)"),
+    (["--eval-every", "0"], "invalid --eval-every: 0 (must be >= 1"),
+    (["--clip-grad-norm", "0"], "invalid --clip-grad-norm: 0.0 (a finite norm > 0"),
+    (["--clip-grad-norm", "-1"], "invalid --clip-grad-norm: -1.0 (a finite norm > 0"),
+    (["--clip-grad-norm", "nan"], "invalid --clip-grad-norm: nan (a finite norm > 0"),
+    (["--eval-batches", "-1"], "invalid --eval-batches: -1 (must be >= 1"),
     (["--micro-batch", "2.5"], "argument --micro-batch: invalid int value: '2.5'"),
 ])
 def test_bad_input_is_one_line_and_exit_2(args, message):
@@ -238,15 +243,32 @@ def _alive_in_group(pgid: int) -> list:
             if len(f := line.split(None, 3)) > 2 and f[1] == str(pgid) and not f[2].startswith("Z")]
 
 
-@pytest.mark.parametrize("delay", [0.05, 0.6, 1.5])
+def _importing_numpy(pid: int, timeout: float = 30.0) -> None:
+    """Until process `pid` has mapped numpy's core extension: the command is past its entry point
+    (whose handlers come first) and in the middle of its imports. (A fixed delay of 50 ms landed
+    before the interpreter's own start-up on a loaded machine, where no program can handle it.)"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "_multiarray_umath" in Path(f"/proc/{pid}/maps").read_text():
+                return
+        except OSError:
+            return
+        time.sleep(0.002)
+
+
+@pytest.mark.parametrize("delay", ["imports", 0.6, 1.5])
 def test_sigterm_at_start_up_is_one_line_and_143(tmp_path, delay):
-    """SIGTERM while the command imports (0.05 s), while Ray starts (ray.init installs a handler of
-    its own) and while the actors come up: exit 143 and one line of ours, no traceback, no stack
-    dump, nothing left running."""
+    """SIGTERM while the command imports (numpy half loaded), while Ray starts (ray.init installs a
+    handler of its own) and while the actors come up: exit 143 and one line of ours, no
+    traceback, no stack dump, nothing left running."""
     import signal
     with _driver("train", "--dataset", "moons", "--epochs", "100000", "--cpus", "1", "--no-progress", "--quiet",
                  "--out", str(tmp_path / "r")) as proc:
-        time.sleep(delay)
+        if delay == "imports":
+            _importing_numpy(proc.pid)
+        else:
+            time.sleep(delay)
         proc.send_signal(signal.SIGTERM)
         _, err = proc.communicate(timeout=60)
         deadline = time.monotonic() + 15

@@ -7,7 +7,7 @@ import pytest
 
 import dptrain as dp
 from dptrain import compress
-from dptrain.loop import load_data, prepare
+from dptrain.blocks import load_data, prepare
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])

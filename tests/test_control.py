@@ -11,10 +11,11 @@ import pytest
 
 import dptrain as dp
 from dptrain.distributed import ParameterServer, Worker
+from dptrain.distributed.messages import Evaluate, Gradient, Request, SegmentSpec
 from dptrain.distributed.transport import control
 from dptrain.distributed.transport.shm import SharedArray
 from dptrain.distributed.trainer import prepare_dataset
-from dptrain.loop import prepare
+from dptrain.blocks import prepare
 
 
 def _pair():
@@ -180,12 +181,13 @@ def served_worker():
     ps = ParameterServer(cfg.to_dict(), factory, total_steps=12, steps_per_epoch=4, run_key="test")
     worker = Worker(cfg.to_dict(), factory, loss, ds, 0, 1)
     reference = Worker(cfg.to_dict(), factory, loss, ds, 0, 1)  # object-store style: gets the parameters passed
-    params = SharedArray.create(ps.flat.size, ps.flat.data.dtype, "test-params")  # as the transport sets it up
-    ps.place_parameters(params.array)
+    flat = ps.get_weights()
+    params = SharedArray.create(flat.size, flat.dtype, "test-params")  # as the transport sets it up
+    ps.update.place(params.array)
     header = SharedArray.create(2, "int64", "test-pver")  # [sequence, version]
     header.array[:] = (0, 0)
-    worker.use_shared_memory({"params": params.name, "size": ps.flat.size, "dtype": str(ps.flat.data.dtype),
-                              "tag": "test", "header": header.name})
+    worker.use_shared_memory(SegmentSpec(params=params.name, header=header.name, size=flat.size, dtype=str(flat.dtype),
+                                         tag="test"))
     worker.header = header.array  # the test plays the server's side of the seqlock
     listener = control.Listener("test")
     served = {}
@@ -208,23 +210,23 @@ def served_worker():
 def _step(chan, ps, reference, step):
     chan.send({"op": "step", "step": step})
     reply = chan.recv(time.monotonic() + 30)
-    want = reference.compute_gradients(ps.get_weights().copy(), step)
-    return reply, want
+    want, grad = reference.compute(Request(step), ps.get_weights().copy())
+    return reply, (grad, want["metrics"])
 
 
 def test_served_steps_see_every_update_with_partial_loads(served_worker):
     ps, worker, reference, start, served = served_worker
     chan, thread = start()
-    n = ps.flat.size
+    n = ps.get_weights().size
     for step, notices in enumerate([[], [n // 3], [n // 4, n // 2, n], [1, n - 1]]):
         for upto in notices:  # the server's "final up to here" notices during an update
             chan.send({"op": "params", "upto": upto})
         reply, (grad, metrics) = _step(chan, ps, reference, step)
         assert reply["metrics"]["loss_sum"] == metrics["loss_sum"]
         np.testing.assert_array_equal(worker.replica.flat.grad, grad)  # the gradient lies in shared memory
-        ps.update(step, [worker.replica.flat.grad], [reply["metrics"]])
-    chan.send({"op": "evaluate", "split": "test"})
-    assert chan.recv(time.monotonic() + 30)["evaluation"] == reference.evaluate(ps.get_weights().copy(), "test")
+        ps.apply(step, [Gradient([worker.replica.flat.grad], reply["meta"], reply["metrics"])])
+    chan.send({"op": "evaluate", "split": "test", "part": 0, "of": 1})
+    assert chan.recv(time.monotonic() + 30)["evaluation"] == reference.evaluate(Evaluate("test"), ps.get_weights().copy())
     chan.send({"op": "dance"})
     assert "unknown request 'dance'" in chan.recv(time.monotonic() + 5)["error"]
     chan.send({"op": "stop"})
@@ -236,10 +238,11 @@ def test_a_new_session_reloads_parameters(served_worker):
     """Parameters restored between sessions (a new server, a checkpoint) must not be read stale."""
     ps, worker, reference, start, served = served_worker
     chan, thread = start()
-    chan.send({"op": "params", "upto": ps.flat.size})  # everything copied ...
+    chan.send({"op": "params", "upto": ps.get_weights().size})  # everything copied ...
     chan.send({"op": "stop"})
     thread.join(5)
-    ps.flat.data[:] = np.random.default_rng(0).standard_normal(ps.flat.size) * ps.flat.data.astype(bool)
+    flat = ps.get_weights()
+    flat[:] = np.random.default_rng(0).standard_normal(flat.size) * flat.astype(bool)
     chan, thread = start()  # ... but this session starts from the segment's new values
     reply, (grad, metrics) = _step(chan, ps, reference, 0)
     assert reply["metrics"]["loss_sum"] == metrics["loss_sum"]
@@ -283,12 +286,13 @@ def test_a_task_reads_one_version_even_during_an_update(served_worker):
         chan.send({"op": "task", "step": 3, "shard": 0, "of": 1})
         with pytest.raises(control.ChannelTimeout):  # it waits for the update to end
             chan.recv(time.monotonic() + 0.3)
-        ps.flat.data[...] *= 0.5  # the update's new parameters
+        ps.get_weights()[...] *= 0.5  # the update's new parameters
         worker.header[1] = 7
         worker.header[0] = 2  # even: version 7 is whole
         reply = chan.recv(time.monotonic() + 30)
         assert reply["metrics"]["version"] == 7 and reply["metrics"]["step"] == 3
-        grad, metrics = reference.compute_gradients(ps.get_weights().copy(), 3)
+        reply_want, grad = reference.compute(Request(3), ps.get_weights().copy())
+        metrics = reply_want["metrics"]
         np.testing.assert_array_equal(worker.link.grad.array, grad)  # computed on the new parameters
         assert metrics["loss_sum"] == reply["metrics"]["loss_sum"]
     finally:

@@ -5,8 +5,10 @@ import pytest
 
 import dptrain as dp
 from dptrain.distributed import ParameterServer, TrainingError, Worker
+from dptrain.distributed.messages import Gradient, Request
 from dptrain.distributed.trainer import prepare_dataset
-from dptrain.loop import prepare
+from dptrain.blocks import prepare
+from dptrain.step import Replica
 
 pytestmark = pytest.mark.ray
 
@@ -22,25 +24,52 @@ BASE = dict(dataset="moons", batch_size=50, steps=12, dtype="float64", model=[2,
 @pytest.mark.parametrize("opt", [{"optimizer": "sgd", "momentum": 0.9, "lr": 0.1},
                                  {"optimizer": "adam", "lr": 0.01, "weight_decay": 0.001}])
 def test_n_workers_equal_single_process(ray_local, workers, opt):
-    # batch 50 is not divisible by 3 or 4: shards of 17/17/16 and 13/13/12/12
-    cfg = dp.TrainConfig(workers=workers, **BASE, **opt)
+    # batch 50 is not divisible by 3 or 4: shards of 17/17/16 and 13/13/12/12. The evaluations
+    # (every 5 steps and at epoch ends, in batches of 16) are data-parallel too: each worker
+    # evaluates its run of the batches, and their sums give one process's figures bit for bit.
+    cfg = dp.TrainConfig(workers=workers, **BASE, **opt, eval_batch_size=16, eval_every=5)
     dist = dp.Trainer(cfg).fit()
     local = dp.train_local(cfg)
     assert _max_rel_diff(dist.params, local.params) < 1e-10
     assert len(dist.metrics["steps"]) == 12
     np.testing.assert_allclose([r["loss"] for r in dist.metrics["steps"]],
                                [r["loss"] for r in local.metrics["steps"]], rtol=1e-10)
+    assert [r["step"] for r in dist.metrics["evaluations"]] == [r["step"] for r in local.metrics["evaluations"]]
+    for key in ("test_loss", "test_accuracy"):  # within 1e-10: the parameters they see differ by that much
+        np.testing.assert_allclose([r[key] for r in dist.metrics["evaluations"] + dist.metrics["epochs"]],
+                                   [r[key] for r in local.metrics["evaluations"] + local.metrics["epochs"]],
+                                   rtol=1e-10)
+        np.testing.assert_allclose(dist.summary[key], local.summary[key], rtol=1e-10)
+    assert dist.summary["eval_s"] > 0
 
 
-RECIPE = dict(optimizer="adamw", lr=0.01, betas="0.9,0.95", eps=1e-6, weight_decay=0.1, schedule="cosine", warmup=3,
-              min_lr=0.001)  # nanoGPT's kind of settings
+@pytest.mark.parametrize("placement", [{"workers": 3, "transport": "object_store"}, {"workers": 4}],
+                         ids=["object-store", "shared-memory"])
+def test_an_evaluation_is_one_processs_bit_for_bit(ray_local, placement):
+    """The same parameters evaluated by N workers and by one process: the same bits, whole splits
+    and a seeded subset of 3 batches (some workers get none)."""
+    cfg = dp.TrainConfig(**dict(BASE, steps=2), **placement, eval_batch_size=8)
+    for subset in (None, 3):
+        run = cfg.replace(eval_batches=subset)
+        dist = dp.Trainer(run).fit()
+        replica = Replica(run, prepare_dataset(dp.data.load_dataset("moons"), "float64"),
+                                  *prepare(run, dp.data.load_dataset("moons")))
+        replica.model.load_state_dict(dist.params)
+        for split in ("train", "test"):
+            assert dist.summary[f"{split}_loss"] == replica.evaluation(split)["loss"]
+            assert dist.summary[f"{split}_accuracy"] == replica.evaluation(split)["accuracy"]
+
+
+RECIPE = dict(optimizer="adamw", lr=0.01, betas="0.9,0.95", eps=1e-6, weight_decay=0.1, decay_params="matrices",
+              schedule="cosine", warmup=3, min_lr=0.001)  # nanoGPT's kind of settings
 
 
 @pytest.mark.parametrize("placement", [{"workers": 3}, {"workers": 2, "transport": "object_store", "servers": 2}],
                          ids=["shared-memory", "object-store-2-shards"])
 def test_adam_betas_eps_and_the_cosine_floor_equal_one_process(ray_local, placement):
-    """--betas, --eps and --min-lr reach every optimizer (the server's, each shard's) and
-    schedule: N workers equal one process, which they change (so the settings are not ignored)."""
+    """--betas, --eps, --min-lr and --decay-params matrices reach every optimizer (the server's,
+    each shard's: its range of the per-parameter decay) and schedule: N workers equal one process,
+    which they change (so the settings are not ignored)."""
     cfg = dp.TrainConfig(**BASE, **RECIPE, **placement)
     dist = dp.Trainer(cfg).fit()
     local = dp.train_local(cfg)
@@ -48,6 +77,23 @@ def test_adam_betas_eps_and_the_cosine_floor_equal_one_process(ray_local, placem
     assert dist.metrics["steps"][-1]["lr"] == pytest.approx(0.001 + 0.5 * (0.01 - 0.001) * (1 + np.cos(np.pi * 8 / 9)))
     default = dp.train_local(cfg.replace(betas=None, eps=1e-8, min_lr=0.0))
     assert _max_rel_diff(default.params, local.params) > 1e-6
+    decay_all = dp.train_local(cfg.replace(decay_params="all"))
+    assert _max_rel_diff(decay_all.params, local.params) > 1e-9
+
+
+@pytest.mark.parametrize("placement", [{"workers": 3}, {"workers": 2, "transport": "object_store", "servers": 2}],
+                         ids=["shared-memory", "object-store-2-shards"])
+def test_clipped_gradients_equal_one_process(ray_local, placement):
+    """--clip-grad-norm where the gradients meet (the server; with 2 shards, their partial sums of
+    squares): N workers equal one process, step norms included, and the clipping changes the run."""
+    cfg = dp.TrainConfig(**BASE, optimizer="sgd", momentum=0.9, lr=0.1, clip_grad_norm=0.05, **placement)
+    dist = dp.Trainer(cfg).fit()
+    local = dp.train_local(cfg)
+    assert _max_rel_diff(dist.params, local.params) < 1e-10
+    np.testing.assert_allclose([r["grad_norm"] for r in dist.metrics["steps"]],
+                               [r["grad_norm"] for r in local.metrics["steps"]], rtol=1e-10)
+    assert min(r["grad_norm"] for r in local.metrics["steps"]) > 0.05  # every step was clipped
+    assert _max_rel_diff(dp.train_local(cfg.replace(clip_grad_norm=None)).params, local.params) > 1e-6
 
 
 def test_micro_batches_on_workers_equal_one_process(ray_local):
@@ -159,14 +205,15 @@ def test_actors_work_without_ray():
     ps = ParameterServer(cfg.to_dict(), factory, total_steps=12, steps_per_epoch=4)
     workers = [Worker(cfg.to_dict(), factory, loss, ds, rank, 2) for rank in range(2)]
     params = ps.get_weights().copy()
-    grads, metrics = zip(*[w.compute_gradients(params, 0) for w in workers])
-    record = ps.update(0, list(grads), list(metrics))
+    gradients = [Gradient(parts, reply["meta"], reply["metrics"])
+                 for reply, *parts in (w.compute(Request(0), params) for w in workers)]
+    record = ps.apply(0, gradients)
     assert record["count"] == 50 and ps.step == 1
     local = dp.train_local(cfg.replace(steps=1))
     np.testing.assert_allclose(np.concatenate([v.ravel() for v in local.params.values()]),
                                np.concatenate([v.ravel() for v in ps.state_dict().values()]), rtol=1e-12)
     with pytest.raises(RuntimeError, match="at step 1 was sent gradients for step 0"):
-        ps.update(0, list(grads), list(metrics))
+        ps.apply(0, gradients)
 
 
 def test_dataset_is_shared_not_copied(ray_local):

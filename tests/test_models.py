@@ -8,7 +8,7 @@ import pytest
 
 import dptrain as dp
 from dptrain.config import BUILTIN_LOSS_NAMES, BUILTIN_MODEL_NAMES, ConfigError
-from dptrain.loop import prepare
+from dptrain.blocks import prepare
 from dptrain.models import BUILTIN_LOSSES, BUILTIN_MODELS, layout
 
 HERE = Path(__file__).resolve().parent
@@ -96,7 +96,7 @@ def test_dropout_is_off_when_evaluating(in_repo):
     cfg = dp.TrainConfig(model=f"{USER}:build", **CNN)
     ds = dp.data.load_dataset("mnist1d")
     replica = dp.loop.Replica(cfg, ds, *prepare(cfg, ds))
-    assert replica.evaluate("test") == replica.evaluate("test")  # no random masks
+    assert replica.evaluation("test") == replica.evaluation("test")  # no random masks
     assert replica.model.training  # and back in train mode after
     a = replica.compute_gradients(np.arange(20), step=0)[0]
     b = replica.compute_gradients(np.arange(20), step=1)[0]  # another step: other masks
@@ -107,7 +107,7 @@ def test_sequence_accuracy_and_loss_are_per_token():
     cfg = dp.TrainConfig(model="transformer", **SORT)
     ds = dp.data.load_dataset("sort")
     replica = dp.loop.Replica(cfg, ds, *prepare(cfg, ds))
-    ev = replica.evaluate("test")
+    ev = replica.evaluation("test")
     assert 0 <= ev["accuracy"] <= 1 and abs(ev["loss"] - np.log(11)) < 0.7  # about uniform at the start
 
 
@@ -240,3 +240,83 @@ def test_micro_batches_give_the_same_step_with_less_memory(in_repo):
         grads[m] = replica.flat.grad.copy()
     assert np.abs(grads[64] - grads[None]).max() <= 1e-10 * np.abs(grads[None]).max()
     assert peaks[64] < 0.25 * peaks[None], peaks
+
+
+def test_an_evaluation_plan_is_fixed_seeded_and_bounded():
+    """The batches an evaluation runs: the held-out split whole; the training split as many of its
+    batches as the held-out one has (not a second pass over it all); --eval-batches K a seeded
+    choice of K, the same at every evaluation, another for another seed."""
+    from dptrain.step import evaluation_plan
+    cfg = dp.TrainConfig(dataset="moons", eval_batch_size=10)
+    whole = evaluation_plan(cfg, "test", 95, 95)
+    assert whole == [(a, min(a + 10, 95)) for a in range(0, 95, 10)]  # every example once, in order
+    train = evaluation_plan(cfg, "train", 1000, 95)
+    assert len(train) == 10 and train == sorted(train) and all(b - a == 10 for a, b in train)
+    assert train == evaluation_plan(cfg, "train", 1000, 95)
+    some = evaluation_plan(cfg.replace(eval_batches=3), "test", 95, 95)
+    assert len(some) == 3 and set(some) < set(whole) and some == evaluation_plan(cfg.replace(eval_batches=3), "test", 95, 95)
+    assert some != evaluation_plan(cfg.replace(eval_batches=3, seed=1), "test", 95, 95)
+    assert evaluation_plan(cfg.replace(eval_batches=30), "test", 95, 95) == whole  # more than there are: all
+
+
+
+def test_the_builtin_gpt_is_nanogpts_architecture():
+    """--model gpt: no biases, the head tied to the token embedding (one parameter, two names),
+    GPT-2's initialisation (0.02; the residual projections 0.02 / sqrt(2 layers))."""
+    from dptrain.models import GPT
+    dp.manual_seed(0)
+    model = GPT(vocab=65, block=64, n_layer=4, n_head=4, n_embd=128)
+    names = [n for n, _ in model.named_parameters()]
+    assert not any(n.endswith("bias") for n in names) and "head.weight" not in names  # stored once
+    assert model.state_dict()["head.weight"] is not None and model.head.weight is model.tok_emb.weight
+    assert sum(p.data.size for p in model.parameters()) - 64 * 128 == 795_904  # nanoGPT's 0.80M
+    std = {n: float(p.data.std()) for n, p in model.named_parameters()}
+    assert std["tok_emb.weight"] == pytest.approx(0.02, rel=0.02)
+    assert std["blocks.0.linear2.weight"] == pytest.approx(0.02 / np.sqrt(8), rel=0.05)
+    assert std["blocks.3.self_attn.out_proj.weight"] == pytest.approx(0.02 / np.sqrt(8), rel=0.05)
+    assert std["blocks.0.linear1.weight"] == pytest.approx(0.02, rel=0.05)
+    assert model(np.zeros((2, 10), dtype=np.int64)).shape == (2, 10, 65)
+    with pytest.raises(ValueError, match="sequences of 65 tokens, the model was built for 64"):
+        model(np.zeros((1, 65), dtype=np.int64))
+
+
+def test_sample_is_deterministic_for_a_seed_and_refuses_bad_input(tmp_path):
+    """dptrain sample over a run folder made by hand (config.json, vocab.json, params.npz): the
+    same seed, the same text; bad input is one line naming it, exit 2."""
+    import subprocess
+    import sys
+    from dptrain.rundir import RunDir
+    from dptrain.sample import sample
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog. " * 20)
+    cfg = dp.TrainConfig(data=str(text), seq_len=8, model="gpt", n_layer=1, n_head=2, n_embd=16)
+    vocab = "".join(sorted(set(text.read_text())))
+    run = RunDir(str(tmp_path / "run"))
+    run.open(cfg, vocab=vocab)
+    run.close()
+    import types
+    from dptrain.models import model_factory
+    shape = types.SimpleNamespace(input_shape=(8,), num_outputs=len(vocab), num_features=8, task="classification",
+                                  name="t")
+    model = model_factory(cfg, shape)()
+    np.savez(tmp_path / "run" / "params.npz", **model.state_dict())
+    a = sample(tmp_path / "run", "the ", tokens=40, seed=1)
+    assert len(a) == 40 and set(a) <= set(vocab)
+    assert sample(tmp_path / "run", "the ", tokens=40, seed=1) == a
+    assert sample(tmp_path / "run", "the ", tokens=40, seed=2) != a
+    assert len(sample(tmp_path / "run", "the ", tokens=20, top_k=1, seed=5)) == 20
+    other = RunDir(str(tmp_path / "moons"))
+    other.open(dp.TrainConfig(dataset="moons"))
+    other.close()
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "dptrain.cli", "sample", *args], capture_output=True, text=True)
+    for args, said in [([str(tmp_path)], "is not a run folder (no config.json)"),
+                       ([str(tmp_path / "moons")], "is not a text model's run (no vocab.json: it was trained on moons"),
+                       ([str(tmp_path / "run"), "--prompt", "THE"], "invalid --prompt: 'THE' (characters outside"),
+                       ([str(tmp_path / "run"), "--temperature", "0"], "invalid --temperature: 0.0 (must be > 0)"),
+                       ([str(tmp_path / "run"), "--top-k", "0"], "invalid --top-k: 0 (must be >= 1)")]:
+        r = cli(*args)
+        assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    r = cli(str(tmp_path / "run"), "--prompt", "the ", "--tokens", "40", "--seed", "1")
+    assert r.returncode == 0 and r.stdout == "the " + a + "\n"

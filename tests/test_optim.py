@@ -138,7 +138,7 @@ def test_schedules():
 
 
 def test_a_recipes_adam_settings_reach_the_optimizer_and_the_schedule():
-    from dptrain.loop import build_optimizer, build_schedule
+    from dptrain.blocks import build_optimizer, build_schedule
     cfg = dp.TrainConfig(optimizer="adamw", betas="0.9,0.99", eps=1e-6, lr=1e-3, weight_decay=0.1,
                          schedule="cosine", warmup=10, min_lr=1e-4)
     assert cfg.betas == [0.9, 0.99] and dp.TrainConfig.from_dict(cfg.to_dict()) == cfg  # JSON round trip
@@ -147,3 +147,72 @@ def test_a_recipes_adam_settings_reach_the_optimizer_and_the_schedule():
     s = build_schedule(cfg, 110)  # nanoGPT's get_lr: a warm-up to lr, then a cosine down to min_lr
     assert s(9) == 1e-3 and math.isclose(s(60), 1e-4 + 0.5 * (1e-3 - 1e-4)) and math.isclose(s(110), 1e-4)
     assert build_optimizer(dp.TrainConfig(optimizer="adam"), [_param([1.0])]).beta2 == 0.999  # the default
+
+
+@pytest.mark.parametrize("ratio", [None, 0.25, 4.0])
+def test_clipping_scales_the_mean_gradient_as_torch_does(ratio):
+    """--clip-grad-norm MAX: one SGD step from the mean gradient g of the batch is
+    p - lr * g * min(1, MAX / (|g| + 1e-6)) (torch.nn.utils.clip_grad_norm_), computed here in
+    float64 by hand; every step records |g| (before clipping), clipped or not."""
+    from dptrain.blocks import prepare
+    from dptrain.data import BatchSampler
+    from dptrain.step import Replica
+    cfg = dp.TrainConfig(dataset="moons", model=[2, 16, 2], dtype="float64", batch_size=50, steps=1, lr=0.1,
+                         optimizer="sgd", seed=1)
+    ds = dp.data.load_dataset("moons")
+    replica = Replica(cfg, ds, *prepare(cfg, ds))
+    start = replica.flat.data.copy()
+    _, _, count = replica.compute_gradients(BatchSampler(len(ds), 50, 1).indices(0), 0)
+    g = replica.flat.grad / count
+    norm = float(np.sqrt((g * g).sum()))
+    clip = None if ratio is None else norm * ratio
+    run = dp.train_local(cfg.replace(clip_grad_norm=clip))
+    assert run.metrics["steps"][0]["grad_norm"] == pytest.approx(norm, rel=1e-12)
+    replica.flat.data[...] = start - 0.1 * g * (1.0 if clip is None else min(1.0, clip / (norm + 1e-6)))
+    for name, want in replica.model.state_dict().items():
+        np.testing.assert_allclose(run.params[name], want, rtol=1e-12, atol=1e-15)
+
+
+def test_parameter_groups_decay_and_scale_as_a_hand_computation():
+    """torch.optim-style groups: each group's weight decay and learning-rate scale, one SGD step
+    checked by hand; the model's flat layout is kept (the server's and the workers' agree)."""
+    model = dp.nn.MLP([3, 4, 2], seed=0, dtype="float64")
+    flat = model.flat()
+    offsets = list(flat.offsets)
+    weights = [p for p in model.parameters() if p.data.ndim == 2]
+    biases = [p for p in model.parameters() if p.data.ndim == 1]
+    opt = dp.optim.SGD([{"params": biases, "weight_decay": 0.0, "lr_scale": 0.5}, {"params": weights}],
+                       lr=0.1, weight_decay=0.2)
+    assert opt.flat is flat and list(opt.flat.offsets) == offsets  # groups reorder nothing
+    before = [p.data.copy() for p in model.parameters()]
+    rng = np.random.default_rng(0)
+    for p in model.parameters():
+        p.grad[...] = rng.standard_normal(p.data.shape)
+    grads = [p.grad.copy() for p in model.parameters()]
+    opt.step()
+    for p, p0, g in zip(model.parameters(), before, grads):
+        want = p0 - 0.1 * (g + 0.2 * p0) if p.data.ndim == 2 else p0 - 0.05 * g
+        np.testing.assert_allclose(p.data, want, rtol=1e-14)
+    with pytest.raises(ValueError, match="invalid parameter group"):
+        dp.optim.SGD([{"params": biases, "momentum": 0.9}], lr=0.1)
+
+
+def test_the_matrices_rule_and_its_range_on_a_shard():
+    """--decay-params matrices: decay on parameters of two or more dimensions only (nanoGPT's rule),
+    the per-entry decay kept in the state, so a shard's optimizer over a range adopts its slice."""
+    from dptrain.blocks import build_optimizer
+    from dptrain.distributed.shards import sliced_state
+    from dptrain.nn.module import Parameter
+    cfg = dp.TrainConfig(optimizer="adamw", lr=1e-3, weight_decay=0.1, decay_params="matrices")
+    model = dp.nn.MLP([3, 4, 2], seed=0, dtype="float64")
+    opt = build_optimizer(cfg, model.parameters())
+    decay = opt.state_dict()["state"]["weight_decay_per_entry"]
+    for p, (shape, offset) in zip(model.parameters(), zip(opt.flat.shapes, opt.flat.offsets)):
+        n = int(np.prod(shape))
+        assert set(decay[offset:offset + n]) == ({0.1} if len(shape) >= 2 else {0.0})
+    assert "weight_decay_per_entry" not in build_optimizer(cfg.replace(decay_params="all"),
+                                                           dp.nn.MLP([3, 4, 2], seed=0).parameters()).state_dict()["state"]
+    lo, hi = 8, 24
+    shard = build_optimizer(cfg.replace(decay_params="all"), [Parameter(np.zeros(hi - lo))])
+    shard.load_state_dict(sliced_state(opt.state_dict(), lo, hi))
+    np.testing.assert_array_equal(shard.state_dict()["state"]["weight_decay_per_entry"], decay[lo:hi])

@@ -133,27 +133,44 @@ def test_cost_model_of_sharded_servers():
     assert apart["compute_s"] == costmodel.step_time(here, 2, 256, shards=2)["compute_s"]
 
 
-@pytest.mark.ray
-@pytest.mark.slow
-def test_tiny_sweep_end_to_end(tmp_path):
-    out = tmp_path / "scale"
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """One tiny `dptrain scale` sweep (1 and 2 workers, fp16 and --servers 2 beside it), run once
+    for the tests below: each checks one of its results."""
+    out = tmp_path_factory.mktemp("sweep") / "scale"
     r = subprocess.run([sys.executable, "-m", "dptrain.cli", "scale", "--workers", "1,2", "--dataset", "moons",
                         "--model", "2,16,2", "--batch-size", "32", "--steps", "12", "--repeats", "1",
                         "--target-accuracy", "0.8", "--max-epochs", "5", "--cpus", "3", "--quiet",
-                        "--compress", "fp16", "--servers", "2", "--out", str(out)], capture_output=True, text=True, timeout=600)
+                        "--compress", "fp16", "--servers", "2", "--out", str(out)], capture_output=True, text=True,
+                       timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    runs = [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+    return out
+
+
+def _runs(out):
+    return [json.loads(line) for line in (out / "runs.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_runs_both_modes_and_tabulates_medians(sweep):
+    runs = _runs(sweep)
     assert {(x["mode"], x["workers"]) for x in runs} == {("strong", 1), ("strong", 2), ("weak", 1), ("weak", 2)}
     weak2 = next(x for x in runs if x["mode"] == "weak" and x["workers"] == 2)
     assert weak2["batch"] == 64  # per-worker batch kept
-    with open(out / "runs.csv") as f:
+    assert all(x["steps"] == 12 - 5 for x in runs)  # warm-up steps left out
+    with open(sweep / "runs.csv") as f:
         table = list(csv.DictReader(f))
     for row in table:  # the table reports the runs: each point's time is the median of its runs
         mine = sorted(x["step_ms"] for x in runs if x["mode"] == row["mode"] and x["workers"] == int(row["workers"]))
         assert float(row["step_ms"]) == pytest.approx(mine[len(mine) // 2])
-        assert all(x["steps"] == 12 - 5 for x in runs)  # warm-up steps left out
     assert {float(t["speedup"]) for t in table if t["workers"] == "1"} == {1.0}
-    floors = json.loads((out / "floors.json").read_text())
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_measures_its_floors_and_ceiling(sweep):
+    floors = json.loads((sweep / "floors.json").read_text())
     # one worker through Ray does the single process's work plus overhead; the overhead is small
     # next to the round trips it replaces (a loose bound: this is a shared machine)
     assert floors["local_step_ms"] > 0 and floors["actor_round_trip_ms"] > 0
@@ -164,34 +181,48 @@ def test_tiny_sweep_end_to_end(tmp_path):
     assert two["ceiling_speedup"] == pytest.approx(one["compute_ms"] / two["compute_ms"])
     assert [p["workers"] for p in floors["paired_strong"]] == [1, 2] and floors["paired_strong"][1]["rounds"] == 1
     assert len(floors["blocks_ms"]) == 3 and floors["block_steps"] == 10
-    model = json.loads((out / "costmodel.json").read_text())
+    model = json.loads((sweep / "costmodel.json").read_text())
     assert [c["workers"] for c in model["check"]] == [1, 2]
-    report = (out / "report.md").read_text()
-    assert "### Strong scaling" in report and "### Cost model" in report and "Time to accuracy" in report
-    assert "### Compute ceiling" in report and "round by round" in report
-    with open(out / "compression.csv") as f:  # --compress fp16: "none" measured beside it, bytes halved
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_reports_compression_beside_dense_gradients(sweep):
+    with open(sweep / "compression.csv") as f:  # --compress fp16: "none" measured beside it, bytes halved
         rows = {(r["compress"], int(r["workers"])): r for r in csv.DictReader(f)}
     assert set(rows) == {("none", 1), ("none", 2), ("fp16", 1), ("fp16", 2)}
     for n in (1, 2):
         assert float(rows[("fp16", n)]["sent_bytes_per_worker_step"]) * 2 == float(rows[("none", n)]["sent_bytes_per_worker_step"])
         assert float(rows[("fp16", n)]["server_bytes_per_step"]) == n * float(rows[("fp16", n)]["sent_bytes_per_worker_step"])
-    compression = json.loads((out / "compression.json").read_text())
+    compression = json.loads((sweep / "compression.json").read_text())
     assert compression["costs"]["fp16"]["ratio"] == 0.5 and len(compression["time_to_accuracy"]) == 2
     assert all("predicted_ms" in r for r in compression["rows"])
-    assert "### Compressed gradients" in report
-    with open(out / "servers.csv") as f:  # --servers 2: K = 1 beside it, over the object store, half per server
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_reports_sharded_servers_beside_one(sweep):
+    with open(sweep / "servers.csv") as f:  # --servers 2: K = 1 beside it, over the object store, half per server
         rows = {(int(r["servers"]), int(r["workers"])): r for r in csv.DictReader(f)}
     assert set(rows) == {(1, 1), (1, 2), (2, 1), (2, 2)}
     for n in (1, 2):
         assert float(rows[(2, n)]["sent_bytes_per_worker_step"]) == float(rows[(1, n)]["sent_bytes_per_worker_step"])
         assert float(rows[(1, n)]["server_bytes_per_step"]) == n * float(rows[(1, n)]["sent_bytes_per_worker_step"])
         assert float(rows[(2, n)]["server_bytes_cut"]) == pytest.approx(2.0, rel=0.1)  # aligned halves
-    servers = json.loads((out / "servers.json").read_text())
+    servers = json.loads((sweep / "servers.json").read_text())
     assert all("predicted_ms" in r for r in servers["rows"]) and len(servers["time_to_accuracy"]) == 2
-    assert "### Sharded parameter servers" in report
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_writes_its_report_plots_and_time_to_accuracy(sweep):
+    report = (sweep / "report.md").read_text()
+    for section in ("### Strong scaling", "### Cost model", "Time to accuracy", "### Compute ceiling", "round by round",
+                    "### Compressed gradients", "### Sharded parameter servers"):
+        assert section in report
     for png in ("throughput.png", "efficiency.png", "loss_vs_time.png"):
-        assert (out / png).read_bytes()[:4] == b"\x89PNG"
-    tta = list(csv.DictReader(open(out / "time_to_accuracy.csv")))
+        assert (sweep / png).read_bytes()[:4] == b"\x89PNG"
+    tta = list(csv.DictReader(open(sweep / "time_to_accuracy.csv")))
     assert [t["workers"] for t in tta] == ["1", "2"]
     for t in tta:  # a time is reported only where the run reached the target
         if t["time_to_target_s"]:

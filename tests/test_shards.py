@@ -8,7 +8,7 @@ import pytest
 import dptrain as dp
 from dptrain import checkpoint
 from dptrain.distributed.shards import ServerShard, bounds, sliced_state
-from dptrain.loop import build_optimizer
+from dptrain.blocks import build_optimizer
 from dptrain.nn.module import Parameter
 from dptrain.step import mean_gradient
 
@@ -54,7 +54,7 @@ def test_shards_apply_exactly_the_one_servers_update(opt):
                      lambda a, b: mean_gradient(grads, count, whole.flat.grad, a, b))
         done = [shard.update(step, count, lr, None, *(g[lo:hi] for g in grads))
                 for shard, (lo, hi) in zip(shards, ranges)]
-        assert [at for at, _ in done] == [step + 1] * 3  # each shard's new step, then its new range
+        assert [status[0] for status, _ in done] == [step + 1] * 3  # each shard's new step, then its new range
         assert np.array_equal(np.concatenate([new for _, new in done]), whole.flat.data)
     for shard, (lo, hi) in zip(shards, ranges):
         st = shard.state()

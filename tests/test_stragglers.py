@@ -15,7 +15,7 @@ import pytest
 
 import dptrain as dp
 from dptrain.data import BatchSampler
-from dptrain.loop import build_optimizer, build_schedule, load_data, prepare, total_steps
+from dptrain.blocks import build_optimizer, build_schedule, load_data, prepare, total_steps
 from dptrain.step import Replica, mean_gradient
 
 pytestmark = pytest.mark.ray
