@@ -36,17 +36,21 @@ class Request:
         return cls(int(task["step"]), int(task["shard"]), int(task["of"]), version)
 
     def to_dict(self) -> dict:
-        """The request as the control channel carries it (JSON; None fields left out)."""
-        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+        """The request as the control channel carries it (JSON; None fields left out). Written out:
+        dataclasses.asdict deep-copies, tens of microseconds on every step."""
+        out = {"step": self.step}
+        for key in ("shard", "of", "version", "ranges"):
+            value = getattr(self, key)
+            if value is not None:
+                out[key] = value
+        return out
 
     @classmethod
     def from_dict(cls, message: dict) -> "Request":
         """The request in a control-channel message (other keys, like "op", are ignored)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in message.items() if k in fields}
-        if values.get("ranges") is not None:
-            values["ranges"] = tuple(tuple(r) for r in values["ranges"])
-        return cls(**values)
+        ranges = message.get("ranges")
+        return cls(int(message["step"]), message.get("shard"), message.get("of"), message.get("version"),
+                   None if ranges is None else tuple(tuple(r) for r in ranges))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +63,7 @@ class Evaluate:
     of: int = 1
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {"split": self.split, "part": self.part, "of": self.of}
 
 
 @dataclasses.dataclass
