@@ -75,12 +75,13 @@ def train_local(cfg: TrainConfig, dataset: Dataset | None = None, sink=None, pro
         elif cfg.eval_every and (step + 1) % cfg.eval_every == 0:
             mlog.evaluation(step, _timed(replica.evaluation, "test"))
     wall = time.perf_counter() - start
-    summary = summary_record(mlog, wall, _timed(replica.evaluation, "train"), _timed(replica.evaluation, "test"))
+    summary = summary_record(mlog, wall, _timed(replica.evaluation, "train", True),
+                             _timed(replica.evaluation, "test", True))
     return TrainResult(cfg, {"steps": mlog.steps, "epochs": mlog.epochs, "evaluations": mlog.evaluations,
                              "summary": summary}, replica.model.state_dict())
 
 
-def _timed(evaluate, split: str) -> dict:
+def _timed(evaluate, split: str, final: bool = False) -> dict:
     """An evaluation's figures with the seconds it took (eval_s), as the server reports them."""
     t0 = time.perf_counter()
-    return dict(evaluate(split), eval_s=time.perf_counter() - t0)
+    return dict(evaluate(split, final), eval_s=time.perf_counter() - t0)

@@ -109,12 +109,12 @@ class Replica:
             del out, loss  # this micro-batch's activations go before the next one's come
         return loss_sum, correct, count
 
-    def evaluate(self, split: str = "test", part: int = 0, of: int = 1) -> list:
+    def evaluate(self, split: str = "test", part: int = 0, of: int = 1, final: bool = False) -> list:
         """Part `part` of `of` of an evaluation of a split (`evaluation_plan`): [loss sum, correct,
         count] of each of its batches, in order, in eval mode. `combine_evaluation` of every part's
         lists, in part order, is the one-process figure, bit for bit."""
         x, y = (self.x_test, self.y_test) if split == "test" else (self.x_train, self.y_train)
-        plan = evaluation_plan(self.cfg, split, len(x), len(self.x_test))
+        plan = evaluation_plan(self.cfg, split, len(x), len(self.x_test), final)
         lo, hi = shard_bounds(len(plan), of, part)
         out = []
         self.model.eval()
@@ -129,25 +129,26 @@ class Replica:
             self.model.train()
         return out
 
-    def evaluation(self, split: str = "test") -> dict:
+    def evaluation(self, split: str = "test", final: bool = False) -> dict:
         """The split's loss (and accuracy) in this process: the whole evaluation's figure."""
-        return combine_evaluation(self.evaluate(split), self.task == "classification")
+        return combine_evaluation(self.evaluate(split, final=final), self.task == "classification")
 
 
 EVAL_SEED_KEY = 0xE7A1
 SPLIT_KEYS = {"train": 0, "test": 1}
 
 
-def evaluation_plan(cfg: TrainConfig, split: str, n: int, n_test: int) -> list:
+def evaluation_plan(cfg: TrainConfig, split: str, n: int, n_test: int, final: bool = False) -> list:
     """The [start, stop) batches an evaluation of a split of `n` examples runs, in order: the
     split cut into consecutive batches of cfg.eval_batch_size; with cfg.eval_batches K, a fixed
-    choice of K of them, drawn from (seed, split): the same batches at every evaluation (an
-    estimate, as nanoGPT's eval_iters). Without K the held-out split is evaluated whole, and the
-    training split as an estimate too: as many of its batches as the held-out split has (not a
-    second pass over the whole training set)."""
+    choice of K of them, drawn from (seed, split): the same batches at every evaluation during
+    the run (an estimate, as nanoGPT's eval_iters). The held-out split is evaluated whole
+    without K, and always for the run's `final` figure; the training split is an estimate even
+    then: K of its batches, or as many as the held-out split has (not a second pass over the
+    whole training set)."""
     size = cfg.eval_batch_size
     batches = [(a, min(a + size, n)) for a in range(0, n, size)]
-    limit = cfg.eval_batches
+    limit = None if (final and split == "test") else cfg.eval_batches
     if limit is None and split == "train":
         limit = max(1, -(-n_test // size))
     if limit is not None and limit < len(batches):

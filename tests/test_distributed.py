@@ -55,9 +55,10 @@ def test_an_evaluation_is_one_processs_bit_for_bit(ray_local, placement):
         replica = Replica(run, prepare_dataset(dp.data.load_dataset("moons"), "float64"),
                                   *prepare(run, dp.data.load_dataset("moons")))
         replica.model.load_state_dict(dist.params)
-        for split in ("train", "test"):
-            assert dist.summary[f"{split}_loss"] == replica.evaluation(split)["loss"]
-            assert dist.summary[f"{split}_accuracy"] == replica.evaluation(split)["accuracy"]
+        for split in ("train", "test"):  # the final figures (the held-out split whole even with a subset)
+            assert dist.summary[f"{split}_loss"] == replica.evaluation(split, final=True)["loss"]
+            assert dist.summary[f"{split}_accuracy"] == replica.evaluation(split, final=True)["accuracy"]
+        assert dist.metrics["epochs"][-1]["test_loss"] == replica.evaluation("test")["loss"]  # during the run
 
 
 RECIPE = dict(optimizer="adamw", lr=0.01, betas="0.9,0.95", eps=1e-6, weight_decay=0.1, decay_params="matrices",

@@ -257,6 +257,8 @@ def test_an_evaluation_plan_is_fixed_seeded_and_bounded():
     assert len(some) == 3 and set(some) < set(whole) and some == evaluation_plan(cfg.replace(eval_batches=3), "test", 95, 95)
     assert some != evaluation_plan(cfg.replace(eval_batches=3, seed=1), "test", 95, 95)
     assert evaluation_plan(cfg.replace(eval_batches=30), "test", 95, 95) == whole  # more than there are: all
+    assert evaluation_plan(cfg.replace(eval_batches=3), "test", 95, 95, final=True) == whole  # the final figure
+    assert len(evaluation_plan(cfg.replace(eval_batches=3), "train", 1000, 95, final=True)) == 3
 
 
 

@@ -56,14 +56,16 @@ class Request:
 @dataclasses.dataclass(frozen=True)
 class Evaluate:
     """Part `part` of `of` of an evaluation of `split` ("train" or "test"): a contiguous run of the
-    evaluation's batches (step.evaluation_plan), answered with each batch's sums."""
+    evaluation's batches (step.evaluation_plan; `final`: the run's final figures), answered with
+    each batch's sums."""
 
     split: str
     part: int = 0
     of: int = 1
+    final: bool = False
 
     def to_dict(self) -> dict:
-        return {"split": self.split, "part": self.part, "of": self.of}
+        return {"split": self.split, "part": self.part, "of": self.of, "final": self.final}
 
 
 @dataclasses.dataclass

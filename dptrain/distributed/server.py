@@ -252,7 +252,7 @@ class ParameterServer:
         out, self._unreported = self._unreported, []
         return out
 
-    def evaluate(self, split: str = "test") -> dict:
+    def evaluate(self, split: str = "test", final: bool = False) -> dict:
         """Loss (and accuracy) of the current parameters on a split, as a data-parallel job: every
         worker evaluates its contiguous part of the evaluation's batches (step.evaluation_plan)
         and their batches' sums are added in order and divided once, so N workers give one
@@ -261,7 +261,7 @@ class ParameterServer:
         t0 = time.perf_counter()
         n = len(self.carrier)
         for t in self._active:
-            t.send_evaluation(split, n)
+            t.send_evaluation(split, n, final)
         deadline = time.monotonic() + self.cfg.step_timeout
         parts: dict = {}
         for t in self._active:

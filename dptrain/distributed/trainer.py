@@ -201,8 +201,8 @@ class Trainer:
         wall = time.perf_counter() - driving.start
         if cfg.out:
             fleet.server_call(fleet.ps.save_checkpoint.remote(), last)
-        final_train = fleet.server_call(fleet.ps.evaluate.remote("train"), last)
-        final_test = fleet.server_call(fleet.ps.evaluate.remote("test"), last)
+        final_train = fleet.server_call(fleet.ps.evaluate.remote("train", True), last)
+        final_test = fleet.server_call(fleet.ps.evaluate.remote("test", True), last)
         summary = summary_record(mlog, wall, final_train, final_test)
         summary["workers"] = len(fleet.workers)
         summary["nodes"] = len({p["node_id"] for p in fleet.placement})

@@ -116,7 +116,7 @@ class Worker:
         {"batches": [loss sum, correct, count] of each of its batches, "classification": ...}."""
         if params is not None:
             self.replica.load_parameters(params)
-        return {"batches": self.replica.evaluate(request.split, request.part, request.of),
+        return {"batches": self.replica.evaluate(request.split, request.part, request.of, request.final),
                 "classification": self.replica.task == "classification"}
 
     # ------------------------------------------------------------------ how the parameters arrive

@@ -84,14 +84,15 @@ class Transport(abc.ABC):
         or did not answer by `deadline` (time.monotonic()), which is killed: a hung worker must
         not come back stale."""
 
-    def send_evaluation(self, split: str, of: int) -> None:
+    def send_evaluation(self, split: str, of: int, final: bool = False) -> None:
         """Ask every worker carried for its part (its rank, of `of`) of an evaluation of the current
-        parameters on `split` (over Ray calls; a transport with a channel of its own overrides it)."""
+        parameters on `split` (`final`: the run's final figure; over Ray calls, which a transport
+        with a channel of its own replaces)."""
         import ray
         if not self.workers:
             return
         params = ray.put(self.view.parameters())
-        self._evaluating = {rank: w.evaluate.remote(Evaluate(split, rank, of), params)
+        self._evaluating = {rank: w.evaluate.remote(Evaluate(split, rank, of, final), params)
                             for rank, w in self.workers.items()}
 
     def receive_evaluation(self, deadline: float) -> dict:

@@ -107,12 +107,12 @@ class SharedMemoryTransport(Transport):
     def _gradient(self, rank: int, reply: dict) -> Gradient:
         return Gradient([self._by_rank[rank]], reply["meta"], reply["metrics"])
 
-    def send_evaluation(self, split: str, of: int) -> None:
+    def send_evaluation(self, split: str, of: int, final: bool = False) -> None:
         step = self.view.version()
         self._open_sessions(step)
         for rank, (chan, _) in list(self._sessions.items()):
             try:
-                chan.send({"op": "evaluate", **Evaluate(split, rank, of).to_dict()})
+                chan.send({"op": "evaluate", **Evaluate(split, rank, of, final).to_dict()})
             except control.ChannelClosed:
                 self._session_lost(rank, step)
 
@@ -311,8 +311,8 @@ class WorkerLink:
                             self.loaded = 0  # the server's next update changes them
                             reply = worker.compute(Request.from_dict(request), into=self.payload)[0]
                         elif op == "evaluate":
-                            reply = {"evaluation": worker.evaluate(Evaluate(request["split"], int(request["part"]),
-                                                                            int(request["of"])))}
+                            reply = {"evaluation": worker.evaluate(Evaluate(
+                                request["split"], int(request["part"]), int(request["of"]), bool(request.get("final"))))}
                         else:
                             reply = {"error": f"worker {worker.rank}: unknown request {op!r}"}
                 except Exception as e:
