@@ -101,25 +101,31 @@ class TinyTransformer(Module):
         self.norm = LayerNorm(d_model)
         self.head = Linear(d_model, vocab)
 
+    name = "transformer"  # in its errors
+
     def forward(self, idx):
         t = idx.shape[1]
         if t > self.block:
-            raise ValueError(f"transformer: sequences of {t} tokens, the model was built for {self.block}")
-        x = self.tok_emb(idx) + self.pos_emb(np.arange(t))
-        return self.head(self.norm(self.blocks(x)))
+            raise ValueError(f"{self.name}: sequences of {t} tokens, the model was built for {self.block}")
+        return self.head(self.norm(self.blocks(self._embed(idx, t))))
+
+    def _embed(self, idx, t: int):
+        return self.tok_emb(idx) + self.pos_emb(np.arange(t))
 
 
-class GPT(Module):
+class GPT(TinyTransformer):
     """nanoGPT's model: token and position embeddings, `n_layer` pre-norm blocks of causal
     self-attention and a 4x GELU MLP, a final LayerNorm, no biases, and the head tied to the
     token embedding (one parameter, listed under both names). GPT-2's initialisation: every
     matrix N(0, 0.02), the residual projections (attention's out_proj, the MLP's linear2)
     N(0, 0.02 / sqrt(2 n_layer)), norms at one. Inputs (batch, T <= block) of token ids,
-    outputs (batch, T, vocab)."""
+    outputs (batch, T, vocab). TinyTransformer's forward, with dropout after the embeddings."""
+
+    name = "gpt"
 
     def __init__(self, vocab: int, block: int, n_layer: int = 4, n_head: int = 4, n_embd: int = 128,
                  dropout: float = 0.0):
-        super().__init__()
+        Module.__init__(self)  # its own layers, not TinyTransformer's
         self.block = block
         self.tok_emb = Embedding(vocab, n_embd)
         self.pos_emb = Embedding(block, n_embd)
@@ -136,12 +142,8 @@ class GPT(Module):
                 std = residual if name.endswith(("out_proj.weight", "linear2.weight")) else 0.02
                 p.data[...] = rng.normal(0.0, std, p.data.shape)
 
-    def forward(self, idx):
-        t = idx.shape[1]
-        if t > self.block:
-            raise ValueError(f"gpt: sequences of {t} tokens, the model was built for {self.block}")
-        x = self.drop(self.tok_emb(idx) + self.pos_emb(np.arange(t)))
-        return self.head(self.norm(self.blocks(x)))
+    def _embed(self, idx, t: int):
+        return self.drop(super()._embed(idx, t))
 
 
 def gpt(input_shape, num_outputs, n_layer: int = 4, n_head: int = 4, n_embd: int = 128, dropout: float = 0.0):

@@ -116,18 +116,19 @@ class Replica:
         x, y = (self.x_test, self.y_test) if split == "test" else (self.x_train, self.y_train)
         plan = evaluation_plan(self.cfg, split, len(x), len(self.x_test), final)
         lo, hi = shard_bounds(len(plan), of, part)
-        out = []
+        sums = []
         self.model.eval()
         try:
             with no_grad():
                 for start, stop in plan[lo:hi]:
                     xb, yb = x[start:stop], y[start:stop]
-                    out_ = self.model(Tensor(xb))
-                    correct = count_correct(out_.data, yb) if self.task == "classification" else 0
-                    out.append([float(self.loss(out_, yb).data), int(correct), int(stop - start)])
+                    out = self.model(Tensor(xb))
+                    # a sequence's examples count the fraction of positions right: not a whole number
+                    correct = count_correct(out.data, yb) if self.task == "classification" else 0
+                    sums.append([float(self.loss(out, yb).data), correct, int(stop - start)])
         finally:
             self.model.train()
-        return out
+        return sums
 
     def evaluation(self, split: str = "test", final: bool = False) -> dict:
         """The split's loss (and accuracy) in this process: the whole evaluation's figure."""

@@ -206,8 +206,9 @@ class ShardedUpdate(Update):
                 for name, a in state["state"].items():
                     a[lo:hi] = st["optimizer"]["state"][name]
             state["steps"], state["lr"] = states[0]["optimizer"]["steps"], states[0]["optimizer"]["lr"]
-            self.optimizer.load_state_dict(state)
+            self.optimizer.load_state_dict(state)  # copies it in: `state` stays ours to hand out
             self._params_current = self._state_current = True
+            return self.flat.data, state
         return self.flat.data, self.optimizer.state_dict()
 
     def _settle(self, calls: list, step: int) -> list:

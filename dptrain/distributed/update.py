@@ -79,7 +79,6 @@ class LocalUpdate(Update):
     def __init__(self, model, optimizer, codec: Codec, max_norm: float | None = None):
         self.model, self.optimizer, self.codec, self.max_norm = model, optimizer, codec, max_norm
         self.flat = optimizer.flat
-        self._applied = False
 
     def apply(self, step, gradients, count, lr, transports, notify):
         addends = self.codec.addends([g.parts[0] for g in gradients], [g.meta[0] for g in gradients])
@@ -91,7 +90,6 @@ class LocalUpdate(Update):
         for t in transports:
             t.updating(True, step)
         squares = apply_mean_gradient(self.optimizer, addends, count, lr, self.max_norm, final if watching else None)
-        self._applied = True
         for t in transports:
             t.updating(False, step + 1)
         return squares ** 0.5
@@ -104,7 +102,7 @@ class LocalUpdate(Update):
 
     def restore(self, state):
         if state is None:
-            if self._applied:  # never asked of a used server (recovery restores into a new one)
+            if self.optimizer.steps:  # never asked of a used server (recovery restores into a new one)
                 raise RuntimeError("the server's initial parameters were updated: there is no initial state to restore")
             return
         params, optimizer_state, _ = state

@@ -122,7 +122,7 @@ class Optimizer:
         for option in self.GROUP_OPTIONS:
             if not any(option in g for g in self.param_groups):
                 continue
-            values = np.zeros(self.flat.size, dtype=backend.to_numpy(self.flat.data[:1]).dtype)
+            values = np.zeros(self.flat.size, dtype=self.flat.data.dtype)
             for p, (shape, offset) in zip(params, zip(self.flat.shapes, self.flat.offsets)):
                 value = _check(option, group_of[id(p)].get(option, defaults[option]))
                 values[offset:offset + int(np.prod(shape, dtype=np.int64))] = value
