@@ -29,7 +29,7 @@ import time
 
 import ray
 
-from .. import compress
+from .. import backend, compress
 from ..blocks import build_optimizer, build_schedule
 from ..config import TrainConfig
 from ..models import ModelFactory, layout
@@ -56,6 +56,7 @@ class ParameterServer:
                  run_key: str = "run", watch_name: str | None = None):
         cfg = TrainConfig.from_dict(config)
         self.config = config
+        backend.retain_freed_memory()  # the update's temporaries, every step
         self.checkpoints = os.path.join(cfg.out, "checkpoints") if cfg.out else None
         self._checkpoint_failing = False  # the last checkpoint could not be written (a full disk)
         # the server's arithmetic is a few vector ops over arrays that arrive in host memory: CPU

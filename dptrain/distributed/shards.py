@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .. import compress
+from .. import backend, compress
 from ..config import TrainConfig
 from ..blocks import build_optimizer
 from ..nn.flat import ALIGN_BYTES
@@ -59,6 +59,7 @@ class ServerShard:
         self.cfg = TrainConfig.from_dict(config).replace(device="cpu", gpus_per_worker=0.0, decay_params="all")
         self.index = index
         self.optimizer = None
+        backend.retain_freed_memory()
         self.codec = None  # the range's payloads become the addends of its mean gradient
         self.lo = self.hi = 0
         self.step = 0

@@ -36,6 +36,7 @@ class Worker:
     def __init__(self, config: dict, factory: ModelFactory, loss, dataset: Dataset, rank: int, num_workers: int):
         self.cfg = TrainConfig.from_dict(config)
         self.rank, self.num_workers = rank, num_workers
+        backend.retain_freed_memory()  # a step's arrays are allocated and freed again: keep them
         self.replica = Replica(self.cfg, dataset, factory, loss)
         self.sampler = BatchSampler(len(dataset), self.cfg.batch_size, self.cfg.seed)
         self.link = None  # our end of the shared-memory transport, while we use it

@@ -321,10 +321,12 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, bias: 
         raise ValueError(f"layer_norm: input of shape {a.shape} does not end in normalized_shape {shape}")
     axes = tuple(range(a.ndim - len(shape), a.ndim))
     lead = tuple(range(a.ndim - len(shape)))
-    mu = a.mean(axis=axes, keepdims=True)
-    centered = a - mu
-    rstd = 1.0 / xp.sqrt((centered * centered).mean(axis=axes, keepdims=True) + a.dtype.type(eps))
-    xhat = centered * rstd
+    xhat = a - a.mean(axis=axes, keepdims=True)  # centred, then scaled in place
+    var = (xhat * xhat).mean(axis=axes, keepdims=True)
+    var += a.dtype.type(eps)
+    rstd = xp.sqrt(var, out=var)
+    xp.divide(a.dtype.type(1.0), rstd, out=rstd)
+    xhat *= rstd
     out = xhat * weight.data if weight is not None else xhat.copy()
     if bias is not None:
         out += bias.data
@@ -341,7 +343,9 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, bias: 
             gxhat = g * weight.data if weight is not None else g
             mean_g = gxhat.sum(axis=axes, keepdims=True) / m
             mean_gx = (gxhat * xhat).sum(axis=axes, keepdims=True) / m
-            gx = rstd * (gxhat - mean_g - xhat * mean_gx)
+            gx = gxhat - mean_g
+            gx -= xhat * mean_gx
+            gx *= rstd
         return (gx,) + ((gw,) if weight is not None else ()) + ((gb,) if bias is not None else ())
     parents = (x,) + ((weight,) if weight is not None else ()) + ((bias,) if bias is not None else ())
     return Tensor._make(out, parents, _backward, "layer_norm")
@@ -401,12 +405,20 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     xp = backend.array_module(a)
     dt = a.dtype.type
     if approximate == "none":
-        cdf = dt(0.5) * (dt(1.0) + backend.erf(a * dt(1 / math.sqrt(2))))
+        cdf = backend.erf(a * dt(1 / math.sqrt(2)))
+        cdf += dt(1.0)
+        cdf *= dt(0.5)
         out = a * cdf
 
-        def _backward(g):
-            pdf = xp.exp(dt(-0.5) * a * a) * dt(1 / math.sqrt(2 * math.pi))
-            return (g * (cdf + a * pdf),)
+        def _backward(g):  # g * (cdf + a * pdf), pdf = exp(-a^2 / 2) / sqrt(2 pi), in one buffer
+            d = a * a
+            d *= dt(-0.5)
+            xp.exp(d, out=d)
+            d *= dt(1 / math.sqrt(2 * math.pi))
+            d *= a
+            d += cdf
+            d *= g
+            return (d,)
     elif approximate == "tanh":
         c = dt(math.sqrt(2 / math.pi))
         t = xp.tanh(c * (a + dt(0.044715) * a * a * a))
@@ -418,6 +430,19 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     else:
         raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
     return Tensor._make(out, (x,), _backward, "gelu")
+
+
+_MASKS: dict = {}
+
+
+def _causal_mask(xp, t: int, dtype):
+    """(T, T): 0 where position i may see j <= i, -inf above the diagonal; kept per (T, dtype)."""
+    key = (xp.__name__, t, np.dtype(dtype).str)
+    mask = _MASKS.get(key)
+    if mask is None:
+        mask = xp.where(xp.triu(xp.ones((t, t), dtype=bool), k=1), dtype.type(-np.inf), dtype.type(0))
+        _MASKS[key] = mask
+    return mask
 
 
 def self_attention(qkv: Tensor, num_heads: int, causal: bool = True) -> Tensor:
@@ -440,23 +465,25 @@ def self_attention(qkv: Tensor, num_heads: int, causal: bool = True) -> Tensor:
     heads = a.reshape(b, t, 3, num_heads, d).transpose(2, 0, 3, 1, 4)  # (3, B, H, T, d)
     q, k, v = heads[0], heads[1], heads[2]
     scale = a.dtype.type(1.0 / math.sqrt(d))
-    scores = (q @ k.swapaxes(-1, -2)) * scale  # (B, H, T, T)
+    scores = q @ k.swapaxes(-1, -2)  # (B, H, T, T), then softmax(scores * scale) in place
+    scores *= scale
     if causal:
-        future = xp.triu(xp.ones((t, t), dtype=bool), k=1)
-        scores = xp.where(future, a.dtype.type(-np.inf), scores)
+        scores += _causal_mask(xp, t, a.dtype)
     scores -= scores.max(axis=-1, keepdims=True)
-    p = xp.exp(scores)
+    p = xp.exp(scores, out=scores)
     p /= p.sum(axis=-1, keepdims=True)
     out = (p @ v).transpose(0, 2, 1, 3).reshape(b, t, e)
 
     def _backward(g):
         go = g.reshape(b, t, num_heads, d).transpose(0, 2, 1, 3)  # (B, H, T, d)
-        gv = p.swapaxes(-1, -2) @ go
-        gp = go @ v.swapaxes(-1, -2)
-        gs = p * (gp - (gp * p).sum(axis=-1, keepdims=True))
+        grad = xp.empty((b, t, 3, num_heads, d), dtype=a.dtype)  # qkv's layout; heads as views of it
+        gq, gk, gv = (grad[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
+        xp.matmul(p.swapaxes(-1, -2), go, out=gv)
+        gs = go @ v.swapaxes(-1, -2)  # d loss / d p, then d loss / d scores in place
+        gs -= (gs * p).sum(axis=-1, keepdims=True)
+        gs *= p
         gs *= scale
-        gq = gs @ k
-        gk = gs.swapaxes(-1, -2) @ q
-        grad = xp.stack([gq, gk, gv])  # (3, B, H, T, d)
-        return (grad.transpose(1, 3, 0, 2, 4).reshape(b, t, e3),)
+        xp.matmul(gs, k, out=gq)
+        xp.matmul(gs.swapaxes(-1, -2), q, out=gk)
+        return (grad.reshape(b, t, e3),)
     return Tensor._make(out, (qkv,), _backward, "self_attention")
