@@ -119,7 +119,8 @@ class GPT(TinyTransformer):
     token embedding (one parameter, listed under both names). GPT-2's initialisation: every
     matrix N(0, 0.02), the residual projections (attention's out_proj, the MLP's linear2)
     N(0, 0.02 / sqrt(2 n_layer)), norms at one. Inputs (batch, T <= block) of token ids,
-    outputs (batch, T, vocab). TinyTransformer's forward, with dropout after the embeddings."""
+    outputs (batch, T, vocab). TinyTransformer's forward, with dropout after the embeddings
+    (the blocks drop attention weights and residual outputs: nanoGPT's attn and resid dropout)."""
 
     name = "gpt"
 

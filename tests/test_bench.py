@@ -36,3 +36,20 @@ def test_engine_benchmark_quick_run(tmp_path):
     for res in results["layers"].values():  # each checked against the hand-written step's loss before timing
         assert res["hand_ms"] > 0 and res["engine_ms"] > 0
     assert "ratio" in r.stdout and "wrote" in r.stdout
+
+
+def test_the_recipe_benchmark_refuses_bad_flags_before_running(tmp_path, capsys):
+    """dptrain bench --recipe: one line naming the flag and exit 2, nothing started or written."""
+    from dptrain.scaling import bench_recipe
+    text, out = tmp_path / "t.txt", tmp_path / "r.json"
+    text.write_text("some text\n")
+    for flags, said in [(["--text", str(tmp_path / "none.txt")], "--text"), (["--steps", "0"], "--steps must be >= 1"),
+                        (["--text", str(text), "--runs", "dptrain:0"], "--runs: 'dptrain:0'"),
+                        (["--text", str(text), "--runs", "jax:1"], "--runs: 'jax:1'")]:
+        assert bench_recipe.main(["--out", str(out), *flags]) == 2
+        err = capsys.readouterr().err
+        assert said in err and len(err.strip().splitlines()) == 1, err
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "bench", "--recipe", "--out", str(out), "--text",
+                        str(tmp_path / "none.txt")], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 2 and "--text" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()

@@ -14,6 +14,11 @@ def _dropout(x):
         return F.dropout(x, 0.3, True, key=7)
 
 
+def _attention_dropout(qkv):
+    with nn.random.context(seed=1, step=3, positions=np.arange(qkv.shape[0])):
+        return F.self_attention(qkv, 2, causal=True, dropout_p=0.4, key=5)
+
+
 _SEQ_LABELS = np.array([[0, 2, 1], [3, 3, 0]])
 _EMB_INDEX = np.array([[0, 2, 2], [1, 0, 2]])
 
@@ -38,6 +43,7 @@ LAYER_OPS = [
     ("gelu_tanh", lambda x: F.gelu(x, "tanh"), [(3, 7)]),
     ("self_attention_causal", lambda qkv: F.self_attention(qkv, 2, causal=True), [(2, 5, 12)]),
     ("self_attention_full", lambda qkv: F.self_attention(qkv, 2, causal=False), [(2, 5, 12)]),
+    ("self_attention_dropout", _attention_dropout, [(2, 5, 12)]),
     ("linear_leading_axes", lambda x, w, b: F.linear(x, w, b), [(2, 3, 4), (5, 4), (5,)]),
     ("cross_entropy_sequence", lambda z: F.cross_entropy(z, _SEQ_LABELS, reduction="sum"), [(2, 3, 4)]),
     ("embedding_repeats", lambda w: F.embedding(_EMB_INDEX, w), [(4, 3)]),
@@ -202,6 +208,29 @@ def test_dropout_masks_are_a_function_of_seed_step_position_and_layer():
     np.testing.assert_array_equal(mask(0, 3, np.arange(6), 1), whole)  # replayed: the same
     for other in (mask(1, 3, np.arange(6), 1), mask(0, 4, np.arange(6), 1), mask(0, 3, np.arange(6), 2)):
         assert not np.array_equal(other, whole)
+
+
+def test_attention_dropout_drops_weights_as_a_direct_computation():
+    """dropout(softmax(q k^T / sqrt(d))) v with the mask nn.random gives the weights' shape; off in
+    eval mode; a module's dropout reaches it (TransformerBlock passes its own, as PyTorch's)."""
+    rng = np.random.default_rng(3)
+    b, t, h, d = 2, 5, 2, 3
+    qkv = rng.standard_normal((b, t, 3 * h * d))
+    positions = np.arange(b)
+    with nn.random.context(seed=4, step=2, positions=positions):
+        out = F.self_attention(dp.Tensor(qkv), h, causal=True, dropout_p=0.5, key=9).data
+        kept = (nn.random.uniform(np, (b, h, t, t), np.float64, 9) >= 0.5) * 2.0
+        plain = F.self_attention(dp.Tensor(qkv), h, causal=True, dropout_p=0.5, training=False, key=9).data
+    q, k, v = qkv.reshape(b, t, 3, h, d).transpose(2, 0, 3, 1, 4)
+    scores = q @ k.swapaxes(-1, -2) / np.sqrt(d) + np.triu(np.full((t, t), -np.inf), 1)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    expect = ((weights * kept) @ v).transpose(0, 2, 1, 3).reshape(b, t, h * d)
+    np.testing.assert_allclose(out, expect, rtol=1e-12)
+    np.testing.assert_allclose(plain, (weights @ v).transpose(0, 2, 1, 3).reshape(b, t, h * d), rtol=1e-12)
+    assert nn.TransformerBlock(6, 2, dropout=0.3).self_attn.dropout == 0.3
+    with pytest.raises(ValueError, match="dropout"):
+        nn.MultiheadSelfAttention(6, 2, dropout=1.0)
 
 
 def test_bad_layer_arguments_are_named():

@@ -322,3 +322,24 @@ def test_sample_is_deterministic_for_a_seed_and_refuses_bad_input(tmp_path):
         assert r.returncode == 2 and said in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = cli(str(tmp_path / "run"), "--prompt", "the ", "--tokens", "40", "--seed", "1")
     assert r.returncode == 0 and r.stdout == "the " + a + "\n"
+
+
+SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare.txt"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason="needs ../shared/data/tinyshakespeare.txt")
+def test_gpt_learns_tiny_shakespeare_well_below_the_unigram_baseline():
+    """A short run of the recipe's settings on a smaller gpt (one process): the whole held-out
+    split's loss falls well below what the training split's character frequencies give it."""
+    cfg = dp.TrainConfig(data=str(SHAKESPEARE), seq_len=32, model="gpt", n_layer=2, n_head=2, n_embd=64,
+                         batch_size=16, steps=200, optimizer="adamw", lr=3e-3, betas=[0.9, 0.99],
+                         weight_decay=0.1, decay_params="matrices", clip_grad_norm=1.0, schedule="cosine",
+                         warmup=20, min_lr=3e-4, eval_batch_size=256, eval_batches=2, seed=1337,
+                         log_every=10 ** 9)
+    data = dp.data.load_dataset(path=str(SHAKESPEARE), seq_len=32)
+    counts = np.bincount(data.y_train.astype(np.int64).ravel(), minlength=data.num_outputs) + 1.0
+    unigram = float(-np.log(counts / counts.sum())[data.y_test.astype(np.int64)].mean())
+    result = dp.train_local(cfg)
+    assert 3.0 < unigram < 3.6  # English letters: about 4.8 bits a character
+    assert result.summary["test_loss"] < unigram - 0.6, (result.summary["test_loss"], unigram)

@@ -445,15 +445,20 @@ def _causal_mask(xp, t: int, dtype):
     return mask
 
 
-def self_attention(qkv: Tensor, num_heads: int, causal: bool = True) -> Tensor:
+def self_attention(qkv: Tensor, num_heads: int, causal: bool = True, dropout_p: float = 0.0,
+                   training: bool = True, key: int = 0) -> Tensor:
     """Multi-head scaled dot-product self-attention on packed projections.
 
     qkv (batch, T, 3 * E) holds the queries, keys and values side by side (as
     `in_proj` makes them); each of `num_heads` heads attends over E / num_heads
     features; with `causal` position t sees positions <= t only. Returns (batch, T, E),
-    the heads' outputs side by side. One node: its backward is the standard one
-    through softmax(Q K^T / sqrt(d)) V.
+    the heads' outputs side by side. With `dropout_p` (in training) the attention weights
+    are dropped as nanoGPT's attn_dropout does, masks from nn.random under `key` as
+    `dropout`'s. One node: its backward is the standard one through
+    dropout(softmax(Q K^T / sqrt(d))) V.
     """
+    if not 0 <= dropout_p < 1:
+        raise ValueError(f"self_attention: dropout_p must be in [0, 1), got {dropout_p}")
     a = qkv.data
     xp = backend.array_module(a)
     if a.ndim != 3 or a.shape[2] % (3 * num_heads):
@@ -472,14 +477,19 @@ def self_attention(qkv: Tensor, num_heads: int, causal: bool = True) -> Tensor:
     scores -= scores.max(axis=-1, keepdims=True)
     p = xp.exp(scores, out=scores)
     p /= p.sum(axis=-1, keepdims=True)
-    out = (p @ v).transpose(0, 2, 1, 3).reshape(b, t, e)
+    kept = None  # the dropped weights' mask, scaled by 1 / (1 - dropout_p)
+    if training and dropout_p > 0:
+        kept = (nn_random.uniform(xp, p.shape, a.dtype, key) >= dropout_p) * a.dtype.type(1.0 / (1.0 - dropout_p))
+    out = ((p if kept is None else p * kept) @ v).transpose(0, 2, 1, 3).reshape(b, t, e)
 
     def _backward(g):
         go = g.reshape(b, t, num_heads, d).transpose(0, 2, 1, 3)  # (B, H, T, d)
         grad = xp.empty((b, t, 3, num_heads, d), dtype=a.dtype)  # qkv's layout; heads as views of it
         gq, gk, gv = (grad[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-        xp.matmul(p.swapaxes(-1, -2), go, out=gv)
+        xp.matmul((p if kept is None else p * kept).swapaxes(-1, -2), go, out=gv)
         gs = go @ v.swapaxes(-1, -2)  # d loss / d p, then d loss / d scores in place
+        if kept is not None:
+            gs *= kept
         gs -= (gs * p).sum(axis=-1, keepdims=True)
         gs *= p
         gs *= scale

@@ -178,15 +178,20 @@ class MultiheadSelfAttention(Module):
     """Multi-head self-attention over (batch, T, embed_dim), causal by default.
 
     Parameters as PyTorch's MultiheadAttention: `in_proj_weight` (3E, E) Xavier-uniform,
-    `in_proj_bias` zeros, `out_proj` a Linear whose bias starts at zero.
+    `in_proj_bias` zeros, `out_proj` a Linear whose bias starts at zero. `dropout` drops
+    attention weights in train() mode (as MultiheadAttention's, and nanoGPT's attn_dropout);
+    `random_key` keys its masks as Dropout's.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, causal: bool = True, bias: bool = True, dtype="float32",
-                 rng: np.random.Generator | None = None):
+                 rng: np.random.Generator | None = None, dropout: float = 0.0):
         super().__init__()
         if embed_dim < 1 or num_heads < 1 or embed_dim % num_heads:
             raise ValueError(f"MultiheadSelfAttention: embed_dim {embed_dim} must be a positive multiple of "
                              f"num_heads {num_heads}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"MultiheadSelfAttention: dropout must be in [0, 1), got {dropout}")
+        self.dropout, self.random_key = dropout, 0
         dt = as_dtype(dtype)
         self.embed_dim, self.num_heads, self.causal = embed_dim, num_heads, causal
         bound = math.sqrt(6.0 / (embed_dim + 3 * embed_dim))  # xavier_uniform_ on (3E, E)
@@ -200,7 +205,8 @@ class MultiheadSelfAttention(Module):
         if x.ndim != 3 or x.shape[2] != self.embed_dim:
             raise ValueError(f"MultiheadSelfAttention: input must be (batch, T, {self.embed_dim}), got {x.shape}")
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)
-        return self.out_proj(F.self_attention(qkv, self.num_heads, self.causal))
+        return self.out_proj(F.self_attention(qkv, self.num_heads, self.causal, self.dropout, self.training,
+                                              self.random_key))
 
     def __repr__(self) -> str:
         return f"MultiheadSelfAttention({self.embed_dim}, num_heads={self.num_heads}, causal={self.causal})"
@@ -210,7 +216,8 @@ class TransformerBlock(Module):
     """A pre-norm transformer block: x + attn(norm1(x)), then + linear2(gelu(linear1(norm2(x)))).
 
     Names as PyTorch's TransformerEncoderLayer(norm_first=True): self_attn, linear1,
-    linear2, norm1, norm2; `dropout` applies after attention and after the MLP; `bias=False`
+    linear2, norm1, norm2; `dropout` applies to the attention weights, after attention and after
+    the MLP (as there); `bias=False`
     leaves out every bias (the norms' too), as nanoGPT's blocks.
     """
 
@@ -219,7 +226,8 @@ class TransformerBlock(Module):
         super().__init__()
         ff = 4 * d_model if dim_feedforward is None else dim_feedforward
         self.norm1 = LayerNorm(d_model, dtype=dtype, bias=bias)
-        self.self_attn = MultiheadSelfAttention(d_model, nhead, causal=causal, bias=bias, dtype=dtype, rng=rng)
+        self.self_attn = MultiheadSelfAttention(d_model, nhead, causal=causal, bias=bias, dtype=dtype, rng=rng,
+                                                dropout=dropout)
         self.dropout1 = Dropout(dropout)
         self.norm2 = LayerNorm(d_model, dtype=dtype, bias=bias)
         self.linear1 = Linear(d_model, ff, bias=bias, dtype=dtype, rng=rng)

@@ -196,16 +196,32 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 
 def add_parser(sub) -> None:
-    """`dptrain bench`: runs this module in a fresh process with BLAS pinned to one thread."""
-    add_arguments(sub.add_parser("bench", help="engine benchmark: a training step against hand-written numpy",
-                                 description=__doc__.split("\n")[0]))
+    """`dptrain bench`: runs this module in a fresh process with BLAS pinned to one thread;
+    `dptrain bench --recipe`: nanoGPT's Shakespeare recipe beside PyTorch (bench_recipe.py)."""
+    from . import bench_recipe
+    ap = sub.add_parser("bench", help="engine benchmark: a training step against hand-written numpy; "
+                        "--recipe: nanoGPT's Shakespeare recipe beside PyTorch", description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
+    ap.add_argument("--out", default=None,
+                    help="where to write the results (JSON; default benchmarks/engine.json, with --recipe "
+                         "benchmarks/recipe.json)")
+    recipe = ap.add_argument_group("the recipe (--recipe)")
+    recipe.add_argument("--recipe", action="store_true",
+                        help="run nanoGPT's Shakespeare recipe on dptrain (1, 2 workers) and PyTorch (1, 2 threads)")
+    bench_recipe.add_arguments(recipe)
 
 
 def run(args) -> int:
     import subprocess
     import sys
     env = dict(os.environ, **{v: "1" for v in BLAS_THREADS})
-    cmd = [sys.executable, "-m", "dptrain.scaling.bench", "--out", args.out] + (["--quick"] if args.quick else [])
+    if args.recipe:
+        cmd = [sys.executable, "-m", "dptrain.scaling.bench_recipe", "--out", args.out or "benchmarks/recipe.json",
+               "--steps", str(args.steps), "--text", args.text, "--torch-python", args.torch_python,
+               "--runs", args.runs]
+    else:
+        cmd = [sys.executable, "-m", "dptrain.scaling.bench", "--out", args.out or "benchmarks/engine.json"]
+        cmd += ["--quick"] if args.quick else []
     return subprocess.run(cmd, env=env).returncode
 
 
