@@ -234,9 +234,11 @@ def embedded_cpus(workers: int, cpus_per_worker: float, requested: int | None) -
     return max(os.cpu_count() or 1, math.ceil(workers * cpus_per_worker))
 
 
-def check_resources(workers: int, cpus_per_worker: float, gpus_per_worker: float) -> None:
-    """Refuse, with the numbers, a job the cluster can never place (instead of waiting forever)."""
-    total = ray.cluster_resources()
+def check_resources(workers: int, cpus_per_worker: float, gpus_per_worker: float, total: dict | None = None) -> None:
+    """Refuse, with the numbers, a job the cluster can never place (instead of waiting forever).
+    `total`: the cluster's resources (default: the connected cluster's; an embedded Ray's are
+    known before it starts)."""
+    total = ray.cluster_resources() if total is None else total
     for kind, per in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
         need = workers * per
         have = total.get(kind, 0.0)

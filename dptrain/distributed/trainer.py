@@ -137,9 +137,11 @@ class Trainer:
         steps = total_steps(cfg, len(dataset))
         self._check_out_folder(layout(factory.on("cpu")()), steps)
         steps_per_epoch = BatchSampler(len(dataset), cfg.batch_size).steps_per_epoch
+        cpus = embedded_cpus(cfg.replicas, cfg.cpus_per_worker, cfg.cpus)
+        if not (cfg.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):  # to be started here:
+            check_resources(cfg.replicas, cfg.cpus_per_worker, 0.0, {"CPU": cpus})  # refused before it starts
         t1 = time.perf_counter()
-        started = connect(cfg.address, num_cpus=embedded_cpus(cfg.replicas, cfg.cpus_per_worker, cfg.cpus),
-                          num_gpus=None)
+        started = connect(cfg.address, num_cpus=cpus, num_gpus=None)
         t2 = time.perf_counter()
         key = run_key(cfg.out)
         fleet = None
