@@ -54,7 +54,8 @@ def dptrain_run(steps: int, workers: int, text: Path = TEXT) -> dict:
     times = [rec["time_s"] for rec in result.metrics["steps"][20:]]
     return {"bench": "recipe", "impl": "dptrain", "workers": workers, "steps": steps, "wall_s": round(wall, 2),
             "median_step_ms": round(1e3 * statistics.median(times), 2), "eval_s": round(s["eval_s"], 2),
-            "test_loss": round(s["test_loss"], 4), "train_loss_estimate": round(s["train_loss"], 4)}
+            "test_loss": round(s["test_loss"], 4), "train_loss_estimate": round(s["train_loss"], 4),
+            **{k: round(s[k], 2) for k in ("ray_init_s", "startup_s") if s.get(k) is not None}}
 
 
 def torch_run(steps: int, threads: int, text: Path = TEXT) -> dict:
