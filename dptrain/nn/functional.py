@@ -432,6 +432,15 @@ def gelu(x: Tensor, approximate: str = "none") -> Tensor:
     return Tensor._make(out, (x,), _backward, "gelu")
 
 
+def _product_into(dest, a, b) -> None:
+    """dest[...] = a @ b for a strided view `dest`: numpy's matmul writes it in place; cupy's
+    documentation promises no such out, so there the product is assigned."""
+    if backend.array_module(dest) is np:
+        np.matmul(a, b, out=dest)
+    else:
+        dest[...] = a @ b
+
+
 _MASKS: dict = {}
 
 
@@ -486,14 +495,14 @@ def self_attention(qkv: Tensor, num_heads: int, causal: bool = True, dropout_p: 
         go = g.reshape(b, t, num_heads, d).transpose(0, 2, 1, 3)  # (B, H, T, d)
         grad = xp.empty((b, t, 3, num_heads, d), dtype=a.dtype)  # qkv's layout; heads as views of it
         gq, gk, gv = (grad[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
-        xp.matmul((p if kept is None else p * kept).swapaxes(-1, -2), go, out=gv)
+        _product_into(gv, (p if kept is None else p * kept).swapaxes(-1, -2), go)
         gs = go @ v.swapaxes(-1, -2)  # d loss / d p, then d loss / d scores in place
         if kept is not None:
             gs *= kept
         gs -= (gs * p).sum(axis=-1, keepdims=True)
         gs *= p
         gs *= scale
-        xp.matmul(gs, k, out=gq)
-        xp.matmul(gs.swapaxes(-1, -2), q, out=gk)
+        _product_into(gq, gs, k)
+        _product_into(gk, gs.swapaxes(-1, -2), q)
         return (grad.reshape(b, t, e3),)
     return Tensor._make(out, (qkv,), _backward, "self_attention")
