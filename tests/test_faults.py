@@ -39,6 +39,23 @@ def test_worker_killed_mid_run_is_replaced(ray_local, clean, tmp_path):
     _same(result.params, clean)
 
 
+def test_an_evaluation_cut_short_by_a_lost_worker_is_run_after_the_recovery(ray_local):
+    """A worker dies inside the held-out evaluation after step 9 (--eval-every 5) and another inside
+    the one that ends epoch 0 (step 16): the steps were done, their records logged without their
+    evaluations; after each recovery the server, holding those steps' parameters, evaluates them:
+    every evaluation and epoch record is there, with one process's figures."""
+    cfg = dp.TrainConfig(workers=3, eval_every=5, **BASE)
+    local = dp.train_local(cfg).metrics
+    result = dp.Trainer(cfg, faults=[{"rank": 1, "step": 9, "kind": "evaluation_exit"},
+                                     {"rank": 2, "step": 16, "kind": "evaluation_exit"}]).fit()
+    assert result.summary["failures_survived"] == 2
+    assert [r["step"] for r in result.metrics["steps"]] == list(range(24))
+    for kind in ("evaluations", "epochs"):
+        assert [e["step"] for e in result.metrics[kind]] == [e["step"] for e in local[kind]], kind
+        for got, want in zip(result.metrics[kind], local[kind]):
+            assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-10), (kind, got["step"])
+
+
 def test_server_killed_restarts_from_checkpoint(ray_local, clean, tmp_path):
     cfg = dp.TrainConfig(workers=3, out=str(tmp_path), checkpoint_every=4, **BASE)
     result = dp.Trainer(cfg, faults=[{"role": "server", "step": 14, "kind": "exit"}]).fit()

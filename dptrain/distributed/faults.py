@@ -8,7 +8,8 @@ which tests race it with an impostor), or {"role": "server", "step": k, "kind":
 exit|hang} for the server, or {"role": "shard", "index": j, "step": k, "kind": exit|hang}
 for server shard j (--servers K > 1), at its update of step k.
 raise: an exception in the worker's code; exit: the process dies; nan: a NaN in the
-gradient; hang: a sleep (an hour unless `seconds`). The trainer spawns these
+gradient; hang: a sleep (an hour unless `seconds`); evaluation_exit: the process dies in
+the held-out evaluation that follows step k (an epoch's end or --eval-every's). The trainer spawns these
 subclasses only when it is given faults; a replacement actor gets only the faults
 of steps not yet reached, so it does not repeat the one that killed its predecessor.
 (What a dead machine does is tested from outside the library: tests/test_cluster_faults.py.)
@@ -23,7 +24,7 @@ from .server import ParameterServer
 from .shards import ServerShard
 from .worker import Worker
 
-WORKER_KINDS = ("raise", "exit", "nan", "hang", "slow_connect")
+WORKER_KINDS = ("raise", "exit", "nan", "hang", "slow_connect", "evaluation_exit")
 SERVER_KINDS = ("exit", "hang")
 
 
@@ -72,7 +73,8 @@ class FaultyWorker(Worker):
     def _gradient(self, request):
         # at the first step computed at or after the fault's (a relaxed run's worker may skip steps)
         step = request.step
-        due = [s for s in self.faults if s <= step]
+        self.computed = step
+        due = [s for s in self.faults if s <= step and self.faults[s]["kind"] != "evaluation_exit"]
         fault = self.faults.pop(min(due)) if due else None
         kind = fault and fault["kind"]
         if kind == "raise":
@@ -86,6 +88,12 @@ class FaultyWorker(Worker):
             self.replica.flat.grad[0] = float("nan")
             metrics["finite"] = False
         return metrics
+
+    def evaluate(self, request, params=None):
+        fault = self.faults.get(getattr(self, "computed", None))
+        if fault and fault["kind"] == "evaluation_exit":  # in the evaluation after that step
+            os._exit(1)
+        return super().evaluate(request, params)
 
 
 class FaultyServer(ParameterServer):

@@ -309,6 +309,21 @@ class _Driving:
         epoch = self.mlog.end_epoch(step // self.steps_per_epoch, step, evaluation)
         self.reached = reached_target(self.cfg, epoch, self.mlog, time.perf_counter() - self.start)
 
+    def _evaluation_cut_short(self, step: int) -> None:
+        """Run the held-out evaluation that should have followed `step` (the last one logged) if the
+        loss cut it short: its record arrived without it. The server, at step + 1, holds exactly
+        the parameters it was to evaluate."""
+        fleet, every = self.fleet, self.cfg.eval_every
+        if step < 0:
+            return
+        epoch_end = (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.steps  # as _log tells them
+        if epoch_end:
+            if self.mlog.epoch_open:
+                self._end_epoch(step, fleet.server_call(fleet.ps.evaluate.remote("test"), step + 1))
+        elif every and (step + 1) % every == 0 and not (self.mlog.evaluations
+                                                        and self.mlog.evaluations[-1]["step"] == step):
+            self.mlog.evaluation(step, fleet.server_call(fleet.ps.evaluate.remote("test"), step + 1))
+
     def _recover(self, error: WorkerLost | ServerLost) -> int:
         """Replace what was lost (recovery.decide says what; a loss found while recovering counts
         too), then rewind the log to the server's step; that step."""
@@ -323,9 +338,8 @@ class _Driving:
                             self.failures, self.cfg.max_failures)
                 fleet.recover(decision, recorded=self.mlog.next_step)
                 first = self._server_step()
-                if self.mlog.epoch_open and first == self.mlog.next_step and first % self.steps_per_epoch == 0:
-                    # the loss cut an epoch's evaluation short: the server holds its parameters
-                    self._end_epoch(first - 1, fleet.server_call(fleet.ps.evaluate.remote("test"), first))
+                if first == self.mlog.next_step:
+                    self._evaluation_cut_short(first - 1)
                 break
             except (WorkerLost, ServerLost) as again:
                 error = again
