@@ -228,6 +228,11 @@ def test_attention_dropout_drops_weights_as_a_direct_computation():
     expect = ((weights * kept) @ v).transpose(0, 2, 1, 3).reshape(b, t, h * d)
     np.testing.assert_allclose(out, expect, rtol=1e-12)
     np.testing.assert_allclose(plain, (weights @ v).transpose(0, 2, 1, 3).reshape(b, t, h * d), rtol=1e-12)
+    shorter = F.self_attention(dp.Tensor(qkv[:, :3]), h, causal=True).data  # the longer mask's corner
+    s3 = scores[:, :, :3, :3]
+    w3 = np.exp(s3 - s3.max(-1, keepdims=True))
+    w3 /= w3.sum(-1, keepdims=True)
+    np.testing.assert_allclose(shorter, (w3 @ v[:, :, :3]).transpose(0, 2, 1, 3).reshape(b, 3, h * d), rtol=1e-12)
     assert nn.TransformerBlock(6, 2, dropout=0.3).self_attn.dropout == 0.3
     with pytest.raises(ValueError, match="dropout"):
         nn.MultiheadSelfAttention(6, 2, dropout=1.0)

@@ -445,13 +445,15 @@ _MASKS: dict = {}
 
 
 def _causal_mask(xp, t: int, dtype):
-    """(T, T): 0 where position i may see j <= i, -inf above the diagonal; kept per (T, dtype)."""
-    key = (xp.__name__, t, np.dtype(dtype).str)
+    """(T, T): 0 where position i may see j <= i, -inf above the diagonal. One mask per array
+    module and dtype, of the longest T asked for: a shorter T's is its top-left corner (so
+    sampling token by token, T = 1, 2, ..., keeps one mask, not one per length)."""
+    key = (xp.__name__, np.dtype(dtype).str)
     mask = _MASKS.get(key)
-    if mask is None:
+    if mask is None or mask.shape[0] < t:
         mask = xp.where(xp.triu(xp.ones((t, t), dtype=bool), k=1), dtype.type(-np.inf), dtype.type(0))
         _MASKS[key] = mask
-    return mask
+    return mask[:t, :t]
 
 
 def self_attention(qkv: Tensor, num_heads: int, causal: bool = True, dropout_p: float = 0.0,
