@@ -148,6 +148,12 @@ def _http2_reply(sock: socket.socket, timeout_s: float) -> bytes | None:
     return reply
 
 
+def starts_local(address: str | None) -> bool:
+    """Whether connect(address) would start a private local instance: Ray not yet initialised
+    in this process, and neither an address nor RAY_ADDRESS to join."""
+    return not ray.is_initialized() and not (address or os.environ.get("RAY_ADDRESS"))
+
+
 def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | None = None) -> bool:
     """Make sure this process talks to Ray. Returns True if it started (and so owns) the instance.
 

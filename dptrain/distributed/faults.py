@@ -63,6 +63,7 @@ class FaultyWorker(Worker):
     def __init__(self, *args, faults: list | None = None):
         super().__init__(*args)
         self.faults = for_worker(faults, self.rank)
+        self.computed = None  # the step this worker last computed (evaluation_exit dies in the evaluation after it)
         self.connect_delay = max([f.get("seconds", 1.0) for f in faults or [] if f.get("kind") == "slow_connect"
                                   and f.get("rank") == self.rank], default=0.0)
 
@@ -90,7 +91,7 @@ class FaultyWorker(Worker):
         return metrics
 
     def evaluate(self, request, params=None):
-        fault = self.faults.get(getattr(self, "computed", None))
+        fault = self.faults.get(self.computed)
         if fault and fault["kind"] == "evaluation_exit":  # in the evaluation after that step
             os._exit(1)
         return super().evaluate(request, params)

@@ -34,7 +34,7 @@ from ..metrics import MetricsLog, Sinks, TrainResult, reached_target, step_recor
 from ..models import layout, user_modules
 from ..rundir import RunDir
 from ..tensor import as_dtype
-from .cluster import check_resources, connect, embedded_cpus
+from .cluster import check_resources, connect, embedded_cpus, starts_local
 from .errors import ServerLost, TrainingError, WorkerLost
 from . import recovery
 from .fleet import Fleet
@@ -138,8 +138,8 @@ class Trainer:
         self._check_out_folder(layout(factory.on("cpu")()), steps)
         steps_per_epoch = BatchSampler(len(dataset), cfg.batch_size).steps_per_epoch
         cpus = embedded_cpus(cfg.replicas, cfg.cpus_per_worker, cfg.cpus)
-        if not (cfg.address or os.environ.get("RAY_ADDRESS") or ray.is_initialized()):  # to be started here:
-            check_resources(cfg.replicas, cfg.cpus_per_worker, 0.0, {"CPU": cpus})  # refused before it starts
+        if starts_local(cfg.address):  # a Ray too small for the workers is refused before it starts
+            check_resources(cfg.replicas, cfg.cpus_per_worker, 0.0, {"CPU": cpus})
         t1 = time.perf_counter()
         started = connect(cfg.address, num_cpus=cpus, num_gpus=None)
         t2 = time.perf_counter()
@@ -298,12 +298,16 @@ class _Driving:
             if "evaluation" not in value:
                 continue
             step = rec["step"]
-            if (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.steps:
+            if self._ends_epoch(step):
                 self._end_epoch(step, value["evaluation"])
                 if self.reached:
                     return
             else:  # --eval-every
                 self.mlog.evaluation(step, value["evaluation"])
+
+    def _ends_epoch(self, step: int) -> bool:
+        """Whether `step` closes an epoch: the epoch's last step, or the run's (a partial epoch)."""
+        return (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.steps
 
     def _end_epoch(self, step: int, evaluation: dict) -> None:
         epoch = self.mlog.end_epoch(step // self.steps_per_epoch, step, evaluation)
@@ -316,8 +320,7 @@ class _Driving:
         fleet, every = self.fleet, self.cfg.eval_every
         if step < 0:
             return
-        epoch_end = (step + 1) % self.steps_per_epoch == 0 or step + 1 == self.steps  # as _log tells them
-        if epoch_end:
+        if self._ends_epoch(step):
             if self.mlog.epoch_open:
                 self._end_epoch(step, fleet.server_call(fleet.ps.evaluate.remote("test"), step + 1))
         elif every and (step + 1) % every == 0 and not (self.mlog.evaluations

@@ -190,9 +190,10 @@ def value_engine_seconds(dims, batch, repeats):
     return float(np.median(ts)), len(params)
 
 
-def add_arguments(ap: argparse.ArgumentParser) -> None:
+def add_arguments(ap: argparse.ArgumentParser, out: str | None = "benchmarks/engine.json",
+                  out_help: str = "where to write the results (JSON)") -> None:
     ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
-    ap.add_argument("--out", default="benchmarks/engine.json", help="where to write the results (JSON)")
+    ap.add_argument("--out", default=out, help=out_help)
 
 
 def add_parser(sub) -> None:
@@ -201,10 +202,8 @@ def add_parser(sub) -> None:
     from . import bench_recipe
     ap = sub.add_parser("bench", help="engine benchmark: a training step against hand-written numpy; "
                         "--recipe: nanoGPT's Shakespeare recipe beside PyTorch", description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true", help="fewer repeats (smoke test)")
-    ap.add_argument("--out", default=None,
-                    help="where to write the results (JSON; default benchmarks/engine.json, with --recipe "
-                         "benchmarks/recipe.json)")
+    add_arguments(ap, out=None, out_help="where to write the results (JSON; default benchmarks/engine.json, with "
+                                         "--recipe benchmarks/recipe.json)")
     recipe = ap.add_argument_group("the recipe (--recipe)")
     recipe.add_argument("--recipe", action="store_true",
                         help="run nanoGPT's Shakespeare recipe on dptrain (1, 2 workers) and PyTorch (1, 2 threads)")

@@ -29,6 +29,8 @@ import sys
 import time
 from pathlib import Path
 
+from .bench import BLAS_THREADS, write_results
+
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: dptrain/scaling/ is two below it
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 RECIPE = dict(seq_len=64, batch_size=12, n_layer=4, n_head=4, n_embd=128, lr=1e-3, betas=(0.9, 0.99),
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
         print(f"dptrain bench --recipe: {problem}", file=sys.stderr)
         return 2
     rows = []
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    env = dict(os.environ, **{v: "1" for v in BLAS_THREADS})
     for one in args.runs.split(","):
         python = sys.executable
         if one.startswith("pytorch"):  # torch sets its own threads; dptrain from this checkout
@@ -226,7 +228,7 @@ def main(argv=None) -> int:
             kept = [row for row in json.loads(Path(args.out).read_text())["runs"] if key(row) not in made]
             rows = sorted(kept + rows, key=lambda row: (row["impl"] != "pytorch", key(row)))
             results["runs"] = rows
-        Path(args.out).write_text(json.dumps(results, indent=2) + "\n")
+        write_results(args.out, results)
     print(f"{'run':<14}{'wall s':>9}{'step ms':>10}{'eval s':>9}{'test loss':>11}")
     for row in rows:
         name = f"{row['impl']} {row.get('workers', row.get('threads'))}" + (" w" if row["impl"] == "dptrain" else " t")
