@@ -43,7 +43,8 @@ def test_the_recipe_benchmark_refuses_bad_flags_before_running(tmp_path, capsys)
     from dptrain.scaling import bench_recipe
     text, out = tmp_path / "t.txt", tmp_path / "r.json"
     text.write_text("some text\n")
-    for flags, said in [(["--text", str(tmp_path / "none.txt")], "--text"), (["--steps", "0"], "--steps must be >= 1"),
+    for flags, said in [(["--text", str(tmp_path / "none.txt")], "--text"), (["--steps", "0"], "--steps must be > 20"),
+                        (["--text", str(text), "--steps", "20"], "--steps must be > 20"),
                         (["--text", str(text), "--runs", "dptrain:0"], "--runs: 'dptrain:0'"),
                         (["--text", str(text), "--runs", "jax:1"], "--runs: 'jax:1'")]:
         assert bench_recipe.main(["--out", str(out), *flags]) == 2

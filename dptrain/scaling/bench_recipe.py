@@ -33,6 +33,7 @@ from .bench import BLAS_THREADS, write_results
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout: dptrain/scaling/ is two below it
 TEXT = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+WARMUP_STEPS = 20  # left out of each run's median step (the first steps warm caches and allocators)
 RECIPE = dict(seq_len=64, batch_size=12, n_layer=4, n_head=4, n_embd=128, lr=1e-3, betas=(0.9, 0.99),
               weight_decay=0.1, clip=1.0, warmup=100, min_lr=1e-4, eval_every=250, eval_batches=20, seed=1337)
 
@@ -53,7 +54,7 @@ def dptrain_run(steps: int, workers: int, text: Path = TEXT) -> dict:
         result = dp.Trainer(cfg).fit()
     wall = time.perf_counter() - t0
     s = result.summary
-    times = [rec["time_s"] for rec in result.metrics["steps"][20:]]
+    times = [rec["time_s"] for rec in result.metrics["steps"][WARMUP_STEPS:]]
     return {"bench": "recipe", "impl": "dptrain", "workers": workers, "steps": steps, "wall_s": round(wall, 2),
             "median_step_ms": round(1e3 * statistics.median(times), 2), "eval_s": round(s["eval_s"], 2),
             "test_loss": round(s["test_loss"], 4), "train_loss_estimate": round(s["train_loss"], 4),
@@ -156,7 +157,7 @@ def torch_run(steps: int, threads: int, text: Path = TEXT) -> dict:
     eval_s += time.perf_counter() - e0
     wall = time.perf_counter() - t0
     return {"bench": "recipe", "impl": "pytorch", "threads": threads, "torch": torch.__version__, "steps": steps,
-            "wall_s": round(wall, 2), "median_step_ms": round(1e3 * statistics.median(times[20:]), 2),
+            "wall_s": round(wall, 2), "median_step_ms": round(1e3 * statistics.median(times[WARMUP_STEPS:]), 2),
             "eval_s": round(eval_s, 2), "test_loss": round(test_loss, 4)}
 
 
@@ -172,8 +173,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def check_arguments(args) -> str | None:
     """What is wrong with the flags, in one line naming the flag; None when nothing is."""
-    if args.steps < 1:
-        return f"--steps must be >= 1, got {args.steps}"
+    if args.steps <= WARMUP_STEPS:
+        return (f"--steps must be > {WARMUP_STEPS} (the first {WARMUP_STEPS} are left out of the median step), "
+                f"got {args.steps}")
     if not Path(args.text).is_file():
         return f"--text {args.text}: no such file (the recipe trains on Tiny Shakespeare: pass its path)"
     for one in args.runs.split(","):
