@@ -216,6 +216,11 @@ while time.monotonic() < end:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 s.connect("\0" + name[1:])
+            except OSError as e:  # that listener closed meanwhile
+                print("missed", e, flush=True)
+                s.close()
+                continue
+            try:  # connected: the server, checking our uid at accept, may close before our hello is sent
                 p = json.dumps(hello).encode()
                 s.sendall(struct.pack("!I", len(p)) + p)
                 s.settimeout(5)
@@ -224,10 +229,10 @@ while time.monotonic() < end:
                     p = json.dumps({"error": "injected by a local user"}).encode()
                     s.sendall(struct.pack("!I", len(p)) + p)
                 print("request" if got else "refused", flush=True)
-            except ConnectionResetError:
+            except (ConnectionResetError, BrokenPipeError):
                 print("refused", flush=True)
-            except OSError as e:  # that listener closed meanwhile
-                print("missed", e, flush=True)
+            except OSError as e:  # no answer in 5 s: neither a refusal nor a request
+                print("unanswered", e, flush=True)
             finally:
                 s.close()
     time.sleep(0.002)
