@@ -18,10 +18,12 @@
 """
 
 from . import backend, data, models, nn, optim
+from .callbacks import Callback, RunStart
 from .config import ConfigError, TrainConfig
 from .loop import train_local
 from .metrics import TrainResult
 from .nn import manual_seed
+from .sweep import tune
 from .tensor import Tensor, concatenate, is_grad_enabled, no_grad, tensor
 from .value import Value
 
@@ -37,5 +39,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'dptrain' has no attribute {name!r}")
 
 
-__all__ = ["backend", "data", "models", "nn", "optim", "manual_seed", "ConfigError", "TrainConfig", "TrainResult", "train_local",
-           "Tensor", "concatenate", "is_grad_enabled", "no_grad", "tensor", "Value", "Trainer"]
+__all__ = ["backend", "data", "models", "nn", "optim", "Callback", "RunStart", "manual_seed", "ConfigError", "TrainConfig", "TrainResult", "train_local",
+           "Tensor", "concatenate", "is_grad_enabled", "no_grad", "tensor", "Value", "Trainer", "tune"]

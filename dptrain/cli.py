@@ -21,6 +21,7 @@ from pathlib import Path
 from dptrain_console import install_signal_handlers, interrupted
 
 from .auth import use_token_auth_for
+from .callbacks import Callback
 from .config import ConfigError, TrainConfig, is_widths, parse_model
 from .data import DataError
 from .rundir import RunFolderError, default_out
@@ -99,9 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the run in DIR (its config.json and newest intact checkpoint); flags "
                             "of where and how it runs (--workers, --servers, --address, --transport, ...) apply, "
                             "flags that would change its arithmetic are refused")
-    from . import sample
+    from . import sample, sweep
     from .scaling import bench, scale, stragglers  # these commands' flags live with them
     sample.add_parser(sub)
+    sweep.add_parser(sub)
     scale.add_parser(sub)
     stragglers.add_parser(sub)
     bench.add_parser(sub)
@@ -110,24 +112,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --------------------------------------------------------------------------- commands
 
-def _progress_bar(enabled: bool, total: int):
-    if not enabled:
-        return None, None
-    from tqdm import tqdm
-    bar = tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)
+class ProgressBar(Callback):
+    """The terminal's progress bar (tqdm): the loss and throughput of each step; a replay takes it
+    back to the step run again."""
 
-    def update(step, rec):
-        bar.update(1)
-        rate = rec["count"] / max(rec["time_s"], 1e-9)
-        bar.set_postfix_str(f"loss {rec['loss']:.4f} | {rate:,.0f} samples/s", refresh=False)
-    return bar, update
+    bar = None
+
+    def on_start(self, run) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=run.steps, initial=run.first_step, unit="step", dynamic_ncols=True, leave=False)
+
+    def on_step(self, record: dict) -> None:
+        self.bar.update(record["step"] + 1 - self.bar.n)
+        rate = record["count"] / max(record["time_s"], 1e-9)
+        self.bar.set_postfix_str(f"loss {record['loss']:.4f} | {rate:,.0f} samples/s", refresh=False)
+
+    def on_rewind(self, step: int, record: dict) -> None:
+        self.bar.n = step
+        self.bar.refresh()
+
+    def on_end(self, result) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    on_failure = on_end
 
 
 # What a resume may change: where and how the steps run, not what they compute. (In relaxed runs
 # the worker count decides which examples each update uses, so there it is the run's own.)
 RESUME_PLACEMENT = ("workers", "servers", "spread", "address", "transport", "cpus", "cpus_per_worker",
-                    "gpus_per_worker", "device", "progress", "log_every", "checkpoint_every", "keep_checkpoints",
-                    "max_failures", "step_timeout", "on_worker_loss", "eval_batch_size", "eval_every",
+                    "gpus_per_worker", "device", "progress", "tensorboard", "mlflow", "mlflow_experiment",
+                    "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "step_timeout", "on_worker_loss", "eval_batch_size", "eval_every",
                     "eval_batches", "micro_batch")
 
 
@@ -178,24 +193,20 @@ def _given_config_flags(argv: list) -> dict:
 
 def run_train(args) -> int:
     cfg = args.cfg
-    from .blocks import load_data, total_steps
+    from .blocks import load_data
 
     dataset = load_data(cfg)  # bad data is reported before anything starts (the trainer checks the rest)
     from .distributed import Trainer  # imports Ray: only when needed
 
-    bar, update = _progress_bar(cfg.progress, total_steps(cfg, len(dataset)))
-    trainer = Trainer(cfg.replace(out=cfg.out or default_out()), dataset=dataset, progress=update,
-                      resume=bool(args.resume))
-    try:
-        if bar is not None:
-            from tqdm.contrib.logging import logging_redirect_tqdm
-            with logging_redirect_tqdm():
-                result = trainer.fit()
-        else:
+    bar = ProgressBar() if cfg.progress else None
+    trainer = Trainer(cfg.replace(out=cfg.out or default_out()), dataset=dataset, resume=bool(args.resume),
+                      callbacks=[bar])
+    if bar is not None:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+        with logging_redirect_tqdm():
             result = trainer.fit()
-    finally:
-        if bar is not None:
-            bar.close()
+    else:
+        result = trainer.fit()
     s = result.summary
     acc = (f" | train acc {s['train_accuracy']:.4f} | test acc {s['test_accuracy']:.4f}"
            if "test_accuracy" in s else "")
@@ -211,7 +222,13 @@ def main(argv=None) -> int:
     command = "dptrain"
     try:
         parser = build_parser()
+        argv = list(sys.argv[1:] if argv is None else argv)
+        space = None
+        if argv and argv[0] == "tune":  # a setting's search space is not its value: taken out before parsing
+            from .sweep import split_space
+            argv, space = split_space(argv)
         args = parser.parse_args(argv)
+        args.space = space
         command = f"dptrain {args.command}"
         if args.command == "train" and args.resume:  # which settings the user typed, to apply or refuse them
             argv_ = list(sys.argv[1:] if argv is None else argv)
@@ -252,6 +269,9 @@ def _run(args, argv) -> int:
         if args.command == "bench":
             from .scaling import bench
             return bench.run(args)
+        if args.command == "tune":
+            from . import sweep
+            return sweep.run(args)
         from .scaling import scale, stragglers
         args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
         return (stragglers if args.command == "stragglers" else scale).run(args)

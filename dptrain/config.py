@@ -137,6 +137,12 @@ class TrainConfig:
         "owns a contiguous 1/K of the parameters and their optimizer state, and workers exchange each "
         "server's slice with it directly over the object store (docs/design.md).")
     progress: bool = _f(False, "Show a progress bar (the CLI turns it on in a terminal).")
+    tensorboard: Optional[str] = _f(None,
+        "Write TensorBoard event files in DIR/<the run folder's name> (view: tensorboard --logdir DIR).")
+    mlflow: Optional[str] = _f(None,
+        "Log the run to MLflow: a tracking server's http(s)://host:port, a database (sqlite:///path.db), "
+        "or a folder (an SQLite store mlflow.db and artifacts/ in it).")
+    mlflow_experiment: str = _f("dptrain", "The MLflow experiment the run is logged in (made if missing).")
     # ---- reliability
     checkpoint_every: int = _f(0,
         "Save the server's full state to <out>/checkpoints every N steps (0: only at the end; "
@@ -242,6 +248,8 @@ class TrainConfig:
             bad("dropout", self.dropout, "a probability in [0, 1)")
         if self.log_every < 1:
             bad("log_every", self.log_every, "must be >= 1")
+        if not (isinstance(self.mlflow_experiment, str) and self.mlflow_experiment.strip()):
+            bad("mlflow_experiment", self.mlflow_experiment, "an experiment's name")
         if self.eval_batch_size < 1:
             bad("eval_batch_size", self.eval_batch_size, "must be >= 1")
         if self.eval_every is not None and self.eval_every < 1:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import time
 
+from . import trackers
 from .blocks import build_optimizer, build_schedule, load_data, prepare, total_steps
+from .callbacks import Callbacks, Progress, RunStart, Sink
 from .config import TrainConfig
 from .data import BatchSampler, Dataset
 from .metrics import MetricsLog, TrainResult, reached_target, step_record, summary_record
@@ -50,24 +52,39 @@ class LocalLoop:
 
 
 def train_local(cfg: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None, *, model=None,
-                loss=None) -> TrainResult:
+                loss=None, callbacks: list | None = None) -> TrainResult:
     """Train one replica in this process. Same steps, same numbers as N distributed workers.
 
     `model` (a callable returning a dp.nn.Module) and `loss` (a name, or a callable
     (output, target) -> the loss SUM) override cfg.model and cfg.loss (see dptrain.models).
+    `callbacks`, `sink` and `progress` are told of the run as the Trainer tells them.
     """
     dataset = dataset if dataset is not None else load_data(cfg)
     factory, loss_fn = prepare(cfg, dataset, model, loss)
     steps = total_steps(cfg, len(dataset))
+    trackers.check(cfg)
+    calls = Callbacks(Progress(progress) if progress else None, Sink(sink) if sink else None,
+                      *trackers.from_config(cfg), *(callbacks or ()))
+    try:
+        result = _train(cfg, dataset, factory, loss_fn, steps, calls)
+    except BaseException as e:
+        calls.on_failure(e)
+        raise
+    calls.on_end(result)
+    return result
+
+
+def _train(cfg: TrainConfig, dataset: Dataset, factory: ModelFactory, loss_fn, steps: int,
+           calls: Callbacks) -> TrainResult:
     loop = LocalLoop(cfg, dataset, factory, loss_fn, steps)
     replica, sampler = loop.replica, loop.sampler
-    mlog = MetricsLog(cfg, steps, workers=1, sink=sink)
+    calls.on_start(RunStart(cfg, dataset.name, steps, sampler.steps_per_epoch, 1,
+                            replica.model.num_parameters(), vocab=dataset.vocab))
+    mlog = MetricsLog(cfg, steps, workers=1, sink=calls)
     start = time.perf_counter()
     for step in range(steps):
         rec = loop.step(step)
         mlog.step(rec)
-        if progress:
-            progress(step, rec)
         if (step + 1) % sampler.steps_per_epoch == 0 or step + 1 == steps:
             record = mlog.end_epoch(step // sampler.steps_per_epoch, step, _timed(replica.evaluation, "test"))
             if reached_target(cfg, record, mlog, time.perf_counter() - start):

@@ -43,7 +43,7 @@ class MetricsLog:
         self.epochs: list = []
         self.evaluations: list = []  # --eval-every's evaluations between epoch ends
         self.eval_s = 0.0  # seconds spent evaluating (replays included: they are time spent)
-        self.sink = sink  # a callable taking one record dict (the run folder writes metrics.jsonl)
+        self.sink = sink  # a callable taking one record dict (callbacks.Callbacks: the run folder, trackers)
         self.target: dict | None = None  # when and where cfg.target_accuracy was reached
         self._window: list = []  # the steps since the last log line
         self._epoch: list = []  # the steps since the last epoch's end
@@ -118,22 +118,6 @@ class MetricsLog:
         acc = f" | test acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
         log.info("epoch %3d | train loss %.4f | test loss %.4f%s", record["epoch"] + 1,
                  record["train_loss"], record["test_loss"], acc)
-
-
-class Sinks:
-    """Several record sinks as one: each gets every record, and those that can are rewound."""
-
-    def __init__(self, *sinks):
-        self.sinks = [s for s in sinks if s is not None]
-
-    def __call__(self, record: dict) -> None:
-        for sink in self.sinks:
-            sink(record)
-
-    def rewind(self, step: int) -> None:
-        for sink in self.sinks:
-            if hasattr(sink, "rewind"):
-                sink.rewind(step)
 
 
 def epoch_record(epoch: int, step: int, window: list, evaluation: dict) -> dict:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .callbacks import Callback
 from .checkpoint import write_atomic
 from .config import ConfigError, TrainConfig
 
@@ -73,12 +74,30 @@ def resolve_out(out: str) -> str:
                           "give an absolute path", field="out") from None
 
 
-class RunDir:
+def check_writable(path: Path, field: str) -> None:
+    """ConfigError (for setting `field`) unless `path` is a folder this process can write in, or
+    one it can create: a file in the way, or a parent it cannot write to, is named."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"invalid {field}: {path} is a file, not a folder", field=field)
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"invalid {field}: cannot create {path} ({probe} is a file)", field=field)
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise ConfigError(f"invalid {field}: cannot write to {probe} ({e.strerror or e})", field=field) from None
+
+
+class RunDir(Callback):
     """The run's output folder, which belongs to one run.
 
     Made with the path only, checked (`check`) before anything starts; the folder and its
-    files are created by `open`, which the trainer calls once its actors are up, so a run
-    that cannot start leaves nothing behind. `append`: a resumed run's folder.
+    files are created by `open`, called once the actors are up (`on_start`: the run folder
+    is the run's first callback), so a run that cannot start leaves nothing behind.
+    `append`: a resumed run's folder.
     """
 
     def __init__(self, path: str, append: bool = False):
@@ -90,18 +109,7 @@ class RunDir:
         """ConfigError for a path that cannot be this run's folder: a file, a folder that cannot
         be written, or (unless appending) the folder of another run."""
         path = self.path
-        if path.exists() and not path.is_dir():
-            raise ConfigError(f"invalid out: {path} is a file, not a folder", field="out")
-        probe = path
-        while not probe.exists():
-            probe = probe.parent
-        if not probe.is_dir():
-            raise ConfigError(f"invalid out: cannot create {path} ({probe} is a file)", field="out")
-        try:
-            with tempfile.TemporaryFile(dir=probe):
-                pass
-        except OSError as e:
-            raise ConfigError(f"invalid out: cannot write to {probe} ({e.strerror or e})", field="out") from None
+        check_writable(path, "out")
         if not self.append and path.is_dir():
             found = [name for name in ("config.json", "metrics.jsonl", "checkpoints", "params.npz")
                      if (path / name).exists()]
@@ -155,7 +163,25 @@ class RunDir:
             n += 1
         return n or None
 
-    __call__ = record  # a sink (metrics.MetricsLog)
+    # ---- as the run's first callback (callbacks.py)
+
+    def on_start(self, run) -> None:
+        self.open(run.config, vocab=run.vocab)
+
+    def on_step(self, record: dict) -> None:
+        self.record(record)
+
+    on_evaluation = on_step
+
+    def on_rewind(self, step: int, record: dict) -> None:
+        self.rewind(step)
+        self.record(record)
+
+    def on_end(self, result) -> None:
+        self.finish(result)
+
+    def on_failure(self, error: BaseException) -> None:
+        self.close()
 
     def rewind(self, step: int) -> None:
         """Drop the step and epoch records of steps >= `step`: a run that goes back to an earlier

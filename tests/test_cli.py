@@ -141,12 +141,18 @@ def test_user_model_file_trains_through_the_cli(tmp_path):
     assert json.loads((out / "config.json").read_text())["model"] == f"{USER}:build"
 
 
+def _a_finished_run(out, **settings):
+    """A run folder with checkpoints, as dptrain train leaves it: trained in this process (on the
+    session's Ray), since the command under test is the one after it."""
+    import dptrain as dp
+    dp.Trainer(dp.TrainConfig(dataset="moons", model=[2, 8, 2], steps=6, batch_size=50, checkpoint_every=2,
+                              out=str(out), **settings)).fit()
+
+
 @pytest.mark.ray
-def test_resume_with_another_model_is_refused(tmp_path):
+def test_resume_with_another_model_is_refused(ray_local, tmp_path):
     out = tmp_path / "run"
-    r = dptrain("train", "--dataset", "moons", "--model", "2,8,2", "--steps", "4", "--batch-size", "50",
-                "--checkpoint-every", "2", "--cpus", "2", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    _a_finished_run(out)
     config = json.loads((out / "config.json").read_text())
     config["model"] = "2,16,2"
     (out / "config.json").write_text(json.dumps(config))
@@ -159,13 +165,12 @@ def test_resume_with_another_model_is_refused(tmp_path):
 
 
 @pytest.mark.ray
-def test_a_run_folder_belongs_to_one_run(tmp_path):
+def test_a_run_folder_belongs_to_one_run(ray_local, tmp_path):
     out = tmp_path / "run"
-    first = ["train", "--dataset", "moons", "--model", "2,8,2", "--steps", "6", "--batch-size", "50",
-             "--checkpoint-every", "2", "--cpus", "2", "--out", str(out)]
-    assert dptrain(*first).returncode == 0
+    _a_finished_run(out)
     before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
-    r = dptrain(*first[:-4], "--seed", "7", "--out", str(out))  # another run into the same folder
+    r = dptrain("train", "--dataset", "moons", "--model", "2,8,2", "--steps", "6", "--batch-size", "50", "--seed",
+                "7", "--out", str(out))  # another run into the same folder
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert f"invalid --out: {out} already holds a run (config.json, metrics.jsonl, checkpoints, params.npz): " \
            f"--resume {out} continues it" in r.stderr

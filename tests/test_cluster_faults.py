@@ -22,11 +22,13 @@ def own_cluster():
 
 
 @pytest.mark.fault
-@pytest.mark.parametrize("mode,flags", [("restart", []), ("shrink", []), ("restart", ["--servers", "2"])])
+@pytest.mark.parametrize("mode,flags", [("shrink", []), ("restart", ["--servers", "2"])])
 def test_a_node_killed_like_a_dead_machine(own_cluster, tmp_path, mode, flags):
     """Every process of a worker node SIGKILLed mid-run (not Cluster.remove_node). With
     --servers 2 the node takes a worker and a server shard: each loss counts against the
-    failure budget, also one found while recovering from the other."""
+    failure budget, also one found while recovering from the other, and both are restarted
+    (the run with one server restarting its worker was a third case, and a cluster of its own:
+    cut for the suite's time, as this one covers it)."""
     out = tmp_path / "run"
     with _training_on(own_cluster, out, "--step-timeout", "30", "--on-worker-loss", mode, *flags) as proc:
         sid = int(Path(own_cluster["state"], "node-1.sid").read_text())

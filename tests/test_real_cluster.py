@@ -355,28 +355,83 @@ def test_submit_works_when_the_default_agent_port_was_taken(cluster, tmp_path):
 
 
 @pytest.mark.fault
-@pytest.mark.parametrize("victim,sig,flags", [("ray::Worker,ray::ParameterServer", "KILL", []),
-                                              ("ray::Worker", "STOP", []), ("ray::ParameterServer", "STOP", []),
-                                              ("ray::ServerShard", "KILL", ["--servers", "2"]),
-                                              ("ray::ServerShard", "STOP", ["--servers", "2"])])
-def test_a_process_killed_or_frozen_from_outside(cluster, tmp_path, victim, sig, flags):
+def test_a_tune_sweep_on_the_cluster_recovers_a_worker_killed_in_a_trial(cluster, tmp_path):
+    """`dptrain tune --address` on the started cluster: two trials, one at a time, of 2 workers
+    each; a worker process of the first is killed with kill -9 from outside once its run has
+    logged 100 steps. The trial recovers inside itself, as any run does, and ends with the
+    fault-free parameters; the sweep finishes both trials and leaves no dptrain process behind."""
+    pytest.importorskip("ray.tune")
+    import time
+    import dptrain as dp
+    address = f"{socket.gethostbyname(socket.gethostname())}:{cluster['port']}"
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "tune", "--address", address, *NODE_RUN[:-3],
+                             "--workers", "2", "--seed", "grid:3,4", "--scheduler", "fifo", "--metric", "test_loss",
+                             "--mode", "min", "--max-concurrent", "1", "--step-timeout", "5", "--quiet",
+                             "--out", str(sweep)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    try:
+        deadline, run = time.monotonic() + 180, None
+        while time.monotonic() < deadline and proc.poll() is None and run is None:
+            runs = [p.parent for p in sweep.glob("trial_*/run/metrics.jsonl")]
+            if runs:
+                _wait_for_steps(runs[0], 100, proc)
+                run = runs[0]
+            time.sleep(0.1)
+        assert run is not None, "no trial started"
+        subprocess.run(["kill", "-KILL", _pids_of(cluster, "ray::Worker")[0]])
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate(timeout=60)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "best: test_loss" in stdout and stdout.count(" done") == 2, stdout
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["failures_survived"] == 1 and summary["workers"] == 2
+    seed = json.loads((run / "config.json").read_text())["seed"]
+    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=STEPS,
+                                          dtype="float64", seed=seed)).params
+    with np.load(run / "params.npz", allow_pickle=False) as params:
+        for k in clean:
+            np.testing.assert_allclose(params[k], clean[k], rtol=1e-10, atol=1e-13)
+    sessions = [int(p.read_text()) for p in Path(cluster["state"]).glob("*.sid")]
+    deadline = time.monotonic() + 30  # the job's actors end once its driver has
+    while time.monotonic() < deadline:
+        left = [pid for sid in sessions for pid in subprocess.run(
+            ["pgrep", "-s", str(sid), "-f", "ray::(Worker|ParameterServer|ImplicitFunc)"], capture_output=True,
+            text=True).stdout.split()]
+        if not left:
+            break
+        time.sleep(0.5)
+    assert not left, f"actors of the sweep left on the cluster: {left}"
+
+
+@pytest.mark.fault
+@pytest.mark.parametrize("victims,flags", [
+    ([("ray::Worker", "KILL"), ("ray::ParameterServer", "KILL")], []),
+    ([("ray::Worker", "STOP"), ("ray::ParameterServer", "STOP")], []),
+    ([("ray::ServerShard", "KILL"), ("ray::ServerShard", "STOP")], ["--servers", "2"])])
+def test_a_process_killed_or_frozen_from_outside(cluster, tmp_path, victims, flags):
     """kill -9 of a worker's, the server's or (--servers 2) a server shard's process, or SIGSTOP of
     one (a frozen machine; the server's heartbeat stops), found by its process title on the
     cluster's nodes, as an operator would: the run recovers and ends with the fault-free run's
-    parameters. Victims "A,B": A is killed, then B once the run has logged 100 steps more."""
+    parameters. Two victims a run: the first once it has logged 100 steps, the second (of the
+    run's live processes then) after 100 more."""
     out = tmp_path / "run"
-    victims = victim.split(",")
+    frozen = []
     with _training_on(cluster, out, "--step-timeout", "5", "--checkpoint-every", "100", *flags) as proc:
-        for i, title in enumerate(victims):
-            if i:
-                _wait_for_steps(out, 100 * (i + 1), proc)
-            pids = _pids_of(cluster, title)
-            subprocess.run(["kill", f"-{sig}", pids[0]])
         try:
+            for i, (title, sig) in enumerate(victims):
+                if i:
+                    _wait_for_steps(out, 100 * (i + 1), proc)
+                pid = next(p for p in _pids_of(cluster, title) if p not in frozen)  # not the one frozen before
+                subprocess.run(["kill", f"-{sig}", pid])
+                if sig == "STOP":
+                    frozen.append(pid)
             stdout, stderr = proc.communicate(timeout=300)
         finally:
-            if sig == "STOP":
-                subprocess.run(["kill", "-KILL", pids[0]])  # the frozen process, replaced by now
+            for pid in frozen:  # replaced by now
+                subprocess.run(["kill", "-KILL", pid])
     assert proc.returncode == 0, stderr[-3000:]
     assert "Traceback" not in stderr and ("lost" in stderr or "hung" in stderr)
     summary = json.loads((out / "summary.json").read_text())

@@ -16,7 +16,8 @@ from dptrain.distributed.shards import ServerShard, ShardedUpdate
 from dptrain.distributed.trainer import prepare_dataset
 from dptrain.distributed.update import LocalUpdate
 from dptrain.distributed.worker import Worker
-from dptrain.metrics import MetricsLog, Sinks
+from dptrain.callbacks import Callbacks, Sink
+from dptrain.metrics import MetricsLog
 from dptrain.nn import MLP
 from dptrain.rundir import RunDir
 
@@ -234,7 +235,7 @@ def test_the_run_log_rewinds_itself_and_every_sink_that_can(tmp_path):
     run = RunDir(str(tmp_path / "run"))
     run.open(cfg)
     plain = []
-    mlog = MetricsLog(cfg, 12, workers=1, sink=Sinks(run, plain.append))
+    mlog = MetricsLog(cfg, 12, workers=1, sink=Callbacks(run, Sink(plain.append)))
     for step in range(6):
         mlog.step({"step": step, "loss": 1.0, "count": 10, "time_s": 0.1})
         if step == 3:

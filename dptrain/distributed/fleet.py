@@ -2,7 +2,11 @@
 
 `Fleet` spawns the parameter server (pinned to the live head node, next to the
 driver), its shards with --servers K > 1 (one per live node, round robin) and the
-workers (in a SPREAD placement group with `spread`), waits until
+workers (in a SPREAD placement group with `spread`). Inside a placement group of its
+own caller's (a Ray Tune trial's, sweep.trial_resources: bundle 0 for the driver and
+the server, one per worker after it) every actor goes into that group instead: the
+server, its shards and the heartbeat's Watch into bundle 0, worker r into bundle r + 1.
+It waits until
 they answer, checks that every worker built the server's model, and hands the
 server its workers and where they run (`connect`): the server's transports do the
 rest. The driver's calls to the server go through `server_call`, which turns Ray's
@@ -17,7 +21,7 @@ import time
 import uuid
 
 import ray
-from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.placement_group import get_current_placement_group, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy, PlacementGroupSchedulingStrategy
 
 from ..config import ConfigError, TrainConfig
@@ -50,6 +54,7 @@ class Fleet:
         if faults:
             from . import faults as fault_injection
             fault_injection.check(faults)
+        self.trial_pg = get_current_placement_group()  # a Tune trial's: the run's actors go there
         self.ps = None
         self.workers: list = []
         self.shards: list = []  # --servers K > 1: the server shards, by index
@@ -78,7 +83,10 @@ class Fleet:
     def spawn_worker(self, rank: int, num_workers: int):
         cfg = self.cfg
         opts = {"num_cpus": cfg.cpus_per_worker, "num_gpus": cfg.gpus_per_worker}
-        if self.pg is not None:
+        if self.trial_pg is not None:
+            opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.trial_pg,
+                                                                           placement_group_bundle_index=rank + 1)
+        elif self.pg is not None:
             opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(self.pg, placement_group_bundle_index=rank)
         args = (cfg.to_dict(), self.factory, self.loss_fn, self.data_ref, rank, num_workers)
         if self.faults:
@@ -86,12 +94,18 @@ class Fleet:
             return ray.remote(FaultyWorker).options(**opts).remote(*args, faults=self._remaining_faults())
         return ray.remote(Worker).options(**opts).remote(*args)
 
-    def spawn_server(self):
-        opts = {"num_cpus": 0}
+    def _beside_driver(self) -> dict:
+        """Where the server and what goes with it run: the trial's bundle 0, or else pinned to the
+        (live) head node, next to the driver. Not soft: Ray then placed the server on a worker node
+        now and then, and that node's loss took it along. It needs no CPU, so it always fits."""
+        if self.trial_pg is not None:
+            return {"scheduling_strategy": PlacementGroupSchedulingStrategy(self.trial_pg,
+                                                                            placement_group_bundle_index=0)}
         head = head_node_id()
-        if head is not None:  # next to the driver on the (live) head node; it needs no CPU, so it always fits.
-            # Not soft: Ray then placed it on a worker node now and then, and that node's loss took it along.
-            opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=False)
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(head, soft=False)} if head is not None else {}
+
+    def spawn_server(self):
+        opts = {"num_cpus": 0, **self._beside_driver()}
         args = (self.cfg.to_dict(), self.factory, self.total_steps, self.steps_per_epoch, self.run_key,
                 self.watch_name)
         if self.faults:
@@ -112,7 +126,9 @@ class Fleet:
         unnoticed fails the shard's start, and start_actor tries again on the nodes then alive."""
         nodes = live_node_ids()
         opts = {"num_cpus": 0}
-        if nodes:
+        if self.trial_pg is not None:  # the trial's group holds the run
+            opts.update(self._beside_driver())
+        elif nodes:
             opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(nodes[index % len(nodes)], soft=False)
         if self.faults:
             from .faults import FaultyShard
@@ -123,17 +139,14 @@ class Fleet:
     def _watch(self):
         """The server's heartbeat Watch, made on first need (a call that waits long)."""
         if self.watch is None:
-            opts = {"num_cpus": 0, "name": self.watch_name}
-            head = head_node_id()
-            if head is not None:
-                opts["scheduling_strategy"] = NodeAffinitySchedulingStrategy(head, soft=False)
+            opts = {"num_cpus": 0, "name": self.watch_name, **self._beside_driver()}
             self.watch = ray.remote(Watch).options(**opts).remote()
         return self.watch
 
     def start(self) -> list:
         """Spawn everything and wait until it answers; the model's layout."""
         cfg = self.cfg
-        if cfg.spread:
+        if cfg.spread and self.trial_pg is None:  # in a trial, the trial's group is spread (or not)
             self.pg = self._reserve_spread()
         self.workers = [self.spawn_worker(rank, cfg.replicas) for rank in range(cfg.replicas)]
         self.ps = self.spawn_server()

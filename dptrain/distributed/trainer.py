@@ -26,11 +26,12 @@ import uuid
 import numpy as np
 import ray
 
-from .. import checkpoint
+from .. import checkpoint, trackers
+from ..callbacks import Callbacks, Progress, RunStart, Sink
 from ..config import ConfigError, TrainConfig
 from ..data import BatchSampler, Dataset
 from ..blocks import load_data, prepare, total_steps
-from ..metrics import MetricsLog, Sinks, TrainResult, reached_target, step_record, summary_record
+from ..metrics import MetricsLog, TrainResult, reached_target, step_record, summary_record
 from ..models import layout, user_modules
 from ..rundir import RunDir
 from ..tensor import as_dtype
@@ -74,8 +75,10 @@ class Trainer:
     With `config.out` the run has a folder (rundir.py), resolved to an absolute path here,
     before anything starts: config.json, metrics.jsonl, summary.json, params.npz and the
     server's checkpoints/, as `dptrain train` writes them.
-    `sink` receives every metrics record too;
-    `progress(step, record)` is called after each step's metrics arrive;
+    `callbacks`, dptrain.Callback instances, are told of the run as it goes (callbacks.py:
+    its start, each step and evaluation, replays, its end or failure), after the run folder;
+    `sink` receives every metrics record too, and `progress(step, record)` is called after
+    each step's metrics arrive (both are callbacks.Sink and callbacks.Progress);
     `faults` injects failures into workers and the server (tests and scripts/soak.py:
     faults.py says how); `resume` continues the run in `config.out` from its newest
     checkpoint of at most the steps its metrics.jsonl holds (or `resume_at_most`, if
@@ -84,14 +87,16 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None,
                  faults: list | None = None, resume: bool = False, *, model=None, loss=None, on_start=None,
-                 resume_at_most: int | None = None):
+                 resume_at_most: int | None = None, callbacks: list | None = None):
         self.run = RunDir(config.out, append=resume) if config.out else None
         if self.run is not None:  # the actors' working directories are not ours: one absolute path for all
             config = config.replace(out=str(self.run.path))
         self.cfg = config
         self.model, self.loss = model, loss
         self.dataset = dataset
-        self.sink, self.progress, self.on_start = sink, progress, on_start
+        self.callbacks = Callbacks(self.run, Progress(progress) if progress else None, Sink(sink) if sink else None,
+                                   *trackers.from_config(config), *(callbacks or ()))
+        self.on_start = on_start
         self.faults = faults
         self.resume, self.resume_at_most = resume, resume_at_most
         self.fleet: Fleet | None = None
@@ -109,21 +114,20 @@ class Trainer:
 
     def fit(self) -> TrainResult:
         try:
-            with self._session() as (dataset, steps):
-                result = self._run(dataset, steps)
-        finally:
-            if self.run is not None:
-                self.run.close()
-        if self.run is not None:
-            self.run.finish(result)
+            with self._session() as (dataset, steps, first):
+                result = self._run(dataset, steps, first)
+        except BaseException as e:  # a signal too: the run folder is closed, the trackers told
+            self.callbacks.on_failure(e)
+            raise
+        self.callbacks.on_end(result)  # the run folder's summary.json and params.npz first
         return result
 
     # ------------------------------------------------------------------ setup
 
     @contextlib.contextmanager
     def _session(self):
-        """The run's actors, started and connected; stopped and cleaned up on exit. Yields
-        (dataset, total steps)."""
+        """The run's actors, started and connected, and the callbacks told; stopped and cleaned up
+        on exit. Yields (dataset, total steps, the server's step: where this session starts)."""
         cfg = self.cfg
         t0 = time.perf_counter()
         dataset = self.dataset if self.dataset is not None else load_data(cfg)  # bad data fails before Ray starts
@@ -131,6 +135,7 @@ class Trainer:
             self.run.check()
             if self.resume and self.resume_at_most is None:  # every step of the run stays logged
                 self.resume_at_most = self.run.steps_logged()
+        trackers.check(cfg)  # so does a tracker that cannot work
         # so does a bad model or loss, and a GPU run on an embedded Ray (this machine's GPUs) without a GPU
         factory, loss_fn = prepare(cfg, dataset, self.model, self.loss,
                                    gpus_on_cluster=bool(cfg.address or os.environ.get("RAY_ADDRESS")))
@@ -159,18 +164,20 @@ class Trainer:
                 fleet.connect()
             except WorkerLost as e:
                 raise TrainingError(f"{e} while the run was starting") from None
+            parameters = sum(int(np.prod(p[1])) for p in model_layout)
             log.info("training %s on %d worker(s) across %d node(s) (%d through shared memory): model %s "
                      "(%s parameters), %d steps, global batch %d", dataset.name, cfg.replicas,
                      len({p["node_id"] for p in fleet.placement}), len(fleet.shared), factory.name,
-                     f"{sum(int(np.prod(p[1])) for p in model_layout):,}", steps,
-                     min(cfg.batch_size, len(dataset)))
-            if self.run is not None:
-                self.run.open(cfg, vocab=dataset.vocab)
+                     f"{parameters:,}", steps, min(cfg.batch_size, len(dataset)))
+            first = fleet.server_call(fleet.ps.current_step.remote(), -1)
+            self.callbacks.on_start(RunStart(cfg, dataset.name, steps, steps_per_epoch, cfg.replicas, parameters,
+                                             first, tuple(fleet.placement), ray.get_runtime_context().gcs_address,
+                                             dataset.vocab))
             if self.on_start is not None:
                 self.on_start()
             # startup, reported in the summary: Ray's own start apart from dptrain's
             self.startup = {"ray_init_s": t2 - t1, "startup_s": time.perf_counter() - t0 - (t2 - t1)}
-            yield dataset, steps
+            yield dataset, steps, first
         finally:
             if fleet is not None:
                 fleet.stop()
@@ -191,11 +198,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def _run(self, dataset: Dataset, steps: int) -> TrainResult:
-        """The steps (with recoveries), then the final evaluations and the result."""
+    def _run(self, dataset: Dataset, steps: int, first: int) -> TrainResult:
+        """The steps from `first` on (with recoveries), then the final evaluations and the result."""
         driving = _Driving(self, dataset, steps)
-        resumed_from = driving.run()
-        return self._result(driving, resumed_from)
+        driving.run(first)
+        return self._result(driving, first)
 
     def _result(self, driving: "_Driving", resumed_from: int) -> TrainResult:
         cfg, fleet, mlog = self.cfg, self.fleet, driving.mlog
@@ -224,20 +231,19 @@ class Trainer:
 class _Driving:
     """The driver's part of the steps: ask the server for chunks, log what comes back, recover
     from losses. Its log (metrics.MetricsLog) owns replay: whatever is run again is rewound
-    in it and in its sinks (the run folder, the caller's sink) first."""
+    in it and in the callbacks (the run folder, the caller's) first."""
 
     def __init__(self, trainer: Trainer, dataset: Dataset, steps: int):
-        self.cfg, self.fleet, self.progress = trainer.cfg, trainer.fleet, trainer.progress
+        self.cfg, self.fleet = trainer.cfg, trainer.fleet
         self.steps, self.steps_per_epoch = steps, self.fleet.steps_per_epoch
         self.classification = dataset.task == "classification"
-        self.mlog = MetricsLog(self.cfg, steps, workers=len(self.fleet.workers), sink=Sinks(trainer.run, trainer.sink))
+        self.mlog = MetricsLog(self.cfg, steps, workers=len(self.fleet.workers), sink=trainer.callbacks)
         self.failures = 0
         self.reached = False  # the target accuracy was reached: no more steps
         self.start = time.perf_counter()
 
-    def run(self) -> int:
-        """Every step, recovering from losses; the step this session started from."""
-        first = resumed_from = self._server_step()
+    def run(self, first: int) -> None:
+        """Every step from `first` (the server's step) on, recovering from losses."""
         if first > 0:  # a resumed run: what the killed one logged from here on is run again
             self.mlog.rewind(first, {"kind": "resume", "resume_step": first})
         while not self.reached:
@@ -246,7 +252,6 @@ class _Driving:
                 break
             except (WorkerLost, ServerLost) as e:
                 first = self._recover(e)
-        return resumed_from
 
     def _server_step(self) -> int:
         return self.fleet.server_call(self.fleet.ps.current_step.remote(), -1)
@@ -293,8 +298,6 @@ class _Driving:
         for value in chunk:
             rec = step_record(value, self.steps_per_epoch, self.classification)
             self.mlog.step(rec)
-            if self.progress:
-                self.progress(rec["step"], rec)
             if "evaluation" not in value:
                 continue
             step = rec["step"]
