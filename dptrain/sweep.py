@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 METRICS = ("test_loss", "test_accuracy")  # what every report carries (test_accuracy when classifying)
 TUNE_FIELDS_REFUSED = ("out", "address", "progress", "cpus")  # the sweep's own, not a trial's
+DATA_FIELDS = {"dataset", "data", "label", "seq_len", "seed"}  # what the data is (seed: user data's split)
 
 
 def is_spec(text) -> bool:
@@ -231,11 +232,12 @@ def tune(cfg: TrainConfig, space: dict, *, samples: int = 1, scheduler: str = "a
     Ray this process is connected to, or an embedded one (cfg.address and cfg.cpus as for a run)."""
     from .blocks import load_data, prepare
     domains = parse_space(space, cfg)
-    if not domains and samples == 1:
-        log.info("an empty search space: one trial of the base settings")
     if not (isinstance(samples, int) and samples >= 1):
         raise ConfigError(f"invalid samples: {samples!r} (trials per point of the space: a whole number >= 1)",
                           field="samples")
+    if max_concurrent is not None and not (isinstance(max_concurrent, int) and max_concurrent >= 1):
+        raise ConfigError(f"invalid max_concurrent: {max_concurrent!r} (trials at once: a whole number >= 1)",
+                          field="max_concurrent")
     if scheduler not in ("asha", "fifo"):
         raise ConfigError(f"invalid scheduler: {scheduler!r} (asha or fifo)", field="scheduler")
     if mode not in ("max", "min"):
@@ -275,7 +277,10 @@ def tune(cfg: TrainConfig, space: dict, *, samples: int = 1, scheduler: str = "a
                 "base": cfg.to_dict(), "space": {k: v for k, v in space.items() if isinstance(v, str)},
                 "samples": samples, "scheduler": scheduler, "metric": metric, "mode": mode,
                 "grace_period": grace_period, "reduction_factor": reduction_factor}, indent=2) + "\n")
-        trainable = rtune.with_resources(_trainable(cfg, dataset, model, loss),
+        # the data the driver loaded goes to every trial (no trial reads a file that may be on this
+        # machine only), unless a searched setting changes what the data is
+        shipped = data if not DATA_FIELDS & set(domains) else None
+        trainable = rtune.with_resources(_trainable(cfg, shipped, model, loss),
                                          lambda sampled: trial_resources(_apply(cfg, sampled)))
         if restore:
             tuner = rtune.Tuner.restore(str(folder), trainable, resume_unfinished=True, restart_errored=True)
@@ -317,7 +322,7 @@ def _result(grid, folder: Path, metric: str, mode: str) -> TuneResult:
                      ("step", "epoch", "test_loss", "test_accuracy", "train_loss", "train_accuracy") if k in metrics},
                      "evaluations": metrics.get("training_iteration", 0), "ended": ended,
                      "run": str(run) if run else None, "error": str(r.error) if r.error else None})
-    scored = [r for r in rows if r["metrics"].get(metric) is not None]
+    scored = [r for r in rows if r["metrics"].get(metric) is not None and not r["error"]]  # as Tune's "last" scope
     best = (max if mode == "max" else min)(scored, key=lambda r: r["metrics"][metric]) if scored else None
     return TuneResult(rows, best, str(folder), metric, mode)
 

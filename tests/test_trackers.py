@@ -304,6 +304,8 @@ def test_the_mlflow_server_killed_during_a_run_leaves_it_training(mlflow_server,
     (["--lr", "loguniform:0:1"], "invalid --lr: 'loguniform:0:1' (loguniform needs LOW > 0"),
     (["--out", "grid:a,b"], "invalid --out: 'grid:a,b' (the sweep's own setting"),
     (["--metric", "train_loss"], "invalid --metric: 'train_loss' (no evaluation reports it"),
+    (["--samples", "0"], "invalid --samples: 0 (trials per point of the space"),
+    (["--max-concurrent", "0"], "invalid --max-concurrent: 0 (trials at once"),
     (["--dataset", "regression", "--model", "4,8,1", "--metric", "test_accuracy"],
      "invalid --metric: 'test_accuracy' (no evaluation reports it: each reports test_loss for regression)"),
 ])
