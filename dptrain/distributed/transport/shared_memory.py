@@ -46,6 +46,11 @@ from . import SHARED_MEMORY, Transport, control
 from .shm import SharedArray, unlink
 
 NOTICES_PER_UPDATE = 4  # "params" messages per update to each served worker
+# A notice wakes every served worker, which costs more than copying a small region: one of less
+# than this many parameters waits for the next request (which copies the rest anyway). Measured
+# on 2 cores, the tiny 2-8-2 model at 2 workers: 0.80 against 0.93 ms a step, median of 4
+# alternations; a model of 1.86 M parameters gets its notices as before.
+MIN_NOTICE = 1 << 16
 
 
 class SharedMemoryTransport(Transport):
@@ -125,6 +130,8 @@ class SharedMemoryTransport(Transport):
         if upto < self._notified:  # a new update
             self._notified = 0
         if upto != size and upto - self._notified < size // NOTICES_PER_UPDATE:
+            return
+        if upto - self._notified < MIN_NOTICE:
             return
         self._notified = upto
         for chan, _ in self._sessions.values():
