@@ -338,28 +338,35 @@ def _assert_fault_free_parameters(out):
 @pytest.mark.fault
 def test_a_tune_sweep_on_the_cluster_recovers_a_worker_killed_in_a_trial(cluster, tmp_path):
     """`dptrain tune --address` on the started cluster: two trials, one at a time, of 2 workers
-    each; a worker process of the first is killed with kill -9 from outside once its run has
-    logged 100 steps. The trial recovers inside itself, as any run does, and ends with the
-    fault-free parameters; the sweep finishes both trials and leaves no dptrain process behind."""
+    each; a worker process is killed with kill -9 from outside once a trial's run has logged 50
+    steps. That trial recovers inside itself, as any run does, and ends with the fault-free
+    parameters; the sweep finishes both trials and leaves no dptrain process behind."""
     pytest.importorskip("ray.tune")
     import time
     import dptrain as dp
+    steps = 400
     address = f"{socket.gethostbyname(socket.gethostname())}:{cluster['port']}"
     sweep = tmp_path / "sweep"
-    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "tune", "--address", address, *NODE_RUN[:-3],
+    flags = [a if a != str(STEPS) else str(steps) for a in NODE_RUN[:-3]]  # NODE_RUN ends --workers 2 --spread
+    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "tune", "--address", address, *flags,
                              "--workers", "2", "--seed", "grid:3,4", "--scheduler", "fifo", "--metric", "test_loss",
                              "--mode", "min", "--max-concurrent", "1", "--step-timeout", "5", "--quiet",
                              "--out", str(sweep)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
-        deadline, run = time.monotonic() + 180, None
-        while time.monotonic() < deadline and proc.poll() is None and run is None:
-            runs = [p.parent for p in sweep.glob("trial_*/run/metrics.jsonl")]
-            if runs:
-                _wait_for_steps(runs[0], 100, proc)
-                run = runs[0]
-            time.sleep(0.1)
-        assert run is not None, "no trial started"
-        subprocess.run(["kill", "-KILL", _pids_of(cluster, "ray::Worker")[0]])
+        deadline, killed = time.monotonic() + 180, None
+        sessions = [int(p.read_text()) for p in Path(cluster["state"]).glob("*.sid")]
+        while time.monotonic() < deadline and proc.poll() is None and killed is None:
+            # a trial mid-run: 50 steps logged and no summary yet (its workers compute, none is starting)
+            live = [p.parent for p in sweep.glob("trial_*/run/metrics.jsonl") if not (p.parent / "summary.json").exists()
+                    and p.read_text().count('"kind": "step"') >= 50]
+            if live:
+                pids = [pid for sid in sessions for pid in subprocess.run(
+                    ["pgrep", "-s", str(sid), "-f", "ray::Worker"], capture_output=True, text=True).stdout.split()]
+                if pids:
+                    subprocess.run(["kill", "-KILL", pids[0]])
+                    killed = pids[0]
+            time.sleep(0.05)
+        assert killed is not None, "no trial's worker found to kill"
         stdout, stderr = proc.communicate(timeout=300)
     finally:
         if proc.poll() is None:
@@ -367,15 +374,18 @@ def test_a_tune_sweep_on_the_cluster_recovers_a_worker_killed_in_a_trial(cluster
             proc.communicate(timeout=60)
     assert proc.returncode == 0, stderr[-3000:]
     assert "best: test_loss" in stdout and stdout.count(" done") == 2, stdout
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["failures_survived"] == 1 and summary["workers"] == 2
+    summaries = {run: json.loads((run / "summary.json").read_text()) for run in
+                 (p.parent for p in sweep.glob("trial_*/run/summary.json"))}
+    recovered = [run for run, s in summaries.items() if s["failures_survived"] == 1]
+    assert len(summaries) == 2 and len(recovered) == 1, summaries
+    run = recovered[0]
+    assert summaries[run]["workers"] == 2 and summaries[run]["steps"] == steps
     seed = json.loads((run / "config.json").read_text())["seed"]
-    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=STEPS,
+    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 256, 256, 2], batch_size=60, steps=steps,
                                           dtype="float64", seed=seed)).params
     with np.load(run / "params.npz", allow_pickle=False) as params:
         for k in clean:
             np.testing.assert_allclose(params[k], clean[k], rtol=1e-10, atol=1e-13)
-    sessions = [int(p.read_text()) for p in Path(cluster["state"]).glob("*.sid")]
     deadline = time.monotonic() + 30  # the job's actors end once its driver has
     while time.monotonic() < deadline:
         left = [pid for sid in sessions for pid in subprocess.run(
