@@ -106,15 +106,13 @@ class Sink(Callback):
 
 
 class Callbacks(Callback):
-    """Several callbacks as one, called in order. It is the metrics log's sink (metrics.MetricsLog):
-    the log's records reach each callback by their kind."""
+    """Several callbacks as one, called in order (what metrics.MetricsLog tells of a run)."""
 
     def __init__(self, *callbacks):
         self.callbacks = [c for c in callbacks if c is not None]
         bad = [c for c in self.callbacks if not isinstance(c, Callback)]
         if bad:
             raise TypeError(f"callbacks must be dptrain.Callback instances; got {type(bad[0]).__name__}")
-        self._pending_rewind: int | None = None
 
     def on_start(self, run: RunStart) -> None:
         for c in self.callbacks:
@@ -148,20 +146,3 @@ class Callbacks(Callback):
                 c.on_failure(error)
             except Exception as e:  # the run's own error is the one that matters
                 log.warning("callback %s failed in on_failure: %s", type(c).__name__, e)
-
-    # ---- as the metrics log's sink: a record of each kind, and rewinds
-
-    def __call__(self, record: dict) -> None:
-        kind = record.get("kind")
-        if kind == "step":
-            self.on_step(record)
-        elif kind in ("epoch", "eval"):
-            self.on_evaluation(record)
-        elif kind in ("recovery", "resume"):
-            step = self._pending_rewind if self._pending_rewind is not None else record["resume_step"]
-            self._pending_rewind = None
-            self.on_rewind(step, record)
-
-    def rewind(self, step: int) -> None:
-        """The log forgets the steps from `step` on; the record saying why follows."""
-        self._pending_rewind = step

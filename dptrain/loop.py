@@ -80,7 +80,7 @@ def _train(cfg: TrainConfig, dataset: Dataset, factory: ModelFactory, loss_fn, s
     replica, sampler = loop.replica, loop.sampler
     calls.on_start(RunStart(cfg, dataset.name, steps, sampler.steps_per_epoch, 1,
                             replica.model.num_parameters(), vocab=dataset.vocab))
-    mlog = MetricsLog(cfg, steps, workers=1, sink=calls)
+    mlog = MetricsLog(cfg, steps, workers=1, callbacks=calls)
     start = time.perf_counter()
     for step in range(steps):
         rec = loop.step(step)

@@ -10,6 +10,7 @@ import logging
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
 
+from .callbacks import Callback
 from .config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -32,35 +33,33 @@ class TrainResult:
 
 
 class MetricsLog:
-    """Collects step and epoch records, hands them to `sink` as it goes, prints log lines. It owns
-    replay: `rewind(step, record)` forgets the records of steps >= step (they are about to run
-    again, after a failure or on a resume) and rewinds the sink too when it can (a `rewind`
-    method: the run folder's metrics.jsonl keeps each step once), whatever the sink is."""
+    """Collects step and epoch records, tells `callbacks` of each as it goes (callbacks.py: the
+    run folder, trackers, the caller's), prints log lines. It owns replay: `rewind(step, record)`
+    forgets the records of steps >= step (they are about to run again, after a failure or on a
+    resume) and tells the callbacks (`on_rewind`: the run folder's metrics.jsonl keeps each
+    step once)."""
 
-    def __init__(self, cfg: TrainConfig, total: int, workers: int, sink=None):
+    def __init__(self, cfg: TrainConfig, total: int, workers: int, callbacks: Callback | None = None):
         self.cfg, self.total, self.workers = cfg, total, workers
         self.steps: list = []
         self.epochs: list = []
         self.evaluations: list = []  # --eval-every's evaluations between epoch ends
         self.eval_s = 0.0  # seconds spent evaluating (replays included: they are time spent)
-        self.sink = sink  # a callable taking one record dict (callbacks.Callbacks: the run folder, trackers)
+        self.callbacks = callbacks if callbacks is not None else Callback()  # told of every record
         self.target: dict | None = None  # when and where cfg.target_accuracy was reached
         self._window: list = []  # the steps since the last log line
         self._epoch: list = []  # the steps since the last epoch's end
 
-    def rewind(self, step: int, record: dict | None = None) -> None:
-        """Forget the records of steps >= `step`, in this log and the sink's; then log `record` (what
-        sent the run back: a recovery, a resume)."""
+    def rewind(self, step: int, record: dict) -> None:
+        """Forget the records of steps >= `step`, in this log and the callbacks'; `record` says what
+        sent the run back (a recovery, a resume)."""
         self.steps = [r for r in self.steps if r["step"] < step]
         self.epochs = [r for r in self.epochs if r["step"] < step]
         self.evaluations = [r for r in self.evaluations if r["step"] < step]
         self._window = [r for r in self._window if r["step"] < step]
         ended = self.epochs[-1]["step"] if self.epochs else -1  # the epoch whose end is replayed gets its steps back
         self._epoch = [r for r in self.steps if r["step"] > ended]
-        if self.sink is not None and hasattr(self.sink, "rewind"):
-            self.sink.rewind(step)
-        if record is not None and self.sink:
-            self.sink(record)
+        self.callbacks.on_rewind(step, record)
 
     @property
     def epoch_open(self) -> bool:
@@ -76,8 +75,7 @@ class MetricsLog:
         self.steps.append(record)
         self._window.append(record)
         self._epoch.append(record)
-        if self.sink:
-            self.sink({"kind": "step", **record})
+        self.callbacks.on_step({"kind": "step", **record})
         s = record["step"]
         if (s + 1) % self.cfg.log_every == 0 or s + 1 == self.total:
             w = self._window
@@ -105,16 +103,14 @@ class MetricsLog:
         record["eval_s"] = evaluation.get("eval_s", 0.0)
         self.eval_s += record["eval_s"]
         self.evaluations.append(record)
-        if self.sink:
-            self.sink({"kind": "eval", **record})
+        self.callbacks.on_evaluation({"kind": "eval", **record})
         acc = f" | test acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
         log.info("eval after step %d | test loss %.4f%s", step + 1, record["test_loss"], acc)
         return record
 
     def epoch(self, record: dict) -> None:
         self.epochs.append(record)
-        if self.sink:
-            self.sink({"kind": "epoch", **record})
+        self.callbacks.on_evaluation({"kind": "epoch", **record})
         acc = f" | test acc {record['test_accuracy']:.4f}" if "test_accuracy" in record else ""
         log.info("epoch %3d | train loss %.4f | test loss %.4f%s", record["epoch"] + 1,
                  record["train_loss"], record["test_loss"], acc)

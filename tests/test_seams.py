@@ -235,7 +235,7 @@ def test_the_run_log_rewinds_itself_and_every_sink_that_can(tmp_path):
     run = RunDir(str(tmp_path / "run"))
     run.open(cfg)
     plain = []
-    mlog = MetricsLog(cfg, 12, workers=1, sink=Callbacks(run, Sink(plain.append)))
+    mlog = MetricsLog(cfg, 12, workers=1, callbacks=Callbacks(run, Sink(plain.append)))
     for step in range(6):
         mlog.step({"step": step, "loss": 1.0, "count": 10, "time_s": 0.1})
         if step == 3:

@@ -237,7 +237,7 @@ class _Driving:
         self.cfg, self.fleet = trainer.cfg, trainer.fleet
         self.steps, self.steps_per_epoch = steps, self.fleet.steps_per_epoch
         self.classification = dataset.task == "classification"
-        self.mlog = MetricsLog(self.cfg, steps, workers=len(self.fleet.workers), sink=trainer.callbacks)
+        self.mlog = MetricsLog(self.cfg, steps, workers=len(self.fleet.workers), callbacks=trainer.callbacks)
         self.failures = 0
         self.reached = False  # the target accuracy was reached: no more steps
         self.start = time.perf_counter()
