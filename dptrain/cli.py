@@ -142,8 +142,8 @@ class ProgressBar(Callback):
 # the worker count decides which examples each update uses, so there it is the run's own.)
 RESUME_PLACEMENT = ("workers", "servers", "spread", "address", "transport", "cpus", "cpus_per_worker",
                     "gpus_per_worker", "device", "progress", "tensorboard", "mlflow", "mlflow_experiment",
-                    "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "step_timeout", "on_worker_loss", "eval_batch_size", "eval_every",
-                    "eval_batches", "micro_batch")
+                    "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "step_timeout",
+                    "on_worker_loss", "eval_batch_size", "eval_every", "eval_batches", "micro_batch")
 
 
 def _resumed_config(folder: str, given: dict) -> TrainConfig:
@@ -231,8 +231,7 @@ def main(argv=None) -> int:
         args.space = space
         command = f"dptrain {args.command}"
         if args.command == "train" and args.resume:  # which settings the user typed, to apply or refuse them
-            argv_ = list(sys.argv[1:] if argv is None else argv)
-            args.given = _given_config_flags(argv_[argv_.index("train") + 1:])
+            args.given = _given_config_flags(argv[argv.index("train") + 1:])
         _configure_logging(quiet=getattr(args, "quiet", False))
         if args.command == "train" and args.progress is None:
             args.progress = sys.stderr.isatty() and not args.quiet
@@ -273,7 +272,7 @@ def _run(args, argv) -> int:
             from . import sweep
             return sweep.run(args)
         from .scaling import scale, stragglers
-        args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
+        args.argv = argv[1:]
         return (stragglers if args.command == "stragglers" else scale).run(args)
     except (ConfigError, DataError, ClusterError) as e:
         return _bad_input(args, e)

@@ -146,7 +146,7 @@ def parse_space(space: dict, base: TrainConfig) -> dict:
         domain = Domain(field, kind, values)
         for value in domain.extremes():  # the setting itself must take every value the sweep may give it
             try:
-                base.replace(**{field: list(value) if isinstance(value, tuple) else value})
+                _apply(base, {field: value})
             except ConfigError as e:
                 why = str(e).split(" (", 1)[1].rstrip(")") if " (" in str(e) else str(e)
                 raise ConfigError(f"invalid {flag}: {spec!r} gives {value!r}, which it refuses ({why})",
@@ -167,6 +167,7 @@ def trial_resources(cfg: TrainConfig):
 
 
 def _apply(base: TrainConfig, sampled: dict) -> TrainConfig:
+    """The base settings with a trial's sampled ones (a model by widths comes as a tuple)."""
     return base.replace(**{k: list(v) if isinstance(v, tuple) else v for k, v in sampled.items()})
 
 
@@ -254,7 +255,7 @@ def tune(cfg: TrainConfig, space: dict, *, samples: int = 1, scheduler: str = "a
     for d in domains.values():  # and so does a sampled model that does not fit the data
         if isinstance(d, Domain) and d.field == "model":
             for value in d.values:
-                prepare(cfg.replace(model=list(value) if isinstance(value, tuple) else value), data, model, loss)
+                prepare(_apply(cfg, {"model": value}), data, model, loss)
 
     folder = Path(out or Path("runs") / f"tune-{datetime.datetime.now():%Y%m%d-%H%M%S}").absolute()
     if restore and not (folder / "sweep.json").is_file():

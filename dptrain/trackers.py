@@ -382,6 +382,11 @@ class MLflow(Callback):
         if saved:
             self.run_id = saved
             client.update_run(saved, status="RUNNING")
+            client.set_tag(saved, "dptrain.workers", str(run.workers))  # a resume may run elsewhere
+            client.set_tag(saved, "dptrain.cluster", run.address or "none")
+            for kind, tag in (("step", "train/loss"), ("eval", "test/loss")):  # what it logged is not logged twice
+                history = client.get_metric_history(saved, tag)
+                self._logged[kind] = max([self._logged[kind]] + [m.step for m in history])
         else:
             tags = {"mlflow.runName": run_name(run), "dptrain.version": __version__,
                     "dptrain.workers": str(run.workers), "dptrain.cluster": run.address or "none",
@@ -393,12 +398,6 @@ class MLflow(Callback):
             items = [Param(k, str(v)[:6000]) for k, v in params.items()]
             for i in range(0, len(items), 100):
                 client.log_batch(self.run_id, params=items[i:i + 100])
-        client.set_tag(self.run_id, "dptrain.workers", str(run.workers))  # a resume may run elsewhere
-        client.set_tag(self.run_id, "dptrain.cluster", run.address or "none")
-        if saved:  # what the run logged before it was resumed is not logged twice
-            for kind, tag in (("step", "train/loss"), ("eval", "test/loss")):
-                history = client.get_metric_history(self.run_id, tag)
-                self._logged[kind] = max([self._logged[kind]] + [m.step for m in history])
         return client
 
     def _metrics(self, record: dict, at_ms: int) -> list:

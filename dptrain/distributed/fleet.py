@@ -240,6 +240,10 @@ class Fleet:
             self.server_call(self.ps.set_shards.remote(self.shards), self.submitted)
         self.carried = self.server_call(self.ps.set_workers.remote(self.workers, self.placement), self.submitted)
 
+    def server_step(self) -> int:
+        """The server's step: the next it will run."""
+        return self.server_call(self.ps.current_step.remote(), -1)
+
     def server_call(self, ref, step: int):
         """ray.get of a server call, failures turned into WorkerLost / ServerLost (recoverable) or
         TrainingError. No call waits forever: while it runs, the server's heartbeat (sent from a

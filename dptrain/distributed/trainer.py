@@ -169,7 +169,7 @@ class Trainer:
                      "(%s parameters), %d steps, global batch %d", dataset.name, cfg.replicas,
                      len({p["node_id"] for p in fleet.placement}), len(fleet.shared), factory.name,
                      f"{parameters:,}", steps, min(cfg.batch_size, len(dataset)))
-            first = fleet.server_call(fleet.ps.current_step.remote(), -1)
+            first = fleet.server_step()
             self.callbacks.on_start(RunStart(cfg, dataset.name, steps, steps_per_epoch, cfg.replicas, parameters,
                                              first, tuple(fleet.placement), ray.get_runtime_context().gcs_address,
                                              dataset.vocab))
@@ -252,9 +252,6 @@ class _Driving:
                 break
             except (WorkerLost, ServerLost) as e:
                 first = self._recover(e)
-
-    def _server_step(self) -> int:
-        return self.fleet.server_call(self.fleet.ps.current_step.remote(), -1)
 
     def _chunks(self, step: int):
         """(first, count) of each chunk from `step` on: chunks end at log lines and epoch ends."""
@@ -343,7 +340,7 @@ class _Driving:
                 log.warning("%s; recovering: %s (failure %d of at most %d)", error, decision.describe(),
                             self.failures, self.cfg.max_failures)
                 fleet.recover(decision, recorded=self.mlog.next_step)
-                first = self._server_step()
+                first = fleet.server_step()
                 if first == self.mlog.next_step:
                     self._evaluation_cut_short(first - 1)
                 break
