@@ -316,11 +316,17 @@ def _wait_for_steps(out, n: int, proc) -> None:
         time.sleep(0.05)
 
 
-def _pids_of(cluster, title: str) -> list:
-    """PIDs of the processes titled `title` (ray::Worker, ...) on the cluster's nodes, as an operator finds them."""
+def _session_pids(cluster, title: str) -> list:
+    """PIDs of the processes titled `title` (ray::Worker, a pgrep pattern) in the cluster's nodes'
+    sessions, as an operator finds them (none of another Ray instance's)."""
     sessions = [int(p.read_text()) for p in Path(cluster["state"]).glob("*.sid")]
-    pids = [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", title],
+    return [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", title],
                                                              capture_output=True, text=True).stdout.split()]
+
+
+def _pids_of(cluster, title: str) -> list:
+    """_session_pids, of which there must be some."""
+    pids = _session_pids(cluster, title)
     assert pids, f"no {title} process found"
     return pids
 
@@ -354,14 +360,12 @@ def test_a_tune_sweep_on_the_cluster_recovers_a_worker_killed_in_a_trial(cluster
                              "--out", str(sweep)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     try:
         deadline, killed = time.monotonic() + 180, None
-        sessions = [int(p.read_text()) for p in Path(cluster["state"]).glob("*.sid")]
         while time.monotonic() < deadline and proc.poll() is None and killed is None:
             # a trial mid-run: 50 steps logged and no summary yet (its workers compute, none is starting)
             live = [p.parent for p in sweep.glob("trial_*/run/metrics.jsonl") if not (p.parent / "summary.json").exists()
                     and p.read_text().count('"kind": "step"') >= 50]
             if live:
-                pids = [pid for sid in sessions for pid in subprocess.run(
-                    ["pgrep", "-s", str(sid), "-f", "ray::Worker"], capture_output=True, text=True).stdout.split()]
+                pids = _session_pids(cluster, "ray::Worker")
                 if pids:
                     subprocess.run(["kill", "-KILL", pids[0]])
                     killed = pids[0]
@@ -388,9 +392,7 @@ def test_a_tune_sweep_on_the_cluster_recovers_a_worker_killed_in_a_trial(cluster
             np.testing.assert_allclose(params[k], clean[k], rtol=1e-10, atol=1e-13)
     deadline = time.monotonic() + 30  # the job's actors end once its driver has
     while time.monotonic() < deadline:
-        left = [pid for sid in sessions for pid in subprocess.run(
-            ["pgrep", "-s", str(sid), "-f", "ray::(Worker|ParameterServer|ImplicitFunc)"], capture_output=True,
-            text=True).stdout.split()]
+        left = _session_pids(cluster, "ray::(Worker|ParameterServer|ImplicitFunc)")
         if not left:
             break
         time.sleep(0.5)

@@ -8,7 +8,6 @@ import logging
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import pytest
 import dptrain as dp
 from dptrain import cli
 from dptrain.callbacks import Callbacks
+from test_real_cluster import _free_port
 
 BASE = dict(dataset="moons", model=[2, 16, 2], batch_size=32, steps=24, seed=3, dtype="float64", log_every=6)
 
@@ -102,9 +102,7 @@ def test_bad_tracker_settings_are_one_line_before_anything_starts(flags, message
 
 def test_an_mlflow_server_that_does_not_answer_is_a_warning_and_the_run_trains(caplog):
     pytest.importorskip("mlflow")
-    with socket.socket() as s:  # a port nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()  # nothing listens there
     caplog.set_level(logging.WARNING, logger="dptrain")
     t0 = time.monotonic()
     result = dp.train_local(dp.TrainConfig(**BASE, mlflow=f"http://127.0.0.1:{port}"))
@@ -115,12 +113,6 @@ def test_an_mlflow_server_that_does_not_answer_is_a_warning_and_the_run_trains(c
 
 
 # --------------------------------------------------------------------------- the tools' servers
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _wait_http(url: str, proc, seconds: float = 90) -> None:
     deadline = time.monotonic() + seconds
