@@ -134,7 +134,8 @@ def _stop(proc) -> None:
 
 
 def _tensorboard_scalars(logdir) -> dict:
-    """{run: {tag: [(step, value), ...]}} as a TensorBoard server started on logdir serves them."""
+    """{run: {tag: [(step, value), ...]}} as a TensorBoard server started on logdir serves them, and
+    "hparams": the names of the settings its HParams tab shows."""
     exe = Path(sys.executable).with_name("tensorboard")
     proc = subprocess.Popen([str(exe), "--logdir", str(logdir), "--host", "127.0.0.1", "--port", "0"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -162,6 +163,10 @@ def _tensorboard_scalars(logdir) -> dict:
                 q = urllib.parse.urlencode({"run": run, "tag": tag})
                 with urllib.request.urlopen(f"{base}/data/plugin/scalars/scalars?{q}", timeout=10) as r:
                     out[run][tag] = [(step, value) for _, step, value in json.loads(r.read())]
+        request = urllib.request.Request(f"{base}/data/plugin/hparams/experiment", method="POST",
+                                         data=b'{"experimentName": ""}', headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:  # the HParams tab's settings
+            out["hparams"] = {h["name"] for h in json.loads(r.read()).get("hparamInfos", [])}
         return out
     finally:
         _stop(proc)
@@ -188,6 +193,7 @@ def test_tensorboard_and_mlflow_show_each_step_once_across_a_recovery_and_a_resu
     assert sorted(losses) == list(range(24))
 
     shown = _tensorboard_scalars(tmp_path / "tb")
+    assert {"lr", "workers", "optimizer", "batch_size"} <= shown.pop("hparams")  # the settings in the HParams tab
     assert list(shown) == ["run"]  # the run folder's name
     tb = shown["run"]
     assert [s for s, _ in tb["train/loss"]] == list(range(24))
