@@ -1,6 +1,7 @@
 """Sharded parameter servers (--servers K): ranges, their arithmetic, exactness, checkpoints."""
 
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -136,3 +137,41 @@ def test_compressed_gradients_reach_the_shards(ray_local):
     assert all(r["sent_bytes"] == [k * (8 + 4)] * 2 for r in result.metrics["steps"])
     losses = [r["loss"] for r in result.metrics["steps"]]
     assert np.mean(losses[-10:]) < 0.8 * np.mean(losses[:10])
+
+
+@pytest.mark.ray
+def test_a_lost_slice_is_its_shards_loss_not_the_workers(ray_local):
+    """A worker that cannot fetch a shard's slice (it died with the shard's node: Ray does not
+    rebuild an actor's result) is not the loss to repair: the server's check after a worker loss
+    names the shard, so that it is replaced and restored (replacing the worker alone sent the
+    same lost slice again until the failure budget was spent)."""
+    import ray
+    from dptrain.distributed.errors import ShardLost
+    from dptrain.distributed.shards import ShardedUpdate
+    cfg = dp.TrainConfig(**dict(BASE, **SGD))
+    sharded = ShardedUpdate(build_optimizer(cfg, [Parameter(np.arange(4096.0))]), 2, step_timeout=20)
+    actors = [ray.remote(ServerShard).options(num_cpus=0).remote(cfg.to_dict(), j) for j in range(2)]
+    try:
+        sharded.attach(actors)
+        sharded.check_outgoing(0)  # both alive, both slices there: nothing to say
+        @ray.remote(num_cpus=0)
+        class Owner:
+            def put(self, a):
+                return [ray.put(a)]  # in a list: the reference stays this actor's
+        owner = Owner.remote()
+        sharded.refs[1] = ray.get(owner.put.remote(np.zeros(1 << 16)))[0]
+        ray.kill(owner)  # an object whose owner died: lost, as one on a dead node is
+        for _ in range(100):  # until this process has heard of the owner's death
+            try:
+                ray.get(sharded.refs[1], timeout=5)
+                time.sleep(0.1)
+            except ray.exceptions.ObjectLostError:
+                break
+        with pytest.raises(ShardLost, match="shard 1 lost at step 0: its newest parameters were lost"):
+            sharded.check_outgoing(0)
+        ray.kill(actors[0])
+        with pytest.raises(ShardLost, match="shard 0 lost at step 0: its process died"):
+            sharded.check_outgoing(0)
+    finally:
+        for a in actors:
+            ray.kill(a)

@@ -35,7 +35,7 @@ from ..config import TrainConfig
 from ..models import ModelFactory, layout
 from ..step import combine_evaluation, step_metrics
 from . import loops, transport, update
-from .errors import NonFiniteError
+from .errors import NonFiniteError, WorkerLost
 from .messages import Gradient, ServerView
 from .worker import node_id
 
@@ -231,8 +231,12 @@ class ParameterServer:
         self._progressed()  # the workers' time starts now (opening sessions may have taken a while)
         deadline = time.monotonic() + self.cfg.step_timeout
         results: dict = {}
-        for t in active:
-            results.update(t.receive(step, deadline))
+        try:
+            for t in active:
+                results.update(t.receive(step, deadline))
+        except WorkerLost:
+            self.update.check_outgoing(step)  # a shard lost with the worker's node goes first
+            raise
         return [results[r] for r in range(len(self.carrier))]
 
     def apply(self, step: int, gradients: list[Gradient]) -> dict:

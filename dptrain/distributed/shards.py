@@ -212,6 +212,21 @@ class ShardedUpdate(Update):
             return self.flat.data, state
         return self.flat.data, self.optimizer.state_dict()
 
+    def check_outgoing(self, step):
+        """A worker lost at `step` may have died with a shard's node, or have been unable to fetch a
+        slice that died with it (Ray cannot rebuild an actor's result): ShardLost for the first shard
+        that is dead or whose newest slice is gone, so that it is replaced and every shard restored
+        (replacing only the worker would send it the same lost slice again)."""
+        import ray
+        self.wait([a.ready.remote() for a in self.actors], step)  # a dead shard: ShardLost
+        for j, ref in enumerate(self.refs):
+            try:
+                ray.get(ref, timeout=self.step_timeout)
+            except ray.exceptions.ObjectLostError as e:
+                raise ShardLost(j, step, f"its newest parameters were lost with its node ({type(e).__name__})") from None
+            except ray.exceptions.GetTimeoutError:
+                raise ShardLost(j, step, f"its newest parameters could not be fetched within {self.step_timeout:g} s") from None
+
     def _settle(self, calls: list, step: int) -> list:
         """Wait for every shard's ((step, squares), parameters) call and keep the parameters'
         references: only the small status comes here (on a cluster the ranges stay on the shards'

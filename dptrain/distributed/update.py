@@ -58,6 +58,11 @@ class Update(abc.ABC):
     def restore(self, state: tuple | None) -> None:
         """Hold (flat parameters, optimizer state_dict, step) from now on; None: the initial ones."""
 
+    def check_outgoing(self, step: int) -> None:
+        """After a worker's loss at `step`: raise the loss of whatever held what the workers were
+        sent, if it is lost too (a worker that could not fetch a shard's slice is not the one that
+        died). Nothing here: the server holds it itself."""
+
     def attach(self, actors: list) -> None:
         """Use these server shard actors (only a sharded update has any)."""
         if actors:
