@@ -17,14 +17,21 @@ from .optim import OPTIMIZERS, Optimizer, Schedule
 log = logging.getLogger(__name__)
 
 
+def as_dataset(cfg: TrainConfig, dataset=None) -> Dataset:
+    """The run's data: `dataset` as given (a Dataset, or a ray.data.Dataset or a dict of them by
+    split, read through Ray Data), or what cfg names (load_data)."""
+    from .data import tables
+    if dataset is None:
+        return load_data(cfg)
+    if tables.is_ray_dataset(dataset):
+        return tables.from_ray(dataset, cfg.label, cfg.features, cfg.seed)
+    return dataset
+
+
 def load_data(cfg: TrainConfig) -> Dataset:
     if cfg.data is not None:
-        kwargs = {}
-        if cfg.label and cfg.data.lower().endswith(".csv"):
-            kwargs["label"] = cfg.label
-        if cfg.data.lower().endswith(".txt"):
-            kwargs["seq_len"] = cfg.seq_len
-        return load_dataset(path=cfg.data, seed=cfg.seed, **kwargs)
+        return load_dataset(path=cfg.data, seed=cfg.seed, label=cfg.label, features=cfg.features,
+                            seq_len=cfg.seq_len, token_dtype=cfg.token_dtype, vocab_size=cfg.vocab_size)
     return load_dataset(cfg.dataset)
 
 

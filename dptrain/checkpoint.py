@@ -215,7 +215,7 @@ def read(meta_path, layout: list | None = None, dtype: str | None = None) -> dic
 
 
 # what makes a run's arithmetic (workers and placement do not)
-RUN_FIELDS = ("dataset", "data", "label", "seq_len", "model", "loss", "activation", "n_layer", "n_head", "n_embd",
+RUN_FIELDS = ("dataset", "data", "label", "features", "seq_len", "token_dtype", "vocab_size", "model", "loss", "activation", "n_layer", "n_head", "n_embd",
               "dropout", "batch_size", "epochs", "steps",
               "lr", "optimizer", "momentum", "nesterov", "weight_decay", "decay_params", "betas", "eps", "schedule",
               "warmup", "step_size", "gamma", "min_lr", "clip_grad_norm", "seed", "dtype", "staleness",

@@ -59,9 +59,17 @@ class TrainConfig:
         "Built-in dataset: regression, moons, spirals, mnist1d, digits or synthetic (784 "
         "features, 10 classes); ignored when `data` is set.")
     data: Optional[str] = _f(None,
-        "A .npz (arrays x, y[, x_test, y_test]) or .csv (header row, label column last) file.")
-    label: Optional[str] = _f(None, "The label column's name in a .csv file (default: the last column).")
-    seq_len: int = _f(64, "Tokens per example of a .txt data file (character-level next-token prediction).")
+        "A .npz (arrays x, y[, x_test, y_test]) or .csv (header row, label column last) file; a .txt "
+        "file (characters); a .bin token stream (read in place: data larger than memory); a folder "
+        "of x.npy and y.npy (read in place); Parquet files, a folder or a glob of them, or a folder of CSV files.")
+    label: Optional[str] = _f(None, "The label column's name in .csv or Parquet data (default: the last column).")
+    features: Optional[str] = _f(None,
+        "The input columns of .csv or Parquet data, comma-separated (default: every column but the label); "
+        "a single column of fixed-shape arrays is an input of that shape.")
+    seq_len: int = _f(64, "Tokens per example of a .txt or .bin data file (next-token prediction).")
+    token_dtype: str = _f("uint16", "The token ids' type in a .bin data file: uint16 or uint32.")
+    vocab_size: Optional[int] = _f(None,
+        "The vocabulary of a .bin data file (default: nanoGPT's meta.pkl beside it, else the largest id + 1).")
     model: Optional[object] = _f(None,
         "Layer sizes of an MLP (e.g. [40, 256, 256, 10]), a built-in model (mlp, cnn1d, cnn2d, transformer) "
         "or path/to/file.py:function / package.module:function returning a dptrain.nn.Module; "
@@ -198,6 +206,12 @@ class TrainConfig:
             check_reference(self.loss, "loss", BUILTIN_LOSS_NAMES)
         if self.seq_len < 1:
             bad("seq_len", self.seq_len, "must be >= 1")
+        if self.token_dtype not in ("uint16", "uint32"):
+            bad("token_dtype", self.token_dtype, "expected uint16 or uint32")
+        if self.vocab_size is not None and not (isinstance(self.vocab_size, (int, np.integer)) and self.vocab_size >= 1):
+            bad("vocab_size", self.vocab_size, "must be a whole number >= 1")
+        if self.features is not None and not [c for c in self.features.split(",") if c.strip()]:
+            bad("features", self.features, "expected column names, comma-separated")
         if self.workers < 1:
             bad("workers", self.workers, "must be >= 1")
         if self.batch_size < 1:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 
 from . import trackers
-from .blocks import build_optimizer, build_schedule, load_data, prepare, total_steps
+from .blocks import as_dataset, build_optimizer, build_schedule, prepare, total_steps
 from .callbacks import Callbacks, Progress, RunStart, Sink
 from .config import TrainConfig
 from .data import BatchSampler, Dataset
@@ -59,7 +59,7 @@ def train_local(cfg: TrainConfig, dataset: Dataset | None = None, sink=None, pro
     (output, target) -> the loss SUM) override cfg.model and cfg.loss (see dptrain.models).
     `callbacks`, `sink` and `progress` are told of the run as the Trainer tells them.
     """
-    dataset = dataset if dataset is not None else load_data(cfg)
+    dataset = as_dataset(cfg, dataset)
     factory, loss_fn = prepare(cfg, dataset, model, loss)
     steps = total_steps(cfg, len(dataset))
     trackers.check(cfg)

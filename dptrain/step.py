@@ -33,6 +33,7 @@ import numpy as np
 from . import backend
 from .config import TrainConfig
 from .data import Dataset, shard_bounds
+from .data.mapped import is_mapped
 from .models import ModelFactory, count_correct
 from .nn import flatten, random as nn_random
 from .nn.flat import aligned_zeros
@@ -57,11 +58,23 @@ class Replica:
         self.flat = self.model.flat()
         xp = backend.xp_for(cfg.device)
         dt = as_dtype(cfg.dtype)
-        self.xp = xp
-        self.x_train = xp.asarray(dataset.x_train, dtype=dt)
-        self.y_train = xp.asarray(dataset.y_train if self.task == "classification" else dataset.y_train.astype(dt))
-        self.x_test = xp.asarray(dataset.x_test, dtype=dt)
-        self.y_test = xp.asarray(dataset.y_test if self.task == "classification" else dataset.y_test.astype(dt))
+        self.xp, self.dtype = xp, dt
+        self.label_dtype = np.int64 if self.task == "classification" else dt
+
+        def keep(a, dtype):  # in memory: on the device once; in a file (data.mapped): read a batch at a time
+            return a if is_mapped(a) else xp.asarray(a, dtype=dtype)
+        labels = None if self.task == "classification" else dt  # class labels keep their integer dtype
+        self.x_train, self.x_test = keep(dataset.x_train, dt), keep(dataset.x_test, dt)
+        self.y_train, self.y_test = keep(dataset.y_train, labels), keep(dataset.y_test, labels)
+
+    def batch(self, x, y, rows) -> tuple:
+        """The examples `rows` (indices, numpy, or a slice) of inputs `x` and labels `y`, on the
+        device: indexed there, or read from their files."""
+        def take(a, dtype):
+            if is_mapped(a):
+                return self.xp.asarray(a[rows], dtype=dtype)
+            return a[rows if isinstance(rows, slice) else self.xp.asarray(rows)]
+        return take(x, self.dtype), take(y, self.label_dtype)
 
     def load_parameters(self, flat_params, start: int = 0, stop: int | None = None) -> None:
         """Copy a flat parameter array (numpy) into the model: one copy, no per-tensor work.
@@ -96,8 +109,7 @@ class Replica:
         self.model.train()
         for start in range(0, count, size):
             part = indices[start:start + size]
-            idx = self.xp.asarray(part)
-            x, y = self.x_train[idx], self.y_train[idx]
+            x, y = self.batch(self.x_train, self.y_train, part)
             begin = first_position + start
             with nn_random.context(self.cfg.seed, step, np.arange(begin, begin + len(part))):
                 out = self.model(Tensor(x))
@@ -121,7 +133,7 @@ class Replica:
         try:
             with no_grad():
                 for start, stop in plan[lo:hi]:
-                    xb, yb = x[start:stop], y[start:stop]
+                    xb, yb = self.batch(x, y, slice(start, stop))
                     out = self.model(Tensor(xb))
                     # a sequence's examples count the fraction of positions right: not a whole number
                     correct = count_correct(out.data, yb) if self.task == "classification" else 0

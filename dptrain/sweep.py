@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 DISTRIBUTIONS = ("uniform", "loguniform", "randint", "choice", "grid")
 METRICS = ("test_loss", "test_accuracy")  # what every report carries (test_accuracy when classifying)
 TUNE_FIELDS_REFUSED = ("out", "address", "progress", "cpus")  # the sweep's own, not a trial's
-DATA_FIELDS = {"dataset", "data", "label", "seq_len", "seed"}  # what the data is (seed: user data's split)
+DATA_FIELDS = {"dataset", "data", "label", "features", "seq_len", "token_dtype", "vocab_size", "seed"}  # what the data is (seed: user data's split)
 
 
 def is_spec(text) -> bool:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .mapped import is_mapped
+
 TASKS = ("classification", "regression")
 
 
@@ -37,6 +39,7 @@ class Dataset:
     task: str
     num_classes: int | None = None
     vocab: str | None = None  # the characters of a text dataset, by token id
+    files: dict | None = None  # read in place (mapped.py): path -> its fingerprint when it was checked
 
     @property
     def input_shape(self) -> tuple:
@@ -70,6 +73,8 @@ class Dataset:
                 raise DataError(f"{where}: {split} has {len(x)} feature rows but {len(y)} labels")
             if x.dtype.kind not in "fiub":
                 raise DataError(f"{where}: {split} features have dtype {x.dtype}; numbers expected")
+            if is_mapped(x) or is_mapped(y):
+                continue  # its values were checked as its file was opened, a chunk at a time (mapped.py)
             bad = ~np.isfinite(x)
             if bad.any():
                 row = int(np.argwhere(bad)[0][0])
@@ -87,6 +92,8 @@ class Dataset:
                 if y.shape[1:] != self.y_train.shape[1:]:
                     raise DataError(f"{where}: train labels are {self.y_train.shape[1:]} each, {split} labels "
                                     f"{y.shape[1:]}")
+                if is_mapped(y):
+                    continue
                 if y.size and (y.min() < 0):
                     raise DataError(f"{where}: {split} class labels must be >= 0, found {int(y.min())}")
                 if y.size and self.num_classes is not None and y.max() >= self.num_classes:
@@ -381,18 +388,34 @@ def load_text(path, seq_len: int = 64, test_fraction: float = 0.1) -> Dataset:
     return _finish(str(path), x, y, x_test, y_test, "classification", num_classes=len(vocab), vocab=vocab)
 
 
-def load_dataset(name: str | None = None, path: str | None = None, seed: int = 0, **kwargs) -> Dataset:
-    """A built-in dataset by name, or a user file by path (.npz, .csv or .txt)."""
+DATA_KINDS = ".npz, .csv, .txt, .bin (tokens), .parquet, a folder of x.npy and y.npy, of Parquet or of CSV files, or a glob"
+
+
+def load_dataset(name: str | None = None, path: str | None = None, seed: int = 0, label: str | None = None,
+                 features: str | None = None, seq_len: int = 64, token_dtype: str = "uint16",
+                 vocab_size: int | None = None, **options) -> Dataset:
+    """A built-in dataset by name (`options`: its generator's), or user data by path (`DATA_KINDS`):
+    read whole into memory, or (.bin, .npy folders) read in place a batch at a time (mapped.py)."""
+    from . import mapped, tables
     if path is not None:
-        suffix = Path(path).suffix.lower()
+        p = Path(path)
+        suffix = p.suffix.lower()
+        if tables.is_table_source(path):  # Parquet files, folders or globs; folders of CSV files
+            return tables.load_files(path, label=label, features=features, seed=seed)
+        if p.is_dir():
+            return mapped.load_npy_folder(p)
         if suffix == ".npz":
-            return load_npz(path, seed=seed, **kwargs)
+            return load_npz(path, seed=seed)
         if suffix == ".csv":
-            return load_csv(path, seed=seed, **kwargs)
+            return load_csv(path, label=label, seed=seed)
         if suffix == ".txt":
-            return load_text(path, **kwargs)
-        raise DataError(f"data file {path}: unsupported type {suffix!r}; expected .npz, .csv or .txt")
+            return load_text(path, seq_len=seq_len)
+        if suffix == ".bin":
+            return mapped.load_tokens(path, seq_len, token_dtype, vocab_size)
+        if suffix:
+            raise DataError(f"data file {path}: unsupported type {suffix!r}; expected {DATA_KINDS}")
+        raise DataError(f"data file not found: {path}")
     if name not in BUILTIN:
         raise DataError(f"unknown dataset {name!r}; built-in datasets are {sorted(BUILTIN)}, "
-                        "or pass a .npz or .csv file")
-    return BUILTIN[name](**kwargs)
+                        f"or pass data by path ({DATA_KINDS})")
+    return BUILTIN[name](**options)

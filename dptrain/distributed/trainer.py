@@ -30,7 +30,8 @@ from .. import checkpoint, trackers
 from ..callbacks import Callbacks, Progress, RunStart, Sink
 from ..config import ConfigError, TrainConfig
 from ..data import BatchSampler, Dataset
-from ..blocks import load_data, prepare, total_steps
+from ..data.mapped import check_nodes, is_mapped
+from ..blocks import as_dataset, prepare, total_steps
 from ..metrics import MetricsLog, TrainResult, reached_target, step_record, summary_record
 from ..models import layout, user_modules
 from ..rundir import RunDir
@@ -48,8 +49,8 @@ def prepare_dataset(dataset: Dataset, dtype: str) -> Dataset:
     """The dataset in the training dtype, so workers can use the shared arrays without a copy."""
     dt = as_dtype(dtype)
 
-    def cast(a):
-        return a if a.dtype.kind in "iu" else np.ascontiguousarray(a, dtype=dt)
+    def cast(a):  # a file's rows are cast as they are read (data.mapped)
+        return a if a.dtype.kind in "iu" or is_mapped(a) else np.ascontiguousarray(a, dtype=dt)
     return dataclasses.replace(dataset, x_train=cast(dataset.x_train), y_train=cast(dataset.y_train),
                                x_test=cast(dataset.x_test), y_test=cast(dataset.y_test))
 
@@ -130,7 +131,7 @@ class Trainer:
         on exit. Yields (dataset, total steps, the server's step: where this session starts)."""
         cfg = self.cfg
         t0 = time.perf_counter()
-        dataset = self.dataset if self.dataset is not None else load_data(cfg)  # bad data fails before Ray starts
+        dataset = as_dataset(cfg, self.dataset)  # bad data fails before Ray starts
         if self.run is not None:  # so does an out that cannot be this run's folder
             self.run.check()
             if self.resume and self.resume_at_most is None:  # every step of the run stays logged
@@ -155,6 +156,7 @@ class Trainer:
             for module in user_modules(factory.builder, loss_fn):  # their files may exist here only
                 ray.cloudpickle.register_pickle_by_value(module)
             check_resources(cfg.replicas, cfg.cpus_per_worker, cfg.gpus_per_worker)
+            check_nodes(dataset)  # data read in place: every node must see the driver's files
             data_ref = ray.put(prepare_dataset(dataset, cfg.dtype))
             fleet = self.fleet = Fleet(cfg, factory, loss_fn, data_ref, steps, steps_per_epoch, key, self.faults)
             model_layout = fleet.start()

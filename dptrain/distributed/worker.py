@@ -21,6 +21,7 @@ import numpy as np
 from .. import backend, compress
 from ..config import TrainConfig, parse_straggler
 from ..data import BatchSampler, Dataset
+from ..data.mapped import is_mapped
 from ..models import ModelFactory, layout
 from ..step import Replica
 from .errors import WorkerError
@@ -165,7 +166,7 @@ class Worker:
         """This process's memory: rss counts shared pages (the object store's), uss only its own."""
         import psutil
         info = psutil.Process().memory_full_info()
-        return {"rss": info.rss, "uss": info.uss, "dataset_bytes": int(self.replica.x_train.nbytes)}
+        return {"rss": info.rss, "uss": info.uss, "dataset_bytes": 0 if is_mapped(self.replica.x_train) else int(self.replica.x_train.nbytes)}
 
 
 def node_id() -> str:

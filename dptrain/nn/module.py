@@ -255,7 +255,9 @@ class MLP(Sequential):
     """Linear layers of sizes `dims` with `activation` between them (none after the last).
 
     `MLP([40, 256, 256, 10])` has three Linear layers. `seed` makes the
-    initialisation reproducible: every replica built with the same seed is equal.
+    initialisation reproducible: every replica built with the same seed is equal. Without
+    it the layers draw from init's default generator, as every other layer does (so
+    `--model mlp` is reproducible from the run's seed, like the other built-in models).
     Inputs of more than two axes (images, say) are flattened to (batch, features).
     """
 
@@ -265,7 +267,7 @@ class MLP(Sequential):
             raise ValueError(f"MLP: dims must be at least two positive sizes, got {dims}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"MLP: unknown activation {activation!r}; expected one of {sorted(ACTIVATIONS)}")
-        rng = np.random.default_rng(seed)
+        rng = np.random.default_rng(seed) if seed is not None else None  # None: init's generator (manual_seed)
         layers: list[Module] = []
         for i, (n_in, n_out) in enumerate(zip(dims[:-1], dims[1:])):
             layers.append(Linear(n_in, n_out, dtype=dtype, rng=rng))
