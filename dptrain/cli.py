@@ -25,6 +25,7 @@ from .callbacks import Callback
 from .config import ConfigError, TrainConfig, is_widths, parse_model
 from .data import DataError
 from .rundir import RunFolderError, default_out
+from .storage import fetch_run, is_uri
 
 log = logging.getLogger("dptrain")
 
@@ -97,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.add_argument("--quiet", action="store_true", help="only warnings and the final summary")
     train.add_argument("--resume", metavar="DIR", default=None,
-                       help="continue the run in DIR (its config.json and newest intact checkpoint); flags "
+                       help="continue the run in DIR, or in STORAGE/<name> (--storage; copied to a local folder "
+                            "first), from its config.json and newest intact checkpoint; flags "
                             "of where and how it runs (--workers, --servers, --address, --transport, ...) apply, "
                             "flags that would change its arithmetic are refused")
     from . import sample, sweep
@@ -141,7 +143,7 @@ class ProgressBar(Callback):
 # What a resume may change: where and how the steps run, not what they compute. (In relaxed runs
 # the worker count decides which examples each update uses, so there it is the run's own.)
 RESUME_PLACEMENT = ("workers", "servers", "spread", "address", "transport", "cpus", "cpus_per_worker",
-                    "gpus_per_worker", "device", "progress", "tensorboard", "mlflow", "mlflow_experiment",
+                    "gpus_per_worker", "device", "progress", "tensorboard", "mlflow", "mlflow_experiment", "storage",
                     "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "step_timeout",
                     "on_worker_loss", "eval_batch_size", "eval_every", "eval_batches", "micro_batch")
 
@@ -214,6 +216,9 @@ def run_train(args) -> int:
           f"({s['samples_per_s']:,.0f} samples/s) | train loss {s['train_loss']:.4f} | "
           f"test loss {s['test_loss']:.4f}{acc}")
     print(f"results: {trainer.cfg.out}/ (config.json, metrics.jsonl, summary.json, params.npz)")
+    if trainer.mirror is not None:
+        print(f"stored: {trainer.mirror.storage.uri}/" + (f" (not all of it: {', '.join(trainer.mirror.failed)} "
+                                                         "failed)" if trainer.mirror.failed else ""))
     return 0
 
 
@@ -256,6 +261,8 @@ def _run(args, argv) -> int:
             return _bad_input(args, e)
     try:
         if args.command == "train":  # the run's settings first: a resume's address is in its config.json
+            if args.resume and is_uri(args.resume):  # a run kept on storage: copied here first
+                args.resume = str(fetch_run(args.resume))
             args.cfg = _resumed_config(args.resume, args.given) if args.resume else config_from_args(args)
         use_token_auth_for(args.cfg.address if args.command == "train" else getattr(args, "address", None))
         from .distributed.cluster import ClusterError  # imports Ray, which reads RAY_AUTH_MODE once

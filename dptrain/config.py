@@ -126,6 +126,10 @@ class TrainConfig:
         "split, the same at every evaluation: an estimate, as nanoGPT's eval_iters (default: the "
         "held-out split whole, the training split as many batches as the held-out split has).")
     out: Optional[str] = _f(None, "Directory for metrics.jsonl, config.json and the final parameters.")
+    storage: Optional[str] = _f(None,
+        "Keep the run folder in STORAGE/<the run folder's name> too: a shared path, file://PATH or "
+        "s3://BUCKET/PREFIX (AWS_* variables for the endpoint and credentials); --resume STORAGE/<name> "
+        "continues it from any machine.")
     # ---- distributed settings (used by dptrain.distributed)
     address: Optional[str] = _f(None,
         "Ray cluster address: auto or HOST:PORT; none starts an embedded local Ray.")

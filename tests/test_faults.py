@@ -151,18 +151,19 @@ def test_nan_gradient_skipped_by_setting(ray_local):
 
 
 def test_driver_killed_and_resumed(tmp_path):
-    """SIGKILL of the driver and its embedded Ray, then --resume: the parameters of a run without
-    the fault (a CNN with dropout: the replayed steps draw the same masks). The 2-worker run
-    resumes with 3 workers and 2 server shards: the flags of where a run runs apply."""
-    model, workers, resume_flags = "tests/user_models.py:build", "2", ["--workers", "3", "--servers", "2"]
+    """SIGKILL of the driver and its embedded Ray, then --resume from the run's storage (--storage
+    file://, a shared filesystem) in another folder, as from another machine: the parameters of a
+    run without the fault (a CNN with dropout: the replayed steps draw the same masks). The 2-worker
+    run resumes with 3 workers and 2 server shards: the flags of where a run runs apply."""
+    root = Path(__file__).resolve().parent.parent
+    model, workers, resume_flags = f"{root}/tests/user_models.py:build", "2", ["--workers", "3", "--servers", "2"]
     steps = 240  # killed at step 40 or later: the rest after the resume
     out = tmp_path / "run"
-    root = Path(__file__).resolve().parent.parent
     dataset = "mnist1d"
     settings = dict(BASE, dataset=dataset, model=model, steps=steps, log_every=20)
     args = ["--dataset", dataset, "--batch-size", "60", "--steps", str(steps), "--dtype", "float64", "--model",
             model, "--seed", "5", "--log-every", "20", "--momentum", "0.9", "--lr", "0.1", "--workers", workers,
-            "--checkpoint-every", "20", "--cpus", "4", "--out", str(out)]
+            "--checkpoint-every", "20", "--cpus", "4", "--out", str(out), "--storage", f"file://{tmp_path}/shared"]
     proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, cwd=root)
     try:
@@ -178,16 +179,18 @@ def test_driver_killed_and_resumed(tmp_path):
     assert not (out / "params.npz").exists(), "the run ended before it could be killed"
     killed_at = int(checkpoint.list_checkpoints(out / "checkpoints")[0].name[5:13])
     assert killed_at < steps
-    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--resume", str(out), *resume_flags],
-                       capture_output=True, text=True, timeout=300, cwd=root)
+    elsewhere, stored = tmp_path / "elsewhere", tmp_path / "shared" / "run"
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--resume", f"file://{stored}", *resume_flags],
+                       capture_output=True, text=True, timeout=300, cwd=elsewhere)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert "restored the checkpoint of step" in r.stderr
+    assert "restored the checkpoint of step" in r.stderr and f"stored: file://{stored}/" in r.stdout
     clean = dp.train_local(dp.TrainConfig(workers=3, **settings)).params
-    with np.load(out / "params.npz", allow_pickle=False) as params:
+    with np.load(stored / "params.npz", allow_pickle=False) as params:
         _same(dict(params), clean)
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (stored / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["kind"] == "step"] == list(range(steps))  # each step once
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((stored / "summary.json").read_text())
     assert summary["steps"] == steps and 0 < summary["resumed_from_step"] <= killed_at  # the newest the log covers
     assert summary["workers"] == 3 and summary["servers"] == 2
     assert not [n for n in os.listdir("/dev/shm") if n.startswith("dptrain-")]  # the killed run's too

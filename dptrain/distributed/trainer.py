@@ -20,13 +20,15 @@ import dataclasses
 import hashlib
 import logging
 import os
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import numpy as np
 import ray
 
-from .. import checkpoint, trackers
+from .. import checkpoint, storage, trackers
 from ..callbacks import Callbacks, Progress, RunStart, Sink
 from ..config import ConfigError, TrainConfig
 from ..data import BatchSampler, Dataset
@@ -34,7 +36,7 @@ from ..data.mapped import check_nodes, is_mapped
 from ..blocks import as_dataset, prepare, total_steps
 from ..metrics import MetricsLog, TrainResult, reached_target, step_record, summary_record
 from ..models import layout, user_modules
-from ..rundir import RunDir
+from ..rundir import RunDir, default_out
 from ..tensor import as_dtype
 from .cluster import check_resources, connect, embedded_cpus, starts_local
 from .errors import ServerLost, TrainingError, WorkerLost
@@ -56,10 +58,11 @@ def prepare_dataset(dataset: Dataset, dtype: str) -> Dataset:
 
 
 def run_key(out: str | None) -> str:
-    """A short name for a run's shared-memory segments: fixed by its output folder, so a
-    resumed run can remove what a killed one left; random without one."""
+    """A short name for a run's shared-memory segments: fixed by its output folder (or its storage
+    URI: a run resumed from the storage has another local folder), so a resumed run can remove
+    what a killed one left; random without one."""
     if out:
-        return hashlib.sha1(os.path.abspath(out).encode()).hexdigest()[:8]
+        return hashlib.sha1((out if "://" in out else os.path.abspath(out)).encode()).hexdigest()[:8]
     return uuid.uuid4().hex[:8]
 
 
@@ -89,14 +92,17 @@ class Trainer:
     def __init__(self, config: TrainConfig, dataset: Dataset | None = None, sink=None, progress=None,
                  faults: list | None = None, resume: bool = False, *, model=None, loss=None, on_start=None,
                  resume_at_most: int | None = None, callbacks: list | None = None):
+        if config.storage and not config.out:  # the run folder is written here first, then kept on the storage
+            config = config.replace(out=str(Path(tempfile.mkdtemp(prefix="dptrain-run-")) / Path(default_out()).name))
         self.run = RunDir(config.out, append=resume) if config.out else None
         if self.run is not None:  # the actors' working directories are not ours: one absolute path for all
             config = config.replace(out=str(self.run.path))
         self.cfg = config
         self.model, self.loss = model, loss
         self.dataset = dataset
-        self.callbacks = Callbacks(self.run, Progress(progress) if progress else None, Sink(sink) if sink else None,
-                                   *trackers.from_config(config), *(callbacks or ()))
+        self.mirror = storage.mirror(config.storage, self.run.path) if config.storage else None
+        self.callbacks = Callbacks(self.run, self.mirror, Progress(progress) if progress else None,
+                                   Sink(sink) if sink else None, *trackers.from_config(config), *(callbacks or ()))
         self.on_start = on_start
         self.faults = faults
         self.resume, self.resume_at_most = resume, resume_at_most
@@ -136,7 +142,9 @@ class Trainer:
             self.run.check()
             if self.resume and self.resume_at_most is None:  # every step of the run stays logged
                 self.resume_at_most = self.run.steps_logged()
-        trackers.check(cfg)  # so does a tracker that cannot work
+        trackers.check(cfg)  # so does a tracker that cannot work, or a storage that cannot be written
+        if self.mirror is not None:
+            self.mirror.storage.check()
         # so does a bad model or loss, and a GPU run on an embedded Ray (this machine's GPUs) without a GPU
         factory, loss_fn = prepare(cfg, dataset, self.model, self.loss,
                                    gpus_on_cluster=bool(cfg.address or os.environ.get("RAY_ADDRESS")))
@@ -149,7 +157,7 @@ class Trainer:
         t1 = time.perf_counter()
         started = connect(cfg.address, num_cpus=cpus, num_gpus=None)
         t2 = time.perf_counter()
-        key = run_key(cfg.out)
+        key = run_key(self.mirror.storage.uri if self.mirror is not None else cfg.out)
         fleet = None
         try:  # from here on, whatever happens (a signal too), what was started is stopped
             _clean_shared_memory(key if cfg.out else None)

@@ -1,0 +1,159 @@
+"""Run folders on shared or object storage (--storage): a real S3-compatible server (moto's standalone
+server) started on 127.0.0.1 and stopped after; a storage that stops answering mid-run; resumes
+from the storage into another folder; bad storage named in one line."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dptrain as dp
+from dptrain.config import ConfigError
+from dptrain.storage import Storage, fetch_run
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN = dict(dataset="moons", model=[2, 16, 2], batch_size=50, steps=60, checkpoint_every=5, dtype="float64", seed=3,
+           lr=0.1, momentum=0.9)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def s3(monkeypatch, tmp_path):
+    """moto's S3 server on a free port, with a bucket `runs`; this process's AWS variables point at it."""
+    import boto3
+    import pyarrow.fs as pafs
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                              env=dict(os.environ, INITIAL_NO_AUTH_ACTION_COUNT="3"))  # then requests are signed
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "moto_server did not start"
+                time.sleep(0.2)
+        iam = boto3.client("iam", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="setup",
+                           aws_secret_access_key="setup")
+        iam.create_user(UserName="dptrain")  # the three unsigned actions: a user, its key, its policy
+        key = iam.create_access_key(UserName="dptrain")["AccessKey"]
+        iam.put_user_policy(UserName="dptrain", PolicyName="all", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}))
+        env = {"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"],
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": endpoint, "AWS_EC2_METADATA_DISABLED": "true",
+               "DPTRAIN_STORAGE_TIMEOUT_S": "1.5"}
+        for k, v in env.items():
+            monkeypatch.setenv(k, v)
+        pafs.S3FileSystem(endpoint_override=endpoint, allow_bucket_creation=True).create_dir("runs")
+        yield {"server": server, "env": env}
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGCONT)
+            os.killpg(server.pid, signal.SIGKILL)
+        server.wait()
+
+
+class _Freeze(dp.Callback):
+    """Freezes the storage server (SIGSTOP) at one step, as a storage that stops answering, and
+    lets it go on (SIGCONT) at a later one; the run's steps go on meanwhile."""
+
+    def __init__(self, pid, at, until):
+        self.pid, self.at, self.until, self.steps_while_frozen = pid, at, until, 0
+
+    def on_step(self, record):
+        if record["step"] == self.at:
+            os.killpg(self.pid, signal.SIGSTOP)
+        elif self.at < record["step"] < self.until:
+            self.steps_while_frozen += 1
+            time.sleep(0.4)  # a slower model's steps: the freeze outlasts the uploads' tries
+        elif record["step"] == self.until:
+            os.killpg(self.pid, signal.SIGCONT)
+
+
+class _StopAt(dp.Callback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step(self, record):
+        if record["step"] == self.step:
+            raise KeyboardInterrupt  # the driver stopped, as Ctrl-C does: no summary, no final parameters
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_run_on_s3_outlives_a_frozen_server_and_resumes_from_the_bucket_elsewhere(ray_local, s3, tmp_path, caplog):
+    """The S3 server frozen from step 12 to step 45, 13 s (uploads time out after 1.5 s and are retried
+    four times): the run goes on, one warning, the bucket's checkpoints catch up once it answers. The
+    run stopped at step 55
+    is resumed from the bucket by `dptrain train --resume s3://...` in another folder (another
+    machine's): the fault-free parameters, each step logged once, everything in the bucket."""
+    freeze = _Freeze(s3["server"].pid, at=12, until=45)
+    cfg = dp.TrainConfig(workers=2, out=str(tmp_path / "here" / "run1"), storage="s3://runs/team", **RUN)
+    with pytest.raises(KeyboardInterrupt):
+        dp.Trainer(cfg, callbacks=[freeze, _StopAt(55)]).fit()
+    assert freeze.steps_while_frozen == 32  # the steps never waited for the storage
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "storage" in r.getMessage()]
+    assert len(warnings) == 1 and "training goes on, and its newest checkpoint there is still valid" in warnings[0]
+    bucket = Storage("s3://runs/team/run1")
+    stored = [n for n in bucket.list("checkpoints") if n.endswith(".json")]
+    assert stored and int(stored[-1][5:13]) >= 50  # caught up after the freeze
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--resume", "s3://runs/team/run1", "--cpus", "2"],
+                       capture_output=True, text=True, timeout=300, cwd=elsewhere, env=dict(os.environ, **s3["env"]))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "restored the checkpoint of step" in r.stderr and "stored: s3://runs/team/run1/" in r.stdout
+    clean = dp.train_local(dp.TrainConfig(**RUN)).params
+    with np.load(__import__("io").BytesIO(bucket.get_bytes("params.npz"))) as f:
+        assert max(float(np.abs(f[k] - clean[k]).max()) for k in clean) < 1e-10
+    records = [json.loads(line) for line in bucket.get_bytes("metrics.jsonl").decode().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == list(range(RUN["steps"]))
+    assert json.loads(bucket.get_bytes("summary.json"))["steps"] == RUN["steps"]
+
+
+def test_bad_storage_is_named(s3, tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"invalid storage: s3://nobucket/x: the bucket 'nobucket' does not exist"):
+        Storage("s3://nobucket/x").check()
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong")
+    with pytest.raises(ConfigError, match=r"invalid storage: s3://runs/x: the storage refused the credentials "
+                                          r"\(.*SIGNATURE_DOES_NOT_MATCH"):
+        Storage("s3://runs/x").check()
+    for name in ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    with pytest.raises(ConfigError, match=r"invalid storage: s3://runs/x: no AWS credentials are set"):
+        Storage("s3://runs/x").check()
+    with pytest.raises(ConfigError, match=r"invalid storage: 'ftp://host/x' \(expected a path, file://PATH or s3://"):
+        Storage("ftp://host/x")
+    with pytest.raises(ConfigError, match=r"invalid resume: file://.*/none holds no dptrain run \(no config.json"):
+        fetch_run(f"file://{tmp_path}/none")
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ConfigError, match=r"invalid storage: cannot write to .*afile/sub"):
+        Storage(str(tmp_path / "afile" / "sub")).check()
+
+
+def test_the_cli_refuses_a_missing_bucket_in_one_line_before_ray_starts(s3, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "train", "--dataset", "moons", "--storage",
+                        "s3://nobucket/runs", "--out", str(tmp_path / "run")], capture_output=True, text=True,
+                       timeout=120, cwd=ROOT, env=dict(os.environ, **s3["env"]))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "invalid --storage: s3://nobucket/runs/run: the bucket 'nobucket' does not exist" \
+        in lines[0], r.stderr
+    assert not (tmp_path / "run").exists()
