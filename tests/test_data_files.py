@@ -83,6 +83,32 @@ def test_a_token_stream_is_read_in_place_and_trains_as_in_memory(token_stream):
     assert _max_diff(dp.train_local(cfg).params, dp.train_local(cfg, dataset=memory).params) == 0.0
 
 
+def test_a_second_run_on_an_unchanged_file_does_not_scan_it_again(token_stream, tmp_path, monkeypatch):
+    """The driver's whole-file check (token ids, values) is remembered by the file's path, size,
+    modification time and inode: a tens-of-GB stream is read once, not at every start; a file that
+    changed is scanned again, and an id outside a vocabulary given later is still found."""
+    from dptrain.data import mapped
+    monkeypatch.setenv("DPTRAIN_CACHE", str(tmp_path / "cache"))
+    path, _ = token_stream
+    load_dataset(path=str(path), seq_len=16)
+
+    def no_reading(self):
+        raise AssertionError(f"{self.path} read again")
+    with monkeypatch.context() as m:
+        m.setattr(mapped.FileArray, "chunks", no_reading)
+        assert load_dataset(path=str(path), seq_len=16).num_outputs == 20
+        with pytest.raises(AssertionError, match="read again"):  # --vocab-size 10: the first id above is named
+            load_dataset(path=str(path), seq_len=16, vocab_size=10)
+    with pytest.raises(DataError, match=r"train.bin: token id 1\d at position \d+ is outside the vocabulary of 10"):
+        load_dataset(path=str(path), seq_len=16, vocab_size=10)
+    tokens = np.fromfile(path, np.uint16)
+    np.append(tokens, np.uint16(3)).tofile(path)  # changed: another size, another time
+    with monkeypatch.context() as m:
+        m.setattr(mapped.FileArray, "chunks", no_reading)
+        with pytest.raises(AssertionError, match="read again"):
+            load_dataset(path=str(path), seq_len=16)
+
+
 def test_an_npy_folder_is_read_in_place_and_trains_as_in_memory(npy_folder):
     folder, memory = npy_folder
     ds = load_dataset(path=str(folder))

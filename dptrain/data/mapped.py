@@ -17,12 +17,14 @@ Ray ships a few hundred bytes to each worker, which opens the file itself. Rows 
 the file (a memory map would count every page the run has touched in the worker's own memory;
 the page cache still keeps the hot parts, shared by every process of the node). Checks that
 need the whole file (finite values, labels, token ids in the vocabulary) scan it in chunks
-of CHUNK_BYTES, once, on the driver.
+of CHUNK_BYTES, once, on the driver, and once per file: a later run on the same unchanged file
+takes the result from ~/.cache/dptrain (`scanned`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import pickle
 from pathlib import Path
@@ -30,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 CHUNK_BYTES = 64 << 20  # a whole-file check reads this much at a time
+SCANS_KEPT = 256  # files whose scan results are remembered (scanned)
 SAMPLE_BLOCKS, SAMPLE_BYTES = 16, 4096  # a file's fingerprint: its size and this many blocks' hash
 
 
@@ -327,7 +330,7 @@ def load_npy_folder(folder, task: str | None = None, test_fraction: float = 0.2)
         yt = FileArray(y.path, y.dtype, (n_test,) + y.shape[1:], y.offset + cut * y.row_bytes)
         x = FileArray(x.path, x.dtype, (cut,) + x.shape[1:], x.offset)
         y = FileArray(y.path, y.dtype, (cut,) + y.shape[1:], y.offset)
-    task = task or ("classification" if y.dtype.kind in "iub" or (y.ndim == 1 and _all_whole(y))
+    task = task or ("classification" if y.dtype.kind in "iub" or (y.ndim == 1 and scanned(y, "whole", lambda: _all_whole(y)))
                     else "regression")  # as for a .npz's labels
     classification = task == "classification"
     if not classification and y.ndim == 1:
@@ -336,7 +339,8 @@ def load_npy_folder(folder, task: str | None = None, test_fraction: float = 0.2)
     for what, a, labels in ((f"{folder}/x.npy", x, False), (f"{folder}/y.npy", y, True),
                             (f"{folder}/x_test.npy" if "x_test" in found else f"{folder}/x.npy (held out)", xt, False),
                             (f"{folder}/y_test.npy" if "y_test" in found else f"{folder}/y.npy (held out)", yt, True)):
-        tops.append(_check_values(a, what, labels, classification))
+        tops.append(scanned(a, f"values-{labels}-{classification}",
+                            lambda a=a, what=what, labels=labels: _check_values(a, what, labels, classification)))
     return in_place(Dataset(str(folder), x, y, xt, yt, task,
                             num_classes=max(tops) + 1 if classification else None).validate())
 
@@ -377,7 +381,45 @@ def _tokens(path: Path, dtype: str) -> FileArray:
     return FileArray(str(path.resolve()), dtype, (size // item,))
 
 
+def scanned(a: FileArray, kind: str, scan):
+    """`scan()`'s result for the array `a` (a number), from a cache of earlier runs' scans when the
+    file is unchanged (its path, size, modification time and inode): a second run on a file of
+    tens of GB starts without reading it again. The cache is `scans.json` in ~/.cache/dptrain (or
+    $DPTRAIN_CACHE); one that cannot be read or written is ignored."""
+    from .datasets import _cache_dir
+    st = os.stat(a.path)
+    key = f"{a.path}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{a.dtype.str}|{a.offset}|{a.shape}|{kind}"
+    path = _cache_dir() / "scans.json"
+    try:
+        cache = json.loads(path.read_text())
+        if not isinstance(cache, dict):
+            cache = {}
+    except (OSError, ValueError):
+        cache = {}
+    if key in cache:
+        return cache[key]
+    value = scan()
+    cache[key] = value
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".scans.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(dict(list(cache.items())[-SCANS_KEPT:])))
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return value
+
+
 def _largest_token(tokens: FileArray, vocab: int | None, where: str) -> int:
+    """The largest id of a token stream; DataError naming the first id outside `vocab` (and its
+    position) if there is one. One pass over the file, or none when an earlier run scanned it."""
+    top = scanned(tokens, "largest", lambda: _scan_tokens(tokens, None, where))
+    if vocab is not None and top >= vocab:
+        _scan_tokens(tokens, vocab, where)  # finds and names it
+    return top
+
+
+def _scan_tokens(tokens: FileArray, vocab: int | None, where: str) -> int:
     top, seen = -1, 0
     for chunk in tokens.chunks():
         if chunk.size:
