@@ -65,10 +65,13 @@ def build_optimizer(cfg: TrainConfig, params) -> Optimizer:
                   {"params": [p for p in params if p.data.ndim < 2], "weight_decay": 0.0}]
         params = [g for g in params if g["params"]]
     if cfg.optimizer == "sgd":
-        return OPTIMIZERS["sgd"](params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                                 weight_decay=cfg.weight_decay)
-    return OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, betas=tuple(cfg.betas or (0.9, 0.999)), eps=cfg.eps,
-                                     weight_decay=cfg.weight_decay)
+        opt = OPTIMIZERS["sgd"](params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                weight_decay=cfg.weight_decay)
+    else:
+        opt = OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, betas=tuple(cfg.betas or (0.9, 0.999)), eps=cfg.eps,
+                                        weight_decay=cfg.weight_decay)
+    opt.threads = cfg.update_threads  # 1 unless asked: see the setting's help
+    return opt
 
 
 def total_steps(cfg: TrainConfig, num_examples: int) -> int:

@@ -145,7 +145,7 @@ class ProgressBar(Callback):
 RESUME_PLACEMENT = ("workers", "servers", "spread", "address", "transport", "cpus", "cpus_per_worker",
                     "gpus_per_worker", "device", "progress", "tensorboard", "mlflow", "mlflow_experiment", "storage",
                     "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "step_timeout",
-                    "on_worker_loss", "eval_batch_size", "eval_every", "eval_batches", "micro_batch")
+                    "on_worker_loss", "eval_batch_size", "eval_every", "eval_batches", "micro_batch", "update_threads")
 
 
 def _resumed_config(folder: str, given: dict) -> TrainConfig:

@@ -219,15 +219,17 @@ def apply_mean_gradient(optimizer, addends: list, count: int, lr: float, max_nor
     `done(stop)`: the optimizer's notices."""
     grad = optimizer.flat.grad
     if max_norm is None:
-        squares = 0.0
+        squares = {}  # block start -> its sum of squares, added in block order after (threads: optimizer.update)
 
         def prepare(start, stop):
-            nonlocal squares
             mean_gradient(addends, count, grad, start, stop)
-            squares += sum_of_squares(grad[start:stop])
+            squares[start] = sum_of_squares(grad[start:stop])
         optimizer.lr = lr
         optimizer.update(optimizer.flat.data, grad, prepare, done)
-        return squares
+        total = 0.0
+        for start in sorted(squares):
+            total += squares[start]
+        return total
     squares = mean_and_squares(addends, count, grad)
     scaled_update(optimizer, lr, clip_scale(squares ** 0.5, max_norm), done)
     return squares

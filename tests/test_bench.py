@@ -54,3 +54,18 @@ def test_the_recipe_benchmark_refuses_bad_flags_before_running(tmp_path, capsys)
                         str(tmp_path / "none.txt")], capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert r.returncode == 2 and "--text" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not out.exists()
+
+
+def test_the_update_benchmark_writes_each_setting_beside_its_floor(tmp_path, capsys):
+    """dptrain bench --update's measurement, small: every optimizer and thread count has its update
+    time, the floor of a memory pass of its bytes, and the update's parameters equal across threads."""
+    from dptrain.scaling import bench_update
+    out = tmp_path / "update.json"
+    assert bench_update.main(["--sizes", "300000", "--threads", "1,2", "--repeats", "2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["optimizer"], r["threads"]) for r in rows} == {(o, t) for o in bench_update.SETTINGS for t in (1, 2)}
+    assert all(r["bit_for_bit"] and r["update_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
+    assert rows[0]["bytes"] == 300000 * 4 * (2 + 1 + 2)  # sgd: two gradients read, the mean, the parameter
+    with pytest.raises(SystemExit):
+        bench_update.main(["--threads", "0", "--out", str(out)])
+    assert "--sizes, --threads, --workers and --repeats must be >= 1" in capsys.readouterr().err

@@ -157,7 +157,7 @@ def test_driver_killed_and_resumed(tmp_path):
     run resumes with 3 workers and 2 server shards: the flags of where a run runs apply."""
     root = Path(__file__).resolve().parent.parent
     model, workers, resume_flags = f"{root}/tests/user_models.py:build", "2", ["--workers", "3", "--servers", "2"]
-    steps = 240  # killed at step 40 or later: the rest after the resume
+    steps = 140  # killed at step 40 or later: the rest after the resume
     out = tmp_path / "run"
     dataset = "mnist1d"
     settings = dict(BASE, dataset=dataset, model=model, steps=steps, log_every=20)

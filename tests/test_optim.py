@@ -216,3 +216,33 @@ def test_the_matrices_rule_and_its_range_on_a_shard():
     shard = build_optimizer(cfg.replace(decay_params="all"), [Parameter(np.zeros(hi - lo))])
     shard.load_state_dict(sliced_state(opt.state_dict(), lo, hi))
     np.testing.assert_array_equal(shard.state_dict()["state"]["weight_decay_per_entry"], decay[lo:hi])
+
+
+@pytest.mark.parametrize("settings", [{"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
+                                      {"optimizer": "adamw", "weight_decay": 0.1, "decay_params": "matrices"}])
+def test_the_update_on_threads_is_the_one_threads_bit_for_bit(settings):
+    """--update-threads T: T threads over disjoint runs of blocks give one thread's parameters, state
+    and sum of squares bit for bit, and the notices still only say what is final (increasing, the
+    end last)."""
+    from dptrain.blocks import build_optimizer
+    from dptrain.optim.optimizers import CHUNK
+    from dptrain.step import apply_mean_gradient
+    rng = np.random.default_rng(0)
+    shapes = [(300, 700), (700,), (700, 301), (7,)]  # 7 blocks of CHUNK and a ragged end
+    start = [rng.standard_normal(s).astype(np.float32) for s in shapes]
+    runs = {}
+    for threads in (1, 2, 3):
+        cfg = dp.TrainConfig(dataset="moons", lr=0.05, update_threads=threads, **settings)
+        opt = build_optimizer(cfg, [dp.nn.Parameter(a.copy()) for a in start])
+        assert opt.threads == threads and opt.flat.size > 6 * CHUNK
+        squares = []
+        for step in range(3):
+            grads = [np.random.default_rng([step, r]).standard_normal(opt.flat.size).astype(np.float32) for r in range(2)]
+            notices = []
+            squares.append(apply_mean_gradient(opt, grads, 64, 0.05, done=notices.append))
+            assert notices == sorted(notices) and notices[-1] == opt.flat.size
+        runs[threads] = (opt.flat.data.copy(), opt.state_dict()["state"], squares)
+    for threads in (2, 3):
+        assert np.array_equal(runs[threads][0], runs[1][0]) and runs[threads][2] == runs[1][2]
+        for name, a in runs[1][1].items():
+            assert np.array_equal(runs[threads][1][name], a), name

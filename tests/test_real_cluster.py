@@ -164,6 +164,31 @@ def test_train_joins_the_cluster(cluster, tmp_path, address):
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["nodes"] == 2
 
 
+def test_data_only_the_driver_sees_is_named_before_any_worker_starts(cluster, tmp_path):
+    """A token stream read in place from a disk of the driver's own (a tmpfs mounted in a mount
+    namespace of the driver's: the cluster's nodes, as other machines, lack it): every node is
+    asked to read what the driver checked, and the run stops in one line naming a node that
+    cannot, exit 2, before any worker starts."""
+    private = tmp_path / "local-disk"
+    private.mkdir()
+    address = f"{socket.gethostbyname(socket.gethostname())}:{cluster['port']}"
+    script = (f"mount -t tmpfs tmpfs {private} && "
+              f"{sys.executable} -c 'import numpy as np; (np.arange(5000) % 50).astype(np.uint16).tofile(\"{private}/train.bin\")' && "
+              f"exec {sys.executable} -m dptrain.cli train --address {address} --data {private}/train.bin --seq-len 16 "
+              "--model gpt --n-layer 1 --n-embd 16 --n-head 2 --steps 5 --no-progress")
+    probe = subprocess.run(["unshare", "-m", "--propagation", "private", "true"], capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip(f"cannot make a mount namespace here: {probe.stderr.decode().strip()}")
+    r = subprocess.run(["unshare", "-m", "--propagation", "private", "sh", "-c", script], capture_output=True, text=True,
+                       env=_env(), timeout=180, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr[-3000:]
+    lines = r.stderr.strip().splitlines()
+    assert re.search(rf"{private}/train.bin: node [\d.]+ \(\w+\) cannot read this file; every node that runs "
+                     r"workers must see it at the same path \(a shared filesystem, or a copy\)", lines[-1]), r.stderr
+    assert "Traceback" not in r.stderr and "training" not in r.stderr  # no fleet was started
+    assert not (private / "train.bin").exists()  # the driver's disk went with its namespace
+
+
 def test_a_relative_out_from_another_directory_survives_a_killed_driver(cluster, tmp_path):
     """`--out runs/x` given from another directory than the one the cluster was started in: the
     server and the workers (on both nodes) write where the driver means, the driver is killed

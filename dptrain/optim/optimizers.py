@@ -7,6 +7,7 @@ and call them once per step on the whole flat parameter array.
 
 from __future__ import annotations
 
+import concurrent.futures
 import math
 from typing import Iterable
 
@@ -29,6 +30,16 @@ def _check(name: str, value: float, low: float = 0.0, high: float | None = None,
     if bad:
         raise ValueError(f"invalid {name}: {value}")
     return value
+
+
+_POOLS: dict = {}
+
+
+def _pool(size: int) -> concurrent.futures.ThreadPoolExecutor:
+    """This process's pool of `size` threads for blocked updates (made once, kept)."""
+    if size not in _POOLS:
+        _POOLS[size] = concurrent.futures.ThreadPoolExecutor(max_workers=size, thread_name_prefix="dptrain-update")
+    return _POOLS[size]
 
 
 # --------------------------------------------------------------------------- update rules
@@ -144,6 +155,8 @@ class Optimizer:
         """Apply one update with the gradients now in the parameters' `.grad`."""
         self.update(self.flat.data, self.flat.grad)
 
+    threads = 1  # threads that update disjoint runs of blocks at once (build_optimizer: --update-threads)
+
     def update(self, param, grad, prepare=None, done=None) -> None:
         """Apply one update to a flat parameter array given a flat gradient array.
 
@@ -152,18 +165,41 @@ class Optimizer:
         cache: about 40% faster on a 1.9M-parameter model than whole-array passes.
         `prepare(start, stop)`, if given, first fills grad[start:stop] (the parameter
         server sums the workers' gradients there, in the same pass). `done(stop)`, if
-        given, is called after each block: param[:stop] holds its new values.
+        given, is called after each block it can vouch for: param[:stop] holds its new values.
+
+        With `threads` T > 1 the blocks are cut into T contiguous runs, updated at once by
+        this thread (the first run, with the notices) and T - 1 pool threads: numpy lets go
+        of the GIL inside each array operation, and every rule is elementwise, so the numbers
+        are those of one thread, bit for bit. `prepare` is then called from several threads
+        (for distinct blocks).
         """
         self.steps += 1
         n = param.size
         chunk = n if backend.array_module(param) is not np else CHUNK
-        for start in range(0, n, chunk):
-            stop = min(start + chunk, n)
-            if prepare is not None:
-                prepare(start, stop)
-            self._update(param[start:stop], grad[start:stop], slice(start, stop))
-            if done is not None:
-                done(stop)
+        blocks = [(start, min(start + chunk, n)) for start in range(0, n, chunk)]
+
+        def run(part, notify):
+            for start, stop in part:
+                if prepare is not None:
+                    prepare(start, stop)
+                self._update(param[start:stop], grad[start:stop], slice(start, stop))
+                if notify and done is not None:
+                    done(stop)
+        t = max(1, min(int(self.threads), len(blocks)))
+        if t == 1:
+            run(blocks, True)
+            return
+        cuts = [len(blocks) * j // t for j in range(t + 1)]
+        parts = [blocks[cuts[j]:cuts[j + 1]] for j in range(t)]
+        futures = [_pool(t - 1).submit(run, part, False) for part in parts[1:]]
+        try:
+            run(parts[0], True)
+        finally:
+            concurrent.futures.wait(futures)  # no thread still writes when this returns or raises
+        for f in futures:
+            f.result()  # a pool thread's exception, raised here
+        if done is not None:
+            done(n)
 
     def _update(self, param, grad, sl: slice) -> None:
         """Update `param` (the block `sl` of the flat parameters) in place; state is sliced alike."""
