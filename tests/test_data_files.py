@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import dptrain as dp
-from dptrain.data import DataError, load_dataset
+from dptrain.data import DataError, load_dataset, tables
 from dptrain.data.datasets import _finish, holdout_split
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,13 +152,15 @@ def test_n_workers_on_data_in_files_equal_one_process(ray_local, source, workers
     elif source == "parquet":
         cfg = dp.TrainConfig(data=str(parquet_folder[0]), label="label", features="image", model="mlp",
                              **{k: v for k, v in MLP.items() if k != "model"})
-    else:  # a Ray Dataset per split, read through Ray Data in its order
+    else:  # Ray Data reading the Parquet files, a Dataset per split, in their order: the same rows in memory
         import ray.data
-        memory = npy_folder[1]
-        data = {split: ray.data.from_items([{"x": row, "y": int(label)} for row, label in zip(x, y)])
-                for split, x, y in (("train", memory.x_train, memory.y_train), ("test", memory.x_test, memory.y_test))}
-        cfg = dp.TrainConfig(label="y", **MLP)
-        one = dp.train_local(cfg, dataset=memory)
+        folder = parquet_folder[0]
+        data = {"train": ray.data.read_parquet([str(folder / "part-0.parquet"), str(folder / "part-1.parquet")]),
+                "test": ray.data.read_parquet(str(folder / "part-2.parquet"))}
+        table = tables.read_files(str(folder))
+        x, y = tables.column_array(table, "image", "t"), tables.column_array(table, "label", "t")
+        cfg = dp.TrainConfig(label="label", features="image", model="mlp", **{k: v for k, v in MLP.items() if k != "model"})
+        one = dp.train_local(cfg, dataset=_finish("memory", x[:300], y[:300], x[300:], y[300:], "classification"))
     if data is None:
         one = dp.train_local(cfg)
     result = dp.Trainer(cfg.replace(workers=workers), dataset=data).fit()

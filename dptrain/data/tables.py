@@ -204,24 +204,23 @@ def is_ray_dataset(data) -> bool:
 def from_ray(data, label: str | None = None, features: str | None = None, seed: int = 0) -> Dataset:
     """A ray.data.Dataset (or {"train": ..., "test": ...}) read in its order into a Dataset."""
     import pyarrow as pa
-    from ray.data import DataContext
     splits = data if isinstance(data, dict) else {"train": data}
     unknown = sorted(set(splits) - {"train", "test"})
     if unknown or "train" not in splits:
         raise DataError(f"Ray Datasets by split: expected keys 'train' and optionally 'test', got {sorted(splits)}")
-    context = DataContext.get_current()
-    was, context.execution_options.preserve_order = context.execution_options.preserve_order, True
-    try:
-        arrays = {}
-        for split, ds in splits.items():
-            where = f"the Ray Dataset ({split})"
+    arrays = {}
+    for split, ds in splits.items():
+        where = f"the Ray Dataset ({split})"
+        options = ds.context.execution_options  # the dataset's own: taken from the global one when it was made
+        was, options.preserve_order = options.preserve_order, True
+        try:
             batches = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
-            if not batches or sum(len(b) for b in batches) == 0:
-                raise DataError(f"{where}: holds no rows")
-            arrays[split] = from_table(pa.concat_tables(batches, promote_options="permissive"), where, label, features)
-            _check_finite(*arrays[split], where)
-    finally:
-        context.execution_options.preserve_order = was
+        finally:
+            options.preserve_order = was
+        if not batches or sum(len(b) for b in batches) == 0:
+            raise DataError(f"{where}: holds no rows")
+        arrays[split] = from_table(pa.concat_tables(batches, promote_options="permissive"), where, label, features)
+        _check_finite(*arrays[split], where)
     x, y = arrays["train"]
     parts = (x, y, *arrays["test"]) if "test" in arrays else holdout_split(x, y, 0.2, seed)
     return _finish("ray.data.Dataset", *parts, _infer_task(y))
