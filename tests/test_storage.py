@@ -3,6 +3,7 @@ server) started on 127.0.0.1 and stopped after; a storage that stops answering m
 from the storage into another folder; bad storage named in one line."""
 
 import json
+import logging
 import os
 import signal
 import socket
@@ -70,19 +71,32 @@ def s3(monkeypatch, tmp_path):
 
 class _Freeze(dp.Callback):
     """Freezes the storage server (SIGSTOP) at one step, as a storage that stops answering, and
-    lets it go on (SIGCONT) at a later one; the run's steps go on meanwhile."""
+    lets it go on (SIGCONT) at a later one, once `given_up()` says the uploads gave up (however long
+    their tries took on a loaded machine: at most a minute); the run's steps go on meanwhile."""
 
-    def __init__(self, pid, at, until):
-        self.pid, self.at, self.until, self.steps_while_frozen = pid, at, until, 0
+    def __init__(self, pid, at, until, given_up):
+        self.pid, self.at, self.until, self.given_up, self.steps_while_frozen = pid, at, until, given_up, 0
 
     def on_step(self, record):
         if record["step"] == self.at:
             os.killpg(self.pid, signal.SIGSTOP)
         elif self.at < record["step"] < self.until:
             self.steps_while_frozen += 1
-            time.sleep(0.4)  # a slower model's steps: the freeze outlasts the uploads' tries
+            time.sleep(0.4)  # a slower model's steps
         elif record["step"] == self.until:
+            deadline = time.monotonic() + 60
+            while not self.given_up() and time.monotonic() < deadline:
+                time.sleep(0.2)
             os.killpg(self.pid, signal.SIGCONT)
+
+
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
 
 
 class _StopAt(dp.Callback):
@@ -96,17 +110,28 @@ class _StopAt(dp.Callback):
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_a_run_on_s3_outlives_a_frozen_server_and_resumes_from_the_bucket_elsewhere(ray_local, s3, tmp_path, caplog):
-    """The S3 server frozen from step 12 to step 40, 11 s (uploads time out after 1 s and are tried
-    four times): the run goes on, one warning, the bucket's checkpoints catch up once it answers. The
+def test_a_run_on_s3_outlives_a_frozen_server_and_resumes_from_the_bucket_elsewhere(ray_local, s3, tmp_path):
+    """The S3 server frozen from step 12 until an upload has given up (each try times out after 1 s,
+    four tries), 11 s or more: the run goes on, one warning, the bucket's checkpoints catch up once it answers. The
     run stopped at step 50 is resumed from the bucket in another folder (another machine's): the
     fault-free parameters, each step logged once, everything in the bucket."""
-    freeze = _Freeze(s3["server"].pid, at=12, until=40)
+    lines, logger = _Lines(), logging.getLogger("dptrain.storage")
+    level = logger.level
+    logger.addHandler(lines)
+    logger.setLevel(logging.INFO)
+
+    def warned():
+        return [r.getMessage() for r in lines.records if r.levelno == logging.WARNING]
+    freeze = _Freeze(s3["server"].pid, at=12, until=40, given_up=lambda: bool(warned()))
     cfg = dp.TrainConfig(workers=2, out=str(tmp_path / "here" / "run1"), storage="s3://runs/team", **RUN)
-    with pytest.raises(KeyboardInterrupt):
-        dp.Trainer(cfg, callbacks=[freeze, _StopAt(50)]).fit()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            dp.Trainer(cfg, callbacks=[freeze, _StopAt(50)]).fit()
+    finally:
+        logger.removeHandler(lines)
+        logger.setLevel(level)
     assert freeze.steps_while_frozen == 27  # the steps never waited for the storage
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and "storage" in r.getMessage()]
+    warnings = warned()
     assert len(warnings) == 1 and "training goes on, and its newest checkpoint there is still valid" in warnings[0]
     bucket = Storage("s3://runs/team/run1")
     stored = [n for n in bucket.list("checkpoints") if n.endswith(".json")]
