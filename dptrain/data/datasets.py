@@ -315,8 +315,9 @@ def load_npz(path, task: str | None = None, seed: int = 0) -> Dataset:
     return _finish(str(path), *parts, task)
 
 
-def _check_finite(x, y, path):
-    for name, a in (("x", x), ("y", y)):
+def _check_finite(x, y, path, names=("x", "y")):
+    """DataError naming the first row of `x` or `y` (called `names`) with a NaN or Inf."""
+    for name, a in zip(names, (x, y)):
         if a.dtype.kind == "f" and not np.isfinite(a).all():
             row = int(np.argwhere(~np.isfinite(a.reshape(len(a), -1)))[0][0])
             raise DataError(f"{path}: {name} contains NaN or Inf (first at row {row})")

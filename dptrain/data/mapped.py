@@ -36,20 +36,14 @@ SCANS_KEPT = 256  # files whose scan results are remembered (scanned)
 SAMPLE_BLOCKS, SAMPLE_BYTES = 16, 4096  # a file's fingerprint: its size and this many blocks' hash
 
 
-class FileArray:
-    """A read-only C-ordered array of `shape` and `dtype` at byte `offset` of `path`. Indexing
-    with an int, a slice or an integer array reads those rows (a new numpy array); `astype`,
-    `nbytes`, `shape`, `dtype` and `len` work as numpy's do, without reading."""
+class _InPlace:
+    """What the two kinds of array read in place share: numpy's `shape`, `dtype`, `ndim`, `nbytes`,
+    `len` and `astype`, and indexing by an int, a slice or an integer array (negative ones
+    counted from the end), which reads those rows into a new numpy array (`_read_rows`)."""
 
     mapped = True
-
-    def __init__(self, path: str, dtype, shape: tuple, offset: int = 0):
-        self.path, self.dtype, self.shape, self.offset = str(path), np.dtype(dtype), tuple(int(d) for d in shape), int(offset)
-        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
-        self._fd = None
-
-    def __reduce__(self):  # the path, not the data: the receiving process opens the file itself
-        return (FileArray, (self.path, self.dtype.str, self.shape, self.offset))
+    shape: tuple
+    dtype: np.dtype
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -60,7 +54,45 @@ class FileArray:
 
     @property
     def nbytes(self) -> int:
-        return self.shape[0] * self.row_bytes
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def astype(self, dtype, copy: bool = True) -> np.ndarray:
+        return self[:].astype(dtype, copy=False)
+
+    def __getitem__(self, key) -> np.ndarray:
+        if isinstance(key, slice):
+            start, stop, step = key.indices(len(self))
+            if step == 1:
+                return self._read_between(start, max(start, stop))
+            key = np.arange(start, stop, step)
+        if np.ndim(key) == 0:
+            return self[np.asarray([key])][0]
+        index = np.asarray(key).astype(np.int64, copy=False).reshape(-1)
+        n = len(self)
+        if index.size and (index.min() < -n or index.max() >= n):
+            raise IndexError(f"{self._where()}: row index out of range for {n} rows")
+        out = np.empty((len(index),) + self.shape[1:], self.dtype)
+        self._read_rows(np.where(index < 0, index + n, index), out)
+        return out
+
+    def _read_between(self, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop)."""
+        return self[np.arange(start, stop)]
+
+
+class FileArray(_InPlace):
+    """A read-only C-ordered array of `shape` and `dtype` at byte `offset` of `path`."""
+
+    def __init__(self, path: str, dtype, shape: tuple, offset: int = 0):
+        self.path, self.dtype, self.shape, self.offset = str(path), np.dtype(dtype), tuple(int(d) for d in shape), int(offset)
+        self.row_bytes = int(np.prod(self.shape[1:], dtype=np.int64)) * self.dtype.itemsize
+        self._fd = None
+
+    def __reduce__(self):  # the path, not the data: the receiving process opens the file itself
+        return (FileArray, (self.path, self.dtype.str, self.shape, self.offset))
+
+    def _where(self) -> str:
+        return self.path
 
     def _file(self) -> int:
         if self._fd is None:
@@ -71,39 +103,18 @@ class FileArray:
         if getattr(self, "_fd", None) is not None:
             os.close(self._fd)
 
-    def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, slice):
-            start, stop, step = key.indices(self.shape[0])
-            if step == 1:
-                return self.rows_between(start, max(start, stop))
-            key = np.arange(start, stop, step)
-        if np.ndim(key) == 0:
-            return self.rows(np.asarray([key]))[0]
-        return self.rows(np.asarray(key))
-
-    def rows_between(self, start: int, stop: int) -> np.ndarray:
+    def _read_between(self, start: int, stop: int) -> np.ndarray:
         """Rows [start, stop): one read."""
         out = np.empty((stop - start,) + self.shape[1:], self.dtype)
-        self._read_into(out, self.offset + start * self.row_bytes)
+        self.read_into(out, self.offset + start * self.row_bytes)
         return out
 
-    def rows(self, index: np.ndarray) -> np.ndarray:
-        """The rows `index` (any order, repeats allowed): one read each."""
-        index = index.astype(np.int64, copy=False).reshape(-1)
-        n = self.shape[0]
-        if index.size and (index.min() < -n or index.max() >= n):
-            raise IndexError(f"{self.path}: row index out of range for {n} rows")
-        index = np.where(index < 0, index + n, index)
-        out = np.empty((len(index),) + self.shape[1:], self.dtype)
-        view = memoryview(out.reshape(-1).view(np.uint8)) if out.size else None
-        fd, size = self._file(), self.row_bytes
-        for k, i in enumerate(index.tolist()):
-            got = os.preadv(fd, [view[k * size:(k + 1) * size]], self.offset + i * size)
-            if got != size:
-                raise OSError(f"{self.path}: short read at row {i} (the file changed during the run?)")
-        return out
+    def _read_rows(self, index: np.ndarray, out: np.ndarray) -> None:
+        for k, i in enumerate(index.tolist()):  # a row is contiguous: one read each
+            self.read_into(out[k:k + 1], self.offset + i * self.row_bytes)  # a view, also of a 1-D array
 
-    def _read_into(self, out: np.ndarray, at: int) -> None:
+    def read_into(self, out: np.ndarray, at: int) -> None:
+        """Fill `out` with the file's bytes from byte `at` on."""
         if not out.size:
             return
         view, fd, done = memoryview(out.reshape(-1).view(np.uint8)), self._file(), 0
@@ -113,21 +124,16 @@ class FileArray:
                 raise OSError(f"{self.path}: short read at byte {at + done} (the file changed during the run?)")
             done += got
 
-    def astype(self, dtype, copy: bool = True) -> np.ndarray:
-        return self[:].astype(dtype, copy=False)
-
     def chunks(self):
         """The whole array, CHUNK_BYTES at a time (for checks that see every value)."""
         per = max(1, CHUNK_BYTES // max(self.row_bytes, 1))
         for start in range(0, self.shape[0], per):
-            yield self.rows_between(start, min(self.shape[0], start + per))
+            yield self._read_between(start, min(self.shape[0], start + per))
 
 
-class TokenWindows:
+class TokenWindows(_InPlace):
     """Row i is tokens[first + i * stride + shift : ... + length] of a 1-D FileArray of token ids:
     the inputs (shift 0) or the labels (shift 1) of next-token prediction."""
-
-    mapped = True
 
     def __init__(self, tokens: FileArray, first: int, count: int, length: int, stride: int = 1, shift: int = 0):
         self.tokens, self.first, self.count, self.length = tokens, int(first), int(count), int(length)
@@ -137,31 +143,13 @@ class TokenWindows:
     def __reduce__(self):
         return (TokenWindows, (self.tokens, self.first, self.count, self.length, self.stride, self.shift))
 
-    def __len__(self) -> int:
-        return self.count
+    def _where(self) -> str:
+        return self.tokens.path
 
-    ndim = 2
-
-    @property
-    def nbytes(self) -> int:
-        return self.count * self.length * self.dtype.itemsize
-
-    def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, slice):
-            key = np.arange(*key.indices(self.count))
-        if np.ndim(key) == 0:
-            return self[np.asarray([key])][0]
-        index = np.asarray(key, dtype=np.int64).reshape(-1)
-        if index.size and (index.min() < 0 or index.max() >= self.count):
-            raise IndexError(f"{self.tokens.path}: window index out of range for {self.count} windows")
-        out = np.empty((len(index), self.length), self.dtype)
+    def _read_rows(self, index: np.ndarray, out: np.ndarray) -> None:
         starts = self.first + index * self.stride + self.shift
         for k, s in enumerate(starts.tolist()):  # each window is contiguous: one read
-            self.tokens._read_into(out[k], self.tokens.offset + s * self.dtype.itemsize)
-        return out
-
-    def astype(self, dtype, copy: bool = True) -> np.ndarray:
-        return self[:].astype(dtype, copy=False)
+            self.tokens.read_into(out[k], self.tokens.offset + s * self.dtype.itemsize)
 
 
 def is_mapped(a) -> bool:

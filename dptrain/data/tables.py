@@ -28,10 +28,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import DataError, Dataset, _finish, _infer_task, holdout_split
+from .datasets import DataError, Dataset, _check_finite, _finish, _infer_task, holdout_split
 
 TABLE_SUFFIXES = (".parquet", ".pq")
 GLOB_CHARS = "*?["
+COLUMNS = ("an input column", "the label column")  # what a NaN is named in
 
 
 def is_table_source(path: str) -> bool:
@@ -105,41 +106,36 @@ def read_files(path: str):
 def column_array(table, name: str, where: str) -> np.ndarray:
     """A numeric column as an (n, ...) array: scalars (n,), fixed-shape arrays (n, *shape)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     col = table.column(name)
     if col.null_count:
         raise DataError(f"{where}: column {name!r} has {col.null_count} missing values")
     col = col.combine_chunks() if col.num_chunks != 1 else col.chunk(0)
-    if isinstance(col.type, pa.ExtensionType):
-        shape = getattr(col.type, "shape", None)
-        storage = col.storage
-        if shape is None:
-            raise DataError(f"{where}: column {name!r} has type {col.type}; numbers or arrays of numbers expected")
-        flat = _numeric(_flatten(storage, name, where), name, where, col.type)
-        return flat.reshape((len(col),) + tuple(int(d) for d in shape))
-    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type) or pa.types.is_fixed_size_list(col.type):
-        shape, values = [], col
-        while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or \
-                pa.types.is_fixed_size_list(values.type):
-            lengths = np.asarray(pc.list_value_length(values).fill_null(-1))
-            if len(lengths) and (lengths.min() != lengths.max()):
-                first = int(np.argmax(lengths != lengths[0]))
-                raise DataError(f"{where}: column {name!r} is ragged: {int(lengths[0])} values in one row, "
-                                f"{int(lengths[first])} in another; arrays of one shape expected")
-            if values.null_count or (len(lengths) and lengths.min() < 0):
-                raise DataError(f"{where}: column {name!r} has missing values")
-            shape.append(int(lengths[0]) if len(lengths) else 0)
-            values = values.flatten()
-        return _numeric(values, name, where, col.type).reshape([len(col)] + shape)
-    return _numeric(col, name, where, col.type)
+    tensor = isinstance(col.type, pa.ExtensionType)  # Arrow's or Ray Data's tensors: lists of values, and a shape
+    if tensor and getattr(col.type, "shape", None) is None:
+        raise DataError(f"{where}: column {name!r} has type {col.type}; numbers or arrays of numbers expected")
+    values, shape = _unnested(col.storage if tensor else col, name, where)
+    if tensor:
+        shape = [int(d) for d in col.type.shape]
+    return _numeric(values, name, where, col.type).reshape([len(col)] + shape)
 
 
-def _flatten(storage, name, where):
+def _unnested(values, name: str, where: str) -> tuple:
+    """(the innermost values, the shape of one row) of a column of lists of lists ... of one shape;
+    ([], the column) for a column of scalars. DataError for a ragged or incomplete column."""
     import pyarrow as pa
-    values = storage
+    import pyarrow.compute as pc
+    shape = []
     while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) or pa.types.is_fixed_size_list(values.type):
+        lengths = np.asarray(pc.list_value_length(values).fill_null(-1))
+        if len(lengths) and (lengths.min() != lengths.max()):
+            first = int(np.argmax(lengths != lengths[0]))
+            raise DataError(f"{where}: column {name!r} is ragged: {int(lengths[0])} values in one row, "
+                            f"{int(lengths[first])} in another; arrays of one shape expected")
+        if values.null_count or (len(lengths) and lengths.min() < 0):
+            raise DataError(f"{where}: column {name!r} has missing values")
+        shape.append(int(lengths[0]) if len(lengths) else 0)
         values = values.flatten()
-    return values
+    return values, shape
 
 
 def _numeric(values, name, where, typ) -> np.ndarray:
@@ -177,15 +173,8 @@ def from_table(table, where: str, label: str | None = None, features: str | None
 def load_files(path: str, label: str | None = None, features: str | None = None, seed: int = 0) -> Dataset:
     """Parquet or CSV files (`--data`): read in order, columns chosen, 20% held out."""
     x, y = from_table(read_files(path), path, label, features)
-    _check_finite(x, y, path)
+    _check_finite(x, y, path, COLUMNS)
     return _finish(str(path), *holdout_split(x, y, 0.2, seed), _infer_task(y))
-
-
-def _check_finite(x, y, where):
-    for what, a in (("inputs", x), ("labels", y)):
-        if a.dtype.kind == "f" and not np.isfinite(a).all():
-            row = int(np.argwhere(~np.isfinite(a.reshape(len(a), -1)))[0][0])
-            raise DataError(f"{where}: the {what} contain NaN or Inf (first at row {row})")
 
 
 # ---------------------------------------------------------------------------- Ray Data
@@ -220,7 +209,7 @@ def from_ray(data, label: str | None = None, features: str | None = None, seed: 
         if not batches or sum(len(b) for b in batches) == 0:
             raise DataError(f"{where}: holds no rows")
         arrays[split] = from_table(pa.concat_tables(batches, promote_options="permissive"), where, label, features)
-        _check_finite(*arrays[split], where)
+        _check_finite(*arrays[split], where, COLUMNS)
     x, y = arrays["train"]
     parts = (x, y, *arrays["test"]) if "test" in arrays else holdout_split(x, y, 0.2, seed)
     return _finish("ray.data.Dataset", *parts, _infer_task(y))
