@@ -182,8 +182,9 @@ class Mirror(Callback):
     """Copies a run folder to `storage` (module docstring) from a thread of its own, after the run
     folder (RunDir) has written each file."""
 
-    def __init__(self, storage: Storage, local: Path):
+    def __init__(self, storage: Storage, local: Path, every: int = 0):
         self.storage, self.local = storage, Path(local)
+        self.every = every  # the run's --checkpoint-every: the steps after which a new checkpoint can be covered
         self.sent: set = set()  # checkpoint stems on the storage
         self.queue: queue.Queue = queue.Queue()
         self.thread = None
@@ -199,12 +200,13 @@ class Mirror(Callback):
         self.queue.put(("files", RUN_FILES))
 
     def on_step(self, record: dict) -> None:
-        if record.get("kind") == "step":
-            self.logged = max(self.logged, record["step"] + 1)
-        if self._new_checkpoints():
+        if record.get("kind") != "step":
+            return
+        self.logged = max(self.logged, record["step"] + 1)
+        # the server saves after every `every` steps (and at the end: on_end's sync), so the folder is
+        # looked at only when the log has just covered such a step, not at every step
+        if self.every and (record["step"] + 1) % self.every == 0 and self._new_checkpoints():
             self.queue.put(("sync", self.logged))
-
-    on_evaluation = on_step
 
     def on_rewind(self, step: int, record: dict) -> None:
         self.logged = step  # the log holds the steps before `step` now
@@ -296,13 +298,13 @@ class Mirror(Callback):
             self.sent.discard(stem)
 
 
-def mirror(uri: str, local: Path) -> Mirror | None:
+def mirror(uri: str, local: Path, every: int = 0) -> Mirror | None:
     """The Mirror of run folder `local` to `uri`/<its name>; None when that is the folder itself (a run
     resumed in place from a shared path)."""
     target = Storage(uri).child(Path(local).name)
     if target.local and os.path.realpath(target.root) == os.path.realpath(local):
         return None
-    return Mirror(target, local)
+    return Mirror(target, local, every)
 
 
 def fetch_run(uri: str) -> Path:

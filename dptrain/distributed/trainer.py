@@ -100,7 +100,7 @@ class Trainer:
         self.cfg = config
         self.model, self.loss = model, loss
         self.dataset = dataset
-        self.mirror = storage.mirror(config.storage, self.run.path) if config.storage else None
+        self.mirror = storage.mirror(config.storage, self.run.path, config.checkpoint_every or 0) if config.storage else None
         self.callbacks = Callbacks(self.run, self.mirror, Progress(progress) if progress else None,
                                    Sink(sink) if sink else None, *trackers.from_config(config), *(callbacks or ()))
         self.on_start = on_start
