@@ -217,8 +217,9 @@ def run_train(args) -> int:
           f"test loss {s['test_loss']:.4f}{acc}")
     print(f"results: {trainer.cfg.out}/ (config.json, metrics.jsonl, summary.json, params.npz)")
     if trainer.mirror is not None:
-        print(f"stored: {trainer.mirror.storage.uri}/" + (f" (not all of it: {', '.join(trainer.mirror.failed)} "
-                                                         "failed)" if trainer.mirror.failed else ""))
+        unwritten = sorted(trainer.mirror.unwritten)
+        print(f"stored: {trainer.mirror.storage.uri}/" + (f" (not all of it: {', '.join(unwritten)} failed)"
+                                                         if unwritten else ""))
     return 0
 
 

@@ -188,7 +188,7 @@ class Mirror(Callback):
         self.sent: set = set()  # checkpoint stems on the storage
         self.queue: queue.Queue = queue.Queue()
         self.thread = None
-        self.failed: list = []  # what the end could not write
+        self.unwritten: set = set()  # files whose last write failed and none has succeeded since
         self.logged = 0  # steps 0 .. logged - 1 are in metrics.jsonl
         self._warned = False
 
@@ -235,9 +235,9 @@ class Mirror(Callback):
         if self.thread is None:
             return
         self.thread.join(END_WAIT_S)
-        if self.thread.is_alive() or self.failed:
+        if self.thread.is_alive() or self.unwritten:
             log.warning("storage: %s could not write %s (%s); the run folder %s holds them",
-                        self.storage.uri, ", ".join(self.failed) or what,
+                        self.storage.uri, ", ".join(sorted(self.unwritten)) or what,
                         "no answer" if self.thread.is_alive() else "after retries", self.local)
 
     # the thread's side
@@ -268,7 +268,9 @@ class Mirror(Callback):
                     self.storage.put_file(name, path)
                 except OSError:
                     failed.append(name)
-        self.failed = failed
+                    continue
+            self.unwritten.discard(name)
+        self.unwritten.update(failed)
         if failed:
             raise OSError(f"{', '.join(failed)} not written")
 
@@ -284,6 +286,7 @@ class Mirror(Callback):
         newest = covered[-1] if covered else None
         if newest is not None and newest not in self.sent:
             self.storage.put_file("metrics.jsonl", self.local / "metrics.jsonl")
+            self.unwritten.discard("metrics.jsonl")  # an earlier failure to write it is made good
             try:
                 self.storage.put_file(f"checkpoints/{newest}.npz", folder / f"{newest}.npz")
                 self.storage.put_file(f"checkpoints/{newest}.json", folder / f"{newest}.json")  # the commit mark

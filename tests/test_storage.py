@@ -181,3 +181,49 @@ def test_the_cli_refuses_a_missing_bucket_in_one_line_before_ray_starts(s3, tmp_
     assert len(lines) == 1 and "invalid --storage: s3://nobucket/runs/run: the bucket 'nobucket' does not exist" \
         in lines[0], r.stderr
     assert not (tmp_path / "run").exists()
+
+
+class _Flaky:
+    """A storage (Mirror's view of it) that fails every write of the names in `failing` until cleared."""
+
+    uri = "flaky://runs/run1"
+
+    def __init__(self):
+        self.failing, self.written = {"metrics.jsonl"}, []
+
+    def list(self, folder):
+        return []
+
+    def put_file(self, name, path):
+        if name in self.failing:
+            raise OSError(f"{name}: no answer")
+        self.written.append(name)
+
+    def delete(self, name):
+        pass
+
+
+def test_a_file_written_after_a_failed_write_is_not_reported_unwritten(tmp_path, caplog):
+    """metrics.jsonl fails at the start (the storage froze) and is written with the next checkpoint:
+    the run's end reports nothing unwritten. A file that never got written is still named."""
+    from dptrain.storage import Mirror
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("config.json", "metrics.jsonl"):
+        (tmp_path / name).write_text("{}\n")
+    storage = _Flaky()
+    mirror = Mirror(storage, tmp_path, every=5)
+    with caplog.at_level(logging.INFO, logger="dptrain.storage"):
+        mirror.on_start(None)
+        deadline = time.monotonic() + 10
+        while not mirror.unwritten and time.monotonic() < deadline:  # the start's write has failed
+            time.sleep(0.01)
+        assert mirror.unwritten == {"metrics.jsonl"}
+        storage.failing = {"summary.json"}  # answers again, but for one file
+        for suffix in ("npz", "json"):
+            (tmp_path / "checkpoints" / f"ckpt-00000005.{suffix}").write_text("x")
+        (tmp_path / "summary.json").write_text("{}")
+        mirror.on_step({"kind": "step", "step": 4})  # the log covers checkpoint 5: it goes, with the log
+        mirror.on_end(None)
+    assert storage.written.count("metrics.jsonl") == 2 and "checkpoints/ckpt-00000005.json" in storage.written
+    ends = [r.getMessage() for r in caplog.records if "could not write" in r.getMessage()]
+    assert len(ends) == 1 and "could not write summary.json (after retries)" in ends[0], ends
