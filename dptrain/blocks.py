@@ -70,7 +70,7 @@ def build_optimizer(cfg: TrainConfig, params) -> Optimizer:
     else:
         opt = OPTIMIZERS[cfg.optimizer](params, lr=cfg.lr, betas=tuple(cfg.betas or (0.9, 0.999)), eps=cfg.eps,
                                         weight_decay=cfg.weight_decay)
-    opt.threads = cfg.update_threads  # 1 unless asked: see the setting's help
+    opt.threads = cfg.update_threads or 1  # auto: the server may take more (ParameterServer.set_workers)
     return opt
 
 

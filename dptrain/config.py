@@ -84,11 +84,12 @@ class TrainConfig:
     dropout: float = _f(0.0, "--model gpt: dropout after the embeddings, attention and each MLP.")
     workers: int = _f(1, "Data-parallel worker actors.")
     batch_size: int = _f(256, "Global batch size, split over the workers.")
-    update_threads: int = _f(1,
+    update_threads: int = _f(0,
         "Threads of the optimizer's update (the parameter server's, a shard's, one process's): disjoint "
-        "ranges of the flat buffer at once, the same numbers bit for bit. 2 made a 20 M-parameter update "
-        "1.4-1.7x faster on a 2-core machine, but a 2-worker step there no faster (its workers share the "
-        "cores): for servers with cores of their own.")
+        "ranges of the flat buffer at once, the same numbers bit for bit, at least 8 blocks of 2^16 "
+        "parameters each. 0 (auto): the server takes one more thread per worker on its node, whose "
+        "cores wait for the update in a synchronous step (one thread with --staleness or "
+        "--backup-workers); a shard and one process take one.")
     micro_batch: Optional[int] = _f(None,
         "Examples per forward and backward pass in a worker: its share of the batch runs in "
         "micro-batches of at most this many and their gradients are added (gradient accumulation): "
@@ -215,8 +216,8 @@ class TrainConfig:
             check_reference(self.loss, "loss", BUILTIN_LOSS_NAMES)
         if self.seq_len < 1:
             bad("seq_len", self.seq_len, "must be >= 1")
-        if not (isinstance(self.update_threads, (int, np.integer)) and 1 <= self.update_threads <= 64):
-            bad("update_threads", self.update_threads, "a whole number of threads from 1 to 64")
+        if not (isinstance(self.update_threads, (int, np.integer)) and 0 <= self.update_threads <= 64):
+            bad("update_threads", self.update_threads, "a whole number of threads from 1 to 64, or 0 (auto)")
         if self.token_dtype not in ("uint16", "uint32"):
             bad("token_dtype", self.token_dtype, "expected uint16 or uint32")
         if self.vocab_size is not None and not (isinstance(self.vocab_size, (int, np.integer)) and self.vocab_size >= 1):

@@ -87,6 +87,16 @@ class Replica:
                              f"{self.flat.data.shape}" + (f" (range {start}:{stop})" if stop is not None else ""))
         self.flat.data[start:stop] = self.xp.asarray(flat_params)
 
+    def bind_parameters(self, storage=None) -> None:
+        """Let the model read its parameters from `storage`, a 1-D array laid out like the flat
+        buffer that already holds them (the server's shared-memory segment, mapped read-only):
+        its parameters become views of it and nothing is copied, ever. None: a private buffer
+        again, holding a copy of the current values. The gradients stay where they are."""
+        if storage is None:
+            storage = aligned_zeros(self.xp, self.flat.size, self.flat.data.dtype)
+            storage[...] = self.flat.data
+        self.flat = flatten(self.model.parameters(), data=storage, grad=self.flat.grad, data_is_current=True)
+
     def bind_gradients(self, storage=None) -> None:
         """Let backward write the gradients into `storage`, a 1-D array laid out like the flat
         buffer (a shared-memory segment, say), instead of the model's own; None: a private
@@ -209,14 +219,12 @@ def clip_scale(norm: float, max_norm: float | None) -> float:
     return 1.0 if max_norm is None else min(1.0, max_norm / (norm + 1e-6))
 
 
-def apply_mean_gradient(optimizer, addends: list, count: int, lr: float, max_norm: float | None = None,
-                        done=None) -> float:
+def apply_mean_gradient(optimizer, addends: list, count: int, lr: float, max_norm: float | None = None) -> float:
     """Parts 3 and 4 over one flat buffer (the optimizer's): the addends' mean gradient, clipped to
     `max_norm` if given, fed to the optimizer at rate `lr`; returns the sum of the squares of the
     mean gradient before clipping (its global L2 norm squared). Without a maximum it is one pass:
     each block's mean is computed inside the optimizer's pass and its squares summed there.
-    With one, the mean comes first (the norm needs all of it), then the scaled update.
-    `done(stop)`: the optimizer's notices."""
+    With one, the mean comes first (the norm needs all of it), then the scaled update."""
     grad = optimizer.flat.grad
     if max_norm is None:
         squares = {}  # block start -> its sum of squares, added in block order after (threads: optimizer.update)
@@ -225,13 +233,13 @@ def apply_mean_gradient(optimizer, addends: list, count: int, lr: float, max_nor
             mean_gradient(addends, count, grad, start, stop)
             squares[start] = sum_of_squares(grad[start:stop])
         optimizer.lr = lr
-        optimizer.update(optimizer.flat.data, grad, prepare, done)
+        optimizer.update(optimizer.flat.data, grad, prepare)
         total = 0.0
         for start in sorted(squares):
             total += squares[start]
         return total
     squares = mean_and_squares(addends, count, grad)
-    scaled_update(optimizer, lr, clip_scale(squares ** 0.5, max_norm), done)
+    scaled_update(optimizer, lr, clip_scale(squares ** 0.5, max_norm))
     return squares
 
 
@@ -241,13 +249,13 @@ def mean_and_squares(addends: list, count: int, grad) -> float:
     return sum_of_squares(grad)
 
 
-def scaled_update(optimizer, lr: float, scale: float, done=None) -> None:
+def scaled_update(optimizer, lr: float, scale: float) -> None:
     """The optimizer's update from the mean gradient in its flat buffer, scaled by `scale` first."""
     grad = optimizer.flat.grad
     if scale < 1.0:
         grad *= scale
     optimizer.lr = lr
-    optimizer.update(optimizer.flat.data, grad, None, done)
+    optimizer.update(optimizer.flat.data, grad)
 
 
 def step_metrics(step: int, metrics: list, lr: float) -> dict:

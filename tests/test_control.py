@@ -214,17 +214,18 @@ def _step(chan, ps, reference, step):
     return reply, (grad, want["metrics"])
 
 
-def test_served_steps_see_every_update_with_partial_loads(served_worker):
+def test_served_steps_see_every_update_in_place(served_worker):
+    """The served model reads the server's segment itself: every update shows in the next step,
+    with nothing copied, and the model's parameters are read-only views of that segment."""
     ps, worker, reference, start, served = served_worker
     chan, thread = start()
-    n = ps.get_weights().size
-    for step, notices in enumerate([[], [n // 3], [n // 4, n // 2, n], [1, n - 1]]):
-        for upto in notices:  # the server's "final up to here" notices during an update
-            chan.send({"op": "params", "upto": upto})
+    for step in range(4):
         reply, (grad, metrics) = _step(chan, ps, reference, step)
         assert reply["metrics"]["loss_sum"] == metrics["loss_sum"]
         np.testing.assert_array_equal(worker.replica.flat.grad, grad)  # the gradient lies in shared memory
         ps.apply(step, [Gradient([worker.replica.flat.grad], reply["meta"], reply["metrics"])])
+    assert np.shares_memory(worker.replica.flat.data, worker.link.params.array)  # its mapping of the segment
+    assert not worker.replica.model.parameters()[0].data.flags.writeable
     chan.send({"op": "evaluate", "split": "test", "part": 0, "of": 1})
     assert chan.recv(time.monotonic() + 30)["evaluation"] == reference.evaluate(Evaluate("test"), ps.get_weights().copy())
     chan.send({"op": "dance"})
@@ -234,16 +235,37 @@ def test_served_steps_see_every_update_with_partial_loads(served_worker):
     assert served["n"] == 6
 
 
-def test_a_new_session_reloads_parameters(served_worker):
+def test_a_task_computes_on_a_snapshot_and_a_step_in_place_again(served_worker):
+    """A relaxed task copies a consistent snapshot (the server may update meanwhile); the next
+    step reads the segment in place again, and a closed link leaves the model a copy."""
+    ps, worker, reference, start, served = served_worker
+    chan, thread = start()
+    chan.send({"op": "task", "step": 0, "shard": 0, "of": 1})
+    reply = chan.recv(time.monotonic() + 30)
+    assert reply["metrics"]["version"] == 0
+    assert not np.shares_memory(worker.replica.flat.data, worker.link.params.array)
+    ps.apply(0, [Gradient([worker.replica.flat.grad], reply["meta"], reply["metrics"])])
+    reply, (grad, metrics) = _step(chan, ps, reference, 1)  # on the updated parameters, in place
+    assert reply["metrics"]["loss_sum"] == metrics["loss_sum"]
+    assert np.shares_memory(worker.replica.flat.data, worker.link.params.array)
+    chan.send({"op": "stop"})
+    thread.join(5)
+    current, mapped = ps.get_weights().copy(), worker.link.params.array
+    worker.close()
+    assert not np.shares_memory(worker.replica.flat.data, mapped)
+    np.testing.assert_array_equal(worker.replica.flat.data, current)
+
+
+def test_a_new_session_reads_restored_parameters(served_worker):
     """Parameters restored between sessions (a new server, a checkpoint) must not be read stale."""
     ps, worker, reference, start, served = served_worker
     chan, thread = start()
-    chan.send({"op": "params", "upto": ps.get_weights().size})  # everything copied ...
+    reply, _ = _step(chan, ps, reference, 0)
     chan.send({"op": "stop"})
     thread.join(5)
     flat = ps.get_weights()
     flat[:] = np.random.default_rng(0).standard_normal(flat.size) * flat.astype(bool)
-    chan, thread = start()  # ... but this session starts from the segment's new values
+    chan, thread = start()  # this session computes on the segment's new values
     reply, (grad, metrics) = _step(chan, ps, reference, 0)
     assert reply["metrics"]["loss_sum"] == metrics["loss_sum"]
     chan.close()  # the server goes away: serve returns

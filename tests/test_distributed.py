@@ -1,5 +1,7 @@
 """The distributed trainer against the single-process loop, on the shared local Ray."""
 
+import os
+
 import numpy as np
 import pytest
 
@@ -111,6 +113,7 @@ def test_object_store_transport_equals_single_process(ray_local, workers):
     trainer = dp.Trainer(cfg)
     dist = trainer.fit()
     assert trainer.shared == [] and dist.summary["shared_memory_workers"] == 0
+    assert dist.summary["update_threads"] == min(1 + workers, len(os.sched_getaffinity(0)))  # auto: same node
     assert _max_rel_diff(dist.params, dp.train_local(cfg).params) < 1e-10
     size = prepare(cfg, dp.data.load_dataset("moons"))[0]().flat().size  # bytes sent: the dense float64 gradient
     assert all(rec["sent_bytes"] == [8 * size] * workers for rec in dist.metrics["steps"])

@@ -25,16 +25,27 @@ BASE = dict(dataset="moons", batch_size=50, steps=12, dtype="float64", model=[2,
 
 
 class Watching:
-    """A transport as the update sees it: it hears the update begin and end, and notices."""
+    """A transport as the update sees it: it hears the update begin and end."""
 
-    def __init__(self, progress=True):
-        self.progress, self.heard = progress, []
+    def __init__(self):
+        self.heard = []
 
     def updating(self, begins, version):
         self.heard.append(("begins" if begins else "ends", version))
 
-    def params_final(self, upto):
-        self.heard.append(("final", upto))
+
+def test_auto_update_threads_are_the_cores_waiting_for_the_update(monkeypatch):
+    """--update-threads 0: the server's thread and one per worker on its node, within the cores
+    this process may run on; one in a relaxed run (its workers compute during updates)."""
+    import os
+    from dptrain.distributed.server import update_threads
+    placement = [{"node_id": "here"}, {"node_id": "here"}, {"node_id": "there"}]
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    assert update_threads(placement, "here", Synchronous) == 3
+    assert update_threads(placement, "elsewhere", Synchronous) == 1
+    assert update_threads(placement, "here", Relaxed) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
+    assert update_threads(placement, "here", Synchronous) == 2
 
 
 def _update_pair(cfg):
@@ -49,16 +60,14 @@ def test_the_local_update_applies_the_mean_gradient_and_tells_transports(tmp_pat
     update = LocalUpdate(model, opt, compress.codec("none", opt.flat.size, opt.flat.data.dtype))
     rng = np.random.default_rng(0)
     grads = [rng.standard_normal(opt.flat.size) for _ in range(3)]
-    watching, deaf = Watching(), Watching(progress=False)
-    update.apply(4, [Gradient([g], [None], {}) for g in grads], 50, 0.1, [watching, deaf], notify=True)
+    watching = Watching()
+    update.apply(4, [Gradient([g], [None], {}) for g in grads], 50, 0.1, [watching])
     reference.lr = 0.1
     reference.update(reference.flat.data, reference.flat.grad,
                      lambda a, b: np.divide(grads[0][a:b] + grads[1][a:b] + grads[2][a:b], 50,
                                             out=reference.flat.grad[a:b]))
     np.testing.assert_allclose(update.parameters(), reference.flat.data, rtol=1e-15)
-    assert watching.heard[0] == ("begins", 4) and watching.heard[-1] == ("ends", 5)
-    assert ("final", opt.flat.size) in watching.heard  # it heard the whole buffer become final
-    assert deaf.heard == [("begins", 4), ("ends", 5)]  # no notices for a transport that wants none
+    assert watching.heard == [("begins", 4), ("ends", 5)]  # the seqlock's two marks
     with pytest.raises(RuntimeError, match="no initial state"):  # a used update cannot go back to the start
         update.restore(None)
     storage = np.zeros(opt.flat.size)
@@ -110,12 +119,12 @@ def test_the_sharded_update_equals_the_local_one_and_fetches_only_when_older(mon
     for step in range(3):
         grads = [rng.standard_normal(o1.flat.size) for _ in range(2)]
         whole = [c.encode(g) for c, g in zip(worker_codecs, grads)]
-        norm = local.apply(step, [Gradient([p.copy()], [m], {}) for p, m in whole], 50, 0.01, [], True)
+        norm = local.apply(step, [Gradient([p.copy()], [m], {}) for p, m in whole], 50, 0.01, [])
         parts = [[c.encode(g[lo:hi]) for c, (lo, hi) in zip(compress.codec(setting, o1.flat.size, "float64")
                                                            .ranges(list(sharded.ranges)), sharded.ranges)]
                  for g in grads]
         norm_k = sharded.apply(step, [Gradient([p.copy() for p, _ in ps], [m for _, m in ps], {}) for ps in parts], 50,
-                               0.01, [], True)
+                               0.01, [])
         assert norm_k == pytest.approx(norm, rel=1e-12)  # the global norm from the shards' partial sums
         if clip is not None:
             assert norm > clip  # so the clipping acted
@@ -129,7 +138,7 @@ def test_the_sharded_update_equals_the_local_one_and_fetches_only_when_older(mon
         np.testing.assert_allclose(state["state"][name], want["state"][name], rtol=1e-12, atol=1e-15)
     sharded.restore(None)  # a lost shard without a checkpoint: the initial state, sent again on attach
     with pytest.raises(RuntimeError, match="before the shards were given"):
-        sharded.apply(0, [], 1, 0.1, [], True)
+        sharded.apply(0, [], 1, 0.1, [])
 
 
 def _view(**calls):

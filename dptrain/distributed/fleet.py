@@ -61,6 +61,7 @@ class Fleet:
         self.shard_nodes: list = []  # the node each shard runs on
         self.placement: list = []  # where each worker runs: rank, pid, node_id, device
         self.carried: dict = {}  # transport name -> ranks, as the server set them up
+        self.update_threads = 1  # the server's update's threads, as it chose them (--update-threads auto)
         self.pg = None
         self.watch = None  # the server's heartbeat arrives here (server.Watch), once a call waits long
         self.watch_name = f"dptrain-watch-{run_key}-{uuid.uuid4().hex[:8]}"
@@ -238,7 +239,8 @@ class Fleet:
         transports set them up."""
         if self.shards:
             self.server_call(self.ps.set_shards.remote(self.shards), self.submitted)
-        self.carried = self.server_call(self.ps.set_workers.remote(self.workers, self.placement), self.submitted)
+        setup = self.server_call(self.ps.set_workers.remote(self.workers, self.placement), self.submitted)
+        self.carried, self.update_threads = setup["transports"], setup["update_threads"]
 
     def server_step(self) -> int:
         """The server's step: the next it will run."""

@@ -21,7 +21,7 @@ from .messages import ServerView
 class StepLoop:
     """The interface, and what the synchronous loop needs of it: nothing in flight between calls."""
 
-    notify = True  # whether served workers may copy finished parameters during an update
+    workers_wait_for_update = True  # whether every worker is idle while the server updates
 
     def __init__(self, view: ServerView):
         self.view = view

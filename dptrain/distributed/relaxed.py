@@ -58,7 +58,7 @@ class Relaxed(StepLoop):
     """The relaxed step loop (loops.py's seam) over the server `view`: bounded staleness `tau`
     (0 with backup workers), or `backups` backup workers."""
 
-    notify = False  # a task reads a consistent snapshot of the parameters: no notices during an update
+    workers_wait_for_update = False  # tasks are computed during updates
 
     def __init__(self, view: ServerView, tau: float, backups: int):
         self.view = view

@@ -72,6 +72,7 @@ class ParameterServer:
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.run_key = run_key  # names this run's shared-memory segments
         self.step = 0
+        self.update_threads = self.cfg.update_threads or 1  # set_workers: auto's choice
         view = ServerView(run_key=run_key, step_timeout=self.cfg.step_timeout, total_steps=total_steps,
                           size=flat.size, dtype=self.dtype, checkpoints=self.checkpoints, version=self.current_step,
                           parameters=self.update.parameters, outgoing=self.update.outgoing, place=self.update.place,
@@ -99,7 +100,8 @@ class ParameterServer:
         now on. Each worker is told its rank among them (its shard of every batch), and each
         transport sets up the workers it newly carries and releases the ones it no longer does:
         the same call at the start, after a worker was replaced or the others took a lost one's
-        share, and for a new server. Returns transport name -> ranks."""
+        share, and for a new server. The update's threads follow (--update-threads auto). Returns
+        {"transports": transport name -> ranks, "update_threads": how many the update uses}."""
         plan = transport.assign(self.update.transport_setting(self.cfg.transport), placement, node_id())
         self._pause()  # served workers must take the setup calls
         self.loop.reset()  # what was in flight is computed again (with the new workers)
@@ -113,7 +115,10 @@ class ParameterServer:
             t.connect({rank: workers[rank] for rank in range(len(workers)) if plan[rank] == name}, self.step)
         self.carrier = [self.transports[plan[rank]] for rank in range(len(workers))]
         self._active = [t for t in self.transports.values() if t.workers]
-        return {name: sorted(t.workers) for name, t in self.transports.items()}
+        self.update_threads = self.cfg.update_threads or update_threads(placement, node_id(), self.loop)
+        self.update.use_threads(self.update_threads)
+        return {"transports": {name: sorted(t.workers) for name, t in self.transports.items()},
+                "update_threads": self.update_threads}
 
     def set_shards(self, shards: list) -> None:
         """Use these server shard actors (--servers K; index order) from now on; new ones get
@@ -247,8 +252,7 @@ class ParameterServer:
             raise RuntimeError(f"parameter server at step {self.step} was sent gradients for step {step}")
         metrics = [g.metrics for g in gradients]
         lr = self.schedule(step)
-        norm = self.update.apply(step, gradients, max(sum(m["count"] for m in metrics), 1), lr, self._active,
-                                 self.loop.notify)
+        norm = self.update.apply(step, gradients, max(sum(m["count"] for m in metrics), 1), lr, self._active)
         self.step += 1
         return dict(step_metrics(step, metrics, lr), apply_s=time.perf_counter() - t0, grad_norm=norm)
 
@@ -325,6 +329,14 @@ class ParameterServer:
     def state_dict(self) -> dict:
         self.update.parameters()  # the model's parameters are views of the update's flat buffer
         return dict(self.model.state_dict())
+
+
+def update_threads(placement: list, here: str, loop) -> int:
+    """--update-threads auto: this thread, and one more per worker on this node while the step loop
+    keeps every worker waiting for the update (their cores are idle then), within this machine's."""
+    mine = sum(p["node_id"] == here for p in placement) if loop.workers_wait_for_update else 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(1 + mine, cores))
 
 
 HEARTBEAT_EVERY_S = 1.0

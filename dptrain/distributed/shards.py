@@ -165,7 +165,7 @@ class ShardedUpdate(Update):
         self.step = step
         self._params_current = self._state_current = self._unsent = True
 
-    def apply(self, step, gradients, count, lr, transports, notify):
+    def apply(self, step, gradients, count, lr, transports):
         """Every shard's update of `step` (each gradient's parts: its K slices, references). With
         --clip-grad-norm in two calls: the shards' mean gradients and their sums of squares, then,
         the global norm known, the scaled updates."""

@@ -226,6 +226,7 @@ class Trainer:
         summary["workers"] = len(fleet.workers)
         summary["nodes"] = len({p["node_id"] for p in fleet.placement})
         summary["shared_memory_workers"] = len(fleet.shared)
+        summary["update_threads"] = fleet.update_threads
         if fleet.shards:
             summary["servers"], summary["server_nodes"] = len(fleet.shards), len(set(fleet.shard_nodes))
         summary["failures_survived"] = driving.failures

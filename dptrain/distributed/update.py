@@ -3,7 +3,7 @@
 An `Update` owns the run's flat parameters and optimizer state. The parameter server
 (server.py) calls the same few methods whatever the placement:
 
-- `apply(step, gradients, count, lr, transports, notify)`: step `step`'s update from the
+- `apply(step, gradients, count, lr, transports)`: step `step`'s update from the
   workers' `Gradient`s (rank order): their mean gradient (step.py's parts 3 and 4) at
   rate `lr`;
 - `parameters()`: the current flat parameters, in the server's memory (for an
@@ -14,8 +14,7 @@ An `Update` owns the run's flat parameters and optimizer state. The parameter se
   needs of the fleet and the transports.
 
 Two placements: `LocalUpdate` (here: the server applies the update itself, block by
-block inside the optimizer's pass, telling served workers how far the new parameters
-are final) and `ShardedUpdate` (shards.py, --servers K: K shard actors each update a
+block inside the optimizer's pass) and `ShardedUpdate` (shards.py, --servers K: K shard actors each update a
 range). A new placement is one class with these methods and one line in `make`.
 """
 
@@ -36,11 +35,11 @@ class Update(abc.ABC):
     ranges: tuple | None = None  # the [(lo, hi)] ranges gradients travel in (None: one flat array)
 
     @abc.abstractmethod
-    def apply(self, step: int, gradients: list, count: int, lr: float, transports: list, notify: bool) -> float:
+    def apply(self, step: int, gradients: list, count: int, lr: float, transports: list) -> float:
         """Step `step`'s update: the mean of the gradients' addends (the codec's, rank order) over
         `count` examples, clipped to the run's --clip-grad-norm, fed to the optimizer at rate `lr`;
         returns the mean gradient's global L2 norm before clipping. `transports` see it begin and
-        end (`updating`), and with `notify` the ones that want it hear how far it is final."""
+        end (`updating`)."""
 
     @abc.abstractmethod
     def parameters(self) -> np.ndarray:
@@ -57,6 +56,9 @@ class Update(abc.ABC):
     @abc.abstractmethod
     def restore(self, state: tuple | None) -> None:
         """Hold (flat parameters, optimizer state_dict, step) from now on; None: the initial ones."""
+
+    def use_threads(self, threads: int) -> None:
+        """Update over this many threads (--update-threads auto); a sharded update's shards keep theirs."""
 
     def check_outgoing(self, step: int) -> None:
         """After a worker's loss at `step`: raise the loss of whatever held what the workers were
@@ -85,22 +87,20 @@ class LocalUpdate(Update):
         self.model, self.optimizer, self.codec, self.max_norm = model, optimizer, codec, max_norm
         self.flat = optimizer.flat
 
-    def apply(self, step, gradients, count, lr, transports, notify):
+    def apply(self, step, gradients, count, lr, transports):
         addends = self.codec.addends([g.parts[0] for g in gradients], [g.meta[0] for g in gradients])
-        watching = [t for t in transports if t.progress] if notify else []
-
-        def final(stop):  # served workers copy the finished part while the rest is updated
-            for t in watching:
-                t.params_final(stop)
         for t in transports:
             t.updating(True, step)
-        squares = apply_mean_gradient(self.optimizer, addends, count, lr, self.max_norm, final if watching else None)
+        squares = apply_mean_gradient(self.optimizer, addends, count, lr, self.max_norm)
         for t in transports:
             t.updating(False, step + 1)
         return squares ** 0.5
 
     def parameters(self):
         return self.flat.data
+
+    def use_threads(self, threads):
+        self.optimizer.threads = threads
 
     def state(self):
         return self.flat.data, self.optimizer.state_dict()

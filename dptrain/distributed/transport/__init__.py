@@ -61,7 +61,6 @@ class Transport(abc.ABC):
     """The server's end of one way of moving steps, seeing the server through `view`."""
 
     name = ""
-    progress = False  # whether the server should call params_final during its update
 
     def __init__(self, view: ServerView):
         self.view = view
@@ -99,9 +98,6 @@ class Transport(abc.ABC):
         """rank -> the answer to `send_evaluation` of every worker carried; WorkerLost as `receive`."""
         refs, self._evaluating = self._evaluating, {}
         return self.call_all(refs, self.view.version(), timeout=seconds_left(deadline)) if refs else {}
-
-    def params_final(self, upto: int) -> None:
-        """During the server's update: parameters [0, upto) hold their new values."""
 
     def updating(self, begins: bool, version: int) -> None:
         """The server's update begins (the parameters are version `version`), or has ended (they

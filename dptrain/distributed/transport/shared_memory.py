@@ -1,7 +1,8 @@
 """Steps over shared memory and a control channel: CPU workers on the server's node.
 
 The server's flat parameters live in a shared-memory segment (shm.py) that these
-workers map read-only; each worker's backward writes its gradient straight into a
+workers map read-only and compute on in place (their models' parameters are views of
+it: nothing is copied); each worker's backward writes its gradient straight into a
 segment of its own that the server maps. What is left of a step's communication
 is "compute step k" and a small dict of metrics back, over a Unix socket per
 worker (control.py): tens of microseconds where a Ray call costs about a
@@ -12,19 +13,16 @@ A session: the server listens, calls each worker's `serve` once (an ordinary Ray
 call that stays running), the worker connects and says its rank, then loops over
 requests until the server says stop or goes away. While serving, a worker takes
 no other Ray call, so `pause` ends every session before the server changes its
-setup. During the update the server tells served workers how far the new
-parameters are final, and they copy that much into their model while it updates
-the rest: most of the copy leaves the step's critical path.
+setup.
 
 Requests: {"op": "step", "step": k} -> {"metrics": ..., "meta": [...]} (the worker's
 `compute` reply; the gradient, or its payload, lies in the worker's segment);
 {"op": "evaluate", "split": s, "part": r, "of": n} -> {"evaluation": ...} (the
-worker's part of an evaluation); {"op": "params", "upto": i}, no
-answer; {"op": "task", "step": k, "shard": j, "of": n} -> like a step, the metrics with
+worker's part of an evaluation); {"op": "task", "step": k, "shard": j, "of": n} -> like a step, the metrics with
 "version"; {"op": "stop"}. A failure is answered with {"error": message}.
 
 Relaxed steps (relaxed.py) break that order: a task may start while the server
-updates. A small header segment, [sequence, version], makes each task's read of the
+updates, so it computes on a private copy of the parameters. A small header segment, [sequence, version], makes each task's read of the
 parameters a consistent snapshot (a seqlock): the server makes the sequence odd
 before an update and even after it, and a worker copies the parameters between two
 reads of an even, unchanged sequence, else again. (x86 keeps stores in order and
@@ -45,14 +43,6 @@ from ..messages import Evaluate, Gradient, Request, SegmentSpec, ServerView
 from . import SHARED_MEMORY, Transport, control
 from .shm import SharedArray, unlink
 
-NOTICES_PER_UPDATE = 4  # "params" messages per update to each served worker
-# A notice wakes every served worker, which costs more than copying a small region: one of less
-# than this many parameters waits for the next request (which copies the rest anyway). Measured
-# on 2 cores, the tiny 2-8-2 model at 2 workers: 0.80 against 0.93 ms a step, median of 4
-# alternations; a model of 1.86 M parameters gets its notices as before.
-MIN_NOTICE = 1 << 16
-
-
 class SharedMemoryTransport(Transport):
     name = SHARED_MEMORY
 
@@ -61,16 +51,11 @@ class SharedMemoryTransport(Transport):
         self._params: SharedArray | None = None  # the server's parameters, once moved into shared memory
         self._grads: dict = {}  # actor -> the SharedArray its backward writes (mapped here)
         self._sessions: dict = {}  # rank -> (Channel, ObjectRef of the worker's serve call)
-        self._notified = 0  # how far served workers were told this update's parameters are final
         self._by_rank: dict = {}  # rank -> its gradient array (what receive hands out every step)
         self._header: SharedArray | None = None  # [sequence, version] of the parameters (a seqlock)
         self._tasks: dict = {}  # rank -> step of its relaxed task in flight
 
     reuses_buffers = True  # a worker's gradient segment is its next task's too
-
-    @property
-    def progress(self) -> bool:
-        return bool(self._sessions)
 
     def connect(self, workers: dict, step: int) -> None:
         self.pause()
@@ -124,21 +109,6 @@ class SharedMemoryTransport(Transport):
     def receive_evaluation(self, deadline: float) -> dict:
         step = self.view.version()
         return {rank: self._reply(rank, step, deadline)["evaluation"] for rank in sorted(self._sessions)}
-
-    def params_final(self, upto: int) -> None:
-        size = self.view.size
-        if upto < self._notified:  # a new update
-            self._notified = 0
-        if upto != size and upto - self._notified < size // NOTICES_PER_UPDATE:
-            return
-        if upto - self._notified < MIN_NOTICE:
-            return
-        self._notified = upto
-        for chan, _ in self._sessions.values():
-            try:
-                chan.send({"op": "params", "upto": upto})
-            except control.ChannelClosed:  # that worker is gone: the next step's send says so
-                pass
 
     def updating(self, begins: bool, version: int) -> None:
         if self._header is not None:
@@ -257,7 +227,12 @@ class SharedMemoryTransport(Transport):
 
 class WorkerLink:
     """A worker's end: the server's parameters mapped read-only, and the segment its backward
-    writes the gradient into (created here, removed by `close`)."""
+    writes the gradient into (created here, removed by `close`).
+
+    For steps and evaluations the model reads its parameters in place, from the server's
+    segment (`Replica.bind_parameters`): nothing is copied, and the step's order keeps the
+    server from writing while they are read. A relaxed task may run while the server updates,
+    so it computes on a private snapshot instead (`snapshot`)."""
 
     def __init__(self, worker, spec: SegmentSpec):
         self.worker = worker
@@ -269,18 +244,22 @@ class WorkerLink:
         if worker.codec.writes_in_place:  # dense: backward writes the gradient straight here
             replica.bind_gradients(self.grad.array)
         self.payload = self.grad.array.view(np.uint8)  # else: the compressed gradient is written here
-        self.loaded = 0  # parameters [0, loaded) of the server's segment are copied in and current
+        self.in_place = False
+        self.read_in_place()
 
-    def load(self, upto: int) -> None:
-        """Copy the server's parameters [loaded, upto) from its segment into the model."""
-        if upto > self.loaded:
-            self.worker.replica.load_parameters(self.params.array, self.loaded, upto)
-            self.loaded = upto
+    def read_in_place(self) -> None:
+        """From now on the model's parameters are views of the server's segment."""
+        if not self.in_place:
+            self.worker.replica.bind_parameters(self.params.array)
+            self.in_place = True
 
     def snapshot(self) -> int:
-        """Copy the server's parameters into the model as one version, even while it updates them
-        (the seqlock of the module's docstring); returns that version."""
+        """Copy the server's parameters into a private buffer of the model as one version, even
+        while it updates them (the seqlock of the module's docstring); returns that version."""
         header, replica = self.header.array, self.worker.replica
+        if self.in_place:
+            replica.bind_parameters(None)
+            self.in_place = False
         while True:
             before = int(header[0])
             if before % 2:  # an update is under way
@@ -289,39 +268,33 @@ class WorkerLink:
             version = int(header[1])
             replica.load_parameters(self.params.array)
             if int(header[0]) == before:
-                self.loaded = 0  # the next step's or task's copy starts over
                 return version
 
     def serve(self, address: str, secret: str) -> int:
         """Take the server's requests until it says stop or goes away; how many were served.
         `secret`: what this session's hello must say (control.py: who may connect)."""
-        worker, size = self.worker, self.params.array.size
+        worker = self.worker
         chan = control.connect(address, worker.rank, secret)
         served = 0
-        self.loaded = 0  # a new session: the server may have restored other parameters
         try:
             while True:
                 request = chan.recv()
                 op = request.get("op")
                 if op == "stop":
                     return served
-                if op == "params":
-                    self.load(int(request["upto"]))
-                    continue
                 try:  # the gradient goes into our segment (its payload, with --compress)
                     if op == "task":  # any shard of any step, on a consistent snapshot of the parameters
                         task = dataclasses.replace(Request.from_dict(request), version=self.snapshot())
                         reply = worker.compute(task, into=self.payload)[0]
-                    else:  # the rest of the parameters the server's update made final
-                        self.load(size)
-                        if op == "step":
-                            self.loaded = 0  # the server's next update changes them
-                            reply = worker.compute(Request.from_dict(request), into=self.payload)[0]
-                        elif op == "evaluate":
-                            reply = {"evaluation": worker.evaluate(Evaluate(
-                                request["split"], int(request["part"]), int(request["of"]), bool(request.get("final"))))}
-                        else:
-                            reply = {"error": f"worker {worker.rank}: unknown request {op!r}"}
+                    elif op == "step":  # the server updates nothing until every gradient is in
+                        self.read_in_place()
+                        reply = worker.compute(Request.from_dict(request), into=self.payload)[0]
+                    elif op == "evaluate":  # nor during an evaluation (relaxed steps settle first)
+                        self.read_in_place()
+                        reply = {"evaluation": worker.evaluate(Evaluate(
+                            request["split"], int(request["part"]), int(request["of"]), bool(request.get("final"))))}
+                    else:
+                        reply = {"error": f"worker {worker.rank}: unknown request {op!r}"}
                 except Exception as e:
                     reply = {"error": str(e)}
                 chan.send(reply)
@@ -330,10 +303,13 @@ class WorkerLink:
             return served
         finally:
             chan.close()
-            self.loaded = 0  # outside a session nobody says when the parameters change
 
     def close(self) -> None:
-        self.worker.replica.bind_gradients(None)  # no views of the segment may outlive it
+        replica = self.worker.replica
+        if self.in_place:  # no views of the segments may outlive them: the model keeps a copy
+            replica.bind_parameters(None)
+            self.in_place = False
+        replica.bind_gradients(None)
         self.payload = None
         self.params.close()
         self.header.close()

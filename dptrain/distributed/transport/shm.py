@@ -3,8 +3,8 @@
 Ray's object store copies an array in and out on every put; for a 7.5 MB model that is
 several milliseconds per step, more than the gradient sum itself. A worker on the
 server's node instead computes its gradient straight into a segment the server reads
-(no copy), and copies its parameters from the segment the server updates into its model
-(one memory pass, mostly while the server still updates the rest: `params_final`).
+(no copy), and its model reads its parameters from the segment the server updates (no
+copy either; a relaxed task copies a consistent snapshot).
 The order of the steps (a worker's next step waits for the server's update, which
 waits for every gradient) is what makes the sharing safe.
 """
