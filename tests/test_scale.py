@@ -94,6 +94,21 @@ def test_cost_model_behaves_like_the_machine_it_describes():
         costmodel.step_time(INPUTS, 0, 256)
 
 
+def test_cost_model_of_parameters_read_in_place_and_a_threaded_update():
+    """Shared memory: no parameter copy in, one pass over the gradient out; one server's adds and
+    update sped up by the measured U(T) at T = 1 + N threads (within what was measured), and only
+    one server's: shards keep theirs."""
+    copied = costmodel.step_time(INPUTS, 2, 256)
+    in_place = costmodel.CostInputs(**{**INPUTS.to_dict(), "parameters_in_place": True})
+    assert costmodel.step_time(in_place, 2, 256)["transfer_s"] == pytest.approx(copied["transfer_s"] / 2)
+    threaded = costmodel.CostInputs(**{**INPUTS.to_dict(), "update_speedup": {1: 1.0, 2: 1.5}})
+    for n in (1, 2, 4):  # T = 1 + N = 2 threads at least, and no more were measured
+        assert costmodel.step_time(threaded, n, 256)["server_s"] == pytest.approx(
+            costmodel.step_time(INPUTS, n, 256)["server_s"] / 1.5)
+    assert costmodel.step_time(threaded, 2, 256, shards=2)["server_s"] == pytest.approx(
+        costmodel.step_time(INPUTS, 2, 256, shards=2)["server_s"])
+
+
 def test_cost_model_of_compressed_gradients():
     """Fewer gradient bytes shorten the transfers and move N*; encoding costs each worker its
     time; decoding replaces the server's dense adds."""

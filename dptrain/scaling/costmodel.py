@@ -6,14 +6,21 @@ For N workers, a global batch B, a model of G gradient bytes, K server shards:
          + c * B / P(N)                             forward and backward on B / N examples
          + (2 * G / bw_object) * s                  a worker's copy of its gradient out, parameters in
                                                     (s = max(1, N / cores): workers beyond the
-                                                    cores share them, one after another)
+                                                    cores share them, one after another); G / bw
+                                                    with the parameters read in place (below)
          + N * G / (K * bw_server)                  the server (shard) receives N gradients and
          + N * G / (K * bw_server)                  sends N parameter copies through its link
          + N * G / (K * bw_memory)                  and adds N gradients
          + t_opt * G / K                            optimizer update, per byte of its shard
          + t_shard (K > 1)                          the server's round trip to its shards
 
-(the shards' adds and updates run at once on min(K, cores) cores: on one machine they share it).
+(the shards' adds and updates run at once on min(K, cores) cores: on one machine they share it;
+one server's adds and update are U(T) times faster on T threads, U measured, where its workers
+share its machine: T = 1 + N within the cores, as --update-threads auto takes them).
+
+On one machine over shared memory the workers read the parameters where the server wrote
+them and backward writes the gradient where the server reads it: what is left of the
+transfer is one pass over the gradient (its finiteness check), G / bw.
 
 With compressed gradients (`--compress`, a payload of r * G bytes for a gradient of G), the
 gradient's part of every transfer shrinks by r, each worker pays t_encode per step (on its
@@ -57,6 +64,8 @@ class CostInputs:
     server_bytes_per_s: float = math.inf
     parallel_speedup: dict | None = None  # {N: P(N)} measured; None: P(N) = N (no contention)
     shard_call_s: float = 0.0  # with K > 1 shards: the server's round trip to them, per step
+    parameters_in_place: bool = False  # workers read the server's parameters without a copy (shared memory)
+    update_speedup: dict | None = None  # {T: U(T)} of one server's adds and update on T threads; None: 1 thread
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,10 +91,13 @@ def step_time(inp: CostInputs, workers: int, batch: int, shards: int = 1, ratio:
         compute = inp.compute_s_per_example * batch / inp.parallel_speedup[workers]
     else:
         compute = inp.compute_s_per_example * batch / workers * share
-    transfer = ((1 + ratio) * g / inp.object_bytes_per_s + encode_s) * share
+    inbound = 0.0 if inp.parameters_in_place else 1.0  # the parameters' copy in
+    transfer = ((inbound + ratio) * g / inp.object_bytes_per_s + encode_s) * share
     network = (1 + ratio) * workers * g / (shards * inp.server_bytes_per_s)
     adds = workers * g / inp.memory_bytes_per_s if decode_s is None else workers * decode_s + g / inp.memory_bytes_per_s
     server = (adds + inp.optimizer_s_per_byte * g) / min(shards, inp.cores)
+    if shards == 1 and inp.update_speedup:
+        server /= inp.update_speedup.get(min(1 + workers, max(inp.update_speedup)), 1.0)
     fixed = inp.fixed_s + (inp.shard_call_s if shards > 1 else 0.0)
     if shards > 1 and shard_s is not None:
         server, fixed = shard_s, inp.fixed_s

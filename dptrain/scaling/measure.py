@@ -289,11 +289,15 @@ def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float, shar
     """The cost model's constants, from the 1-worker run and micro-measurements of this machine.
 
     Returns (this machine, a cluster). Both share the compute per example: the 1-worker
-    compute time less a worker's two passes over the flat buffer (parameters in, the
-    gradient's finiteness check), over the batch. On this machine a worker's transport is
-    those two passes over shared memory (`shared`: the run used it) and the fixed cost is the
-    1-worker run's time outside compute and update (the control channel); on a cluster the
-    transport is Ray's object store and the fixed cost two actor round trips.
+    compute time less a worker's passes over the flat buffer outside forward and backward
+    (over shared memory the gradient's finiteness check only: the parameters are read in
+    place; else the parameters' copy in too), over the batch. On this machine a worker's
+    transport is that pass over shared memory (`shared`: the run used it), the fixed cost
+    the 1-worker run's time outside compute and update (the control channel), and the
+    server's adds and update run on as many threads as --update-threads auto gives them
+    (their speedup U(T) measured here, for T up to this machine's cores); on a cluster the
+    transport is Ray's object store, the fixed cost two actor round trips and the update
+    one thread's.
     """
     import ray
 
@@ -301,6 +305,7 @@ def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float, shar
     from ..distributed.transport.shm import SharedArray
     from ..blocks import build_optimizer
     from ..nn import MLP
+    from ..step import apply_mean_gradient
 
     def median_s(fn) -> float:  # one operation at a time, 10 calls
         return time_interleaved({"op": lambda x, y: fn()}, None, None, repeats=10, warmup=0)["op"]
@@ -320,12 +325,22 @@ def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float, shar
         copy_bw = g / median_s(lambda: np.copyto(other, seg.array))
     finally:
         seg.close()
-    per_example = max(one_worker["compute_ms"] / 1e3 - 2 * g / copy_bw, 0.0) / base.batch_size
+    passes = 1 if shared else 2
+    per_example = max(one_worker["compute_ms"] / 1e3 - passes * g / copy_bw, 0.0) / base.batch_size
     common = dict(compute_s_per_example=per_example, grad_bytes=float(g),
                   memory_bytes_per_s=memory_bw, optimizer_s_per_byte=optimizer_s / g)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    speedup = None
+    if not base.update_threads:  # auto: the threads the server takes, 1 + its node's workers
+        times = {}
+        for t in range(1, cores + 1):
+            opt.threads = t
+            times[t] = median_s(lambda: apply_mean_gradient(opt, [arr, other], 2 * base.batch_size, base.lr))
+        opt.threads = 1
+        speedup = {t: times[1] / s for t, s in times.items()}
     here = costmodel.CostInputs(**common, object_bytes_per_s=copy_bw if shared else object_bw,
                                 fixed_s=one_worker["other_ms"] / 1e3 if shared else 2 * rtt_ms / 1e3,
-                                cores=os.cpu_count() or 1)
+                                cores=cores, parameters_in_place=shared, update_speedup=speedup)
     cluster = costmodel.CostInputs(**common, object_bytes_per_s=object_bw, fixed_s=2 * rtt_ms / 1e3)
     return here, cluster
 

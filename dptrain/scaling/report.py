@@ -181,8 +181,12 @@ def cost_model_section(inp: costmodel.CostInputs, cluster_inp: costmodel.CostInp
               f"gradient {inp.grad_bytes / 2**20:.2f} MiB",
               f"memory pass {inp.memory_bytes_per_s / 1e9:.2f} GB/s",
               f"optimizer {1e9 * inp.optimizer_s_per_byte:.2f} ns/byte"]) + "; on this machine "
-          + f"a worker's transport {inp.object_bytes_per_s / 1e9:.2f} GB/s (two passes per step) and a fixed "
-          + f"{1e3 * inp.fixed_s:.2f} ms per step; on a cluster Ray's object store "
+          + f"a worker's transport {inp.object_bytes_per_s / 1e9:.2f} GB/s ("
+          + ("one pass per step: the parameters are read in place" if inp.parameters_in_place else "two passes per step")
+          + ")" + (", the server's adds and update " + ", ".join(f"{v:.2f}x on {k} threads" for k, v in
+                                                               sorted(inp.update_speedup.items()) if k > 1)
+                   + " (--update-threads auto)" if inp.update_speedup and len(inp.update_speedup) > 1 else "")
+          + f" and a fixed {1e3 * inp.fixed_s:.2f} ms per step; on a cluster Ray's object store "
           + f"{cluster_inp.object_bytes_per_s / 1e9:.2f} GB/s (put+get) and a fixed {1e3 * cluster_inp.fixed_s:.2f} ms "
           "(two actor round trips).", "",
           "Check against the measured strong-scaling steps on this machine"
