@@ -67,9 +67,11 @@ def test_shards_apply_exactly_the_one_servers_update(opt):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("workers,servers", [(1, 2), (2, 3), (3, 2), (4, 4)])
-@pytest.mark.parametrize("opt", [SGD, ADAM], ids=["sgd", "adam"])
+@pytest.mark.parametrize("workers,servers,opt", [(1, 2, SGD), (2, 3, ADAM), (3, 2, SGD), (4, 4, ADAM)],
+                         ids=["sgd-1-2", "adam-2-3", "sgd-3-2", "adam-4-4"])
 def test_k_servers_equal_one_process(ray_local, workers, servers, opt):
+    """N workers over K shards equal one process: each placement with one of the two optimizers
+    (a shard's state is its range of the optimizer's, whatever the rule: test_optim)."""
     cfg = dp.TrainConfig(workers=workers, servers=servers, **BASE, **opt)
     dist = dp.Trainer(cfg).fit()
     local = dp.train_local(cfg)
