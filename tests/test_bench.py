@@ -57,15 +57,40 @@ def test_the_recipe_benchmark_refuses_bad_flags_before_running(tmp_path, capsys)
 
 
 def test_the_update_benchmark_writes_each_setting_beside_its_floor(tmp_path, capsys):
-    """dptrain bench --update's measurement, small: every optimizer and thread count has its update
-    time, the floor of a memory pass of its bytes, and the update's parameters equal across threads."""
+    """dptrain bench --update's measurement, small (17 blocks: 2 threads do run): every optimizer and
+    thread count has its update time, the floor of a memory pass of its bytes, and the update's
+    parameters equal across threads."""
     from dptrain.scaling import bench_update
     out = tmp_path / "update.json"
-    assert bench_update.main(["--sizes", "300000", "--threads", "1,2", "--repeats", "2", "--out", str(out)]) == 0
+    assert bench_update.main(["--sizes", "1100000", "--threads", "1,2", "--repeats", "2", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert {(r["optimizer"], r["threads"]) for r in rows} == {(o, t) for o in bench_update.SETTINGS for t in (1, 2)}
     assert all(r["bit_for_bit"] and r["update_ms"] > 0 and r["floor_ms"] > 0 for r in rows)
-    assert rows[0]["bytes"] == 300000 * 4 * (2 + 1 + 2)  # sgd: two gradients read, the mean, the parameter
+    assert rows[0]["bytes"] == 1100000 * 4 * (2 + 1 + 2)  # sgd: two gradients read, the mean, the parameter
     with pytest.raises(SystemExit):
         bench_update.main(["--threads", "0", "--out", str(out)])
     assert "--sizes, --threads, --workers and --repeats must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.ray
+def test_the_step_benchmark_splits_the_tiny_step_into_parts_that_add_up(ray_local, tmp_path):
+    """dptrain bench --step, short: the tiny model's step on 2 shared-memory workers, by part; the
+    parts of each step add up to it, and a worker's computation is timed alone beside it."""
+    import statistics
+    from dptrain.scaling import bench_step
+    records = []
+    for step in range(60):  # a step's record as the server writes it (wall clock), 1 ms apart
+        t = 100.0 + step * 1e-3
+        records.append({"step": step, "time_s": 0.5e-3, "timeline": {
+            "compute": [[0, t + 0.1e-3, t + 0.3e-3], [1, t + 0.15e-3, t + 0.32e-3]], "apply": [t + 0.4e-3, t + 0.5e-3]}})
+    p = {k: statistics.median(v) for k, v in bench_step.parts(records).items()}
+    assert p["request"] == pytest.approx(0.1e-3) and p["stagger"] == pytest.approx(0.05e-3)
+    assert p["compute"] == pytest.approx(0.17e-3) and p["reply"] == pytest.approx(0.08e-3)
+    assert p["update"] == pytest.approx(0.1e-3) and p["between"] == pytest.approx(0.5e-3)
+    assert sum(p[k] for k in ("request", "stagger", "compute", "reply", "update")) == pytest.approx(p["step"])
+    out = tmp_path / "step.json"
+    assert bench_step.main(["--steps", "120", "--out", str(out)]) == 0
+    ms = json.loads(out.read_text())["ms"]
+    assert json.loads(out.read_text())["shared_memory_workers"] == 2
+    assert all(ms[k] > 0 for k in ("step", "compute", "each", "alone", "update"))
+    assert ms["request"] + ms["stagger"] + ms["compute"] + ms["reply"] + ms["update"] == pytest.approx(ms["step"], rel=0.5)
