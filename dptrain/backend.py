@@ -94,6 +94,14 @@ def retain_freed_memory() -> bool:
     return _RETAINED
 
 
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity where the system says, else the machine's)."""
+    import os
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def scatter_add(target, index, values) -> None:
     """target[index] += values, with repeated indices adding up (numpy's add.at)."""
     if _cupy is not None and isinstance(target, _cupy.ndarray):

@@ -91,11 +91,9 @@ class Replica:
         """Let the model read its parameters from `storage`, a 1-D array laid out like the flat
         buffer that already holds them (the server's shared-memory segment, mapped read-only):
         its parameters become views of it and nothing is copied, ever. None: a private buffer
-        again, holding a copy of the current values. The gradients stay where they are."""
-        if storage is None:
-            storage = aligned_zeros(self.xp, self.flat.size, self.flat.data.dtype)
-            storage[...] = self.flat.data
-        self.flat = flatten(self.model.parameters(), data=storage, grad=self.flat.grad, data_is_current=True)
+        again, holding a copy of the current values (flatten's own). The gradients stay where they are."""
+        self.flat = flatten(self.model.parameters(), data=storage, grad=self.flat.grad,
+                            data_is_current=storage is not None)
 
     def bind_gradients(self, storage=None) -> None:
         """Let backward write the gradients into `storage`, a 1-D array laid out like the flat

@@ -72,7 +72,6 @@ class ParameterServer:
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         self.run_key = run_key  # names this run's shared-memory segments
         self.step = 0
-        self.update_threads = self.cfg.update_threads or 1  # set_workers: auto's choice
         view = ServerView(run_key=run_key, step_timeout=self.cfg.step_timeout, total_steps=total_steps,
                           size=flat.size, dtype=self.dtype, checkpoints=self.checkpoints, version=self.current_step,
                           parameters=self.update.parameters, outgoing=self.update.outgoing, place=self.update.place,
@@ -115,10 +114,10 @@ class ParameterServer:
             t.connect({rank: workers[rank] for rank in range(len(workers)) if plan[rank] == name}, self.step)
         self.carrier = [self.transports[plan[rank]] for rank in range(len(workers))]
         self._active = [t for t in self.transports.values() if t.workers]
-        self.update_threads = self.cfg.update_threads or update_threads(placement, node_id(), self.loop)
-        self.update.use_threads(self.update_threads)
+        threads = self.cfg.update_threads or update_threads(placement, node_id(), self.loop)
+        self.update.use_threads(threads)
         return {"transports": {name: sorted(t.workers) for name, t in self.transports.items()},
-                "update_threads": self.update_threads}
+                "update_threads": threads}
 
     def set_shards(self, shards: list) -> None:
         """Use these server shard actors (--servers K; index order) from now on; new ones get
@@ -335,8 +334,7 @@ def update_threads(placement: list, here: str, loop) -> int:
     """--update-threads auto: this thread, and one more per worker on this node while the step loop
     keeps every worker waiting for the update (their cores are idle then), within this machine's."""
     mine = sum(p["node_id"] == here for p in placement) if loop.workers_wait_for_update else 0
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(1 + mine, cores))
+    return max(1, min(1 + mine, backend.usable_cores()))
 
 
 HEARTBEAT_EVERY_S = 1.0

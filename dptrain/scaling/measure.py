@@ -7,12 +7,12 @@ actors as `fit` does and runs blocks of steps with no logging or recovery.
 
 from __future__ import annotations
 
-import os
 import statistics
 import time
 
 import numpy as np
 
+from .. import backend
 from ..config import TrainConfig
 from ..data import load_dataset
 from . import costmodel
@@ -329,7 +329,7 @@ def measure_cost_inputs(base: TrainConfig, one_worker: dict, rtt_ms: float, shar
     per_example = max(one_worker["compute_ms"] / 1e3 - passes * g / copy_bw, 0.0) / base.batch_size
     common = dict(compute_s_per_example=per_example, grad_bytes=float(g),
                   memory_bytes_per_s=memory_bw, optimizer_s_per_byte=optimizer_s / g)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = backend.usable_cores()
     speedup = None
     if not base.update_threads:  # auto: the threads the server takes, 1 + its node's workers
         times = {}

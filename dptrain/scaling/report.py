@@ -175,17 +175,17 @@ def cost_model_section(inp: costmodel.CostInputs, cluster_inp: costmodel.CostInp
             row[f"eff_K{k}"] = r["efficiency"]
         pred_rows.append(row)
     nstar = {k: costmodel.server_bound_workers(cluster, batch, k) for k in (1, 4, 16)}
+    passes = "one pass per step: the parameters are read in place" if inp.parameters_in_place else "two passes per step"
+    speedups = sorted((k, v) for k, v in (inp.update_speedup or {}).items() if k > 1)
+    threads = (", the server's adds and update " + ", ".join(f"{v:.2f}x on {k} threads" for k, v in speedups)
+               + " (--update-threads auto)") if speedups else ""
     md = ["### Cost model", "",
           "Inputs measured in this run: " + ", ".join([
               f"compute {1e6 * inp.compute_s_per_example:.1f} us/example",
               f"gradient {inp.grad_bytes / 2**20:.2f} MiB",
               f"memory pass {inp.memory_bytes_per_s / 1e9:.2f} GB/s",
               f"optimizer {1e9 * inp.optimizer_s_per_byte:.2f} ns/byte"]) + "; on this machine "
-          + f"a worker's transport {inp.object_bytes_per_s / 1e9:.2f} GB/s ("
-          + ("one pass per step: the parameters are read in place" if inp.parameters_in_place else "two passes per step")
-          + ")" + (", the server's adds and update " + ", ".join(f"{v:.2f}x on {k} threads" for k, v in
-                                                               sorted(inp.update_speedup.items()) if k > 1)
-                   + " (--update-threads auto)" if inp.update_speedup and len(inp.update_speedup) > 1 else "")
+          + f"a worker's transport {inp.object_bytes_per_s / 1e9:.2f} GB/s ({passes}){threads}"
           + f" and a fixed {1e3 * inp.fixed_s:.2f} ms per step; on a cluster Ray's object store "
           + f"{cluster_inp.object_bytes_per_s / 1e9:.2f} GB/s (put+get) and a fixed {1e3 * cluster_inp.fixed_s:.2f} ms "
           "(two actor round trips).", "",
