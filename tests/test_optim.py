@@ -218,6 +218,30 @@ def test_the_matrices_rule_and_its_range_on_a_shard():
     np.testing.assert_array_equal(shard.state_dict()["state"]["weight_decay_per_entry"], decay[lo:hi])
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_mean_over_a_power_of_two_count_has_the_divisions_bits(dtype):
+    """mean_gradient multiplies by 1 / count where that is exact (a power of two): every entry,
+    subnormal, huge, signed zero, infinite and NaN among them, is the division's to the bit;
+    other counts divide."""
+    from dptrain.step import mean_gradient
+    info = np.finfo(dtype)
+    rng = np.random.default_rng(0)
+    special = np.array([0.0, -0.0, info.tiny, -info.tiny, info.tiny / 3, info.smallest_subnormal, info.max,
+                        -info.max, np.inf, -np.inf, np.nan], dtype=dtype)
+    for count in (1, 2, 64, 256, 4096, 1 << 20, 3, 255, 1000):
+        for n in (1, 3):
+            grads = [np.concatenate([special, (rng.standard_normal(5000) * 10.0 ** rng.integers(-40, 30, 5000))
+                                     .astype(dtype)]) for _ in range(n)]
+            out = np.empty_like(grads[0])
+            with np.errstate(all="ignore"):  # the sums of huge entries overflow, as they should
+                mean_gradient(grads, count, out)
+                expected = grads[0].copy()
+                for g in grads[1:]:
+                    expected += g
+                expected = np.divide(expected, count)
+            assert np.array_equal(out.view(f"u{out.itemsize}"), expected.view(f"u{out.itemsize}")), (count, n)
+
+
 @pytest.mark.parametrize("settings", [{"optimizer": "sgd", "momentum": 0.9, "nesterov": True, "weight_decay": 0.01},
                                       {"optimizer": "adamw", "weight_decay": 0.1, "decay_params": "matrices"}])
 def test_the_update_on_threads_is_the_one_threads_bit_for_bit(settings):
