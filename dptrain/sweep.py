@@ -183,17 +183,26 @@ class _Report(Callback):
         tune.report(metrics)  # a trial that Tune stops ends here (SystemExit): its run stops
 
 
-def _trainable(base: TrainConfig, dataset, model, loss):
+def _trainable(base: TrainConfig, dataset, model, loss, sweep_folder: Path):
     def trial(sampled: dict) -> None:
         from ray import tune
         from .distributed import Trainer
+        from .distributed.trainer import run_key
         for name in ("dptrain.metrics", "dptrain.distributed.trainer"):  # a sweep logs per trial, not per step
             logging.getLogger(name).setLevel(logging.WARNING)
-        folder = Path(tune.get_context().get_trial_dir()) / "run"
+        folder = Path(tune.get_context().get_trial_dir()) / "run"  # Tune's staging folder, copied to the sweep's
         resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
         cfg = _apply(base, sampled).replace(out=str(folder), address=None)
-        Trainer(cfg, dataset=dataset, model=model, loss=loss, resume=resume, callbacks=[_Report()]).fit()
+        trainer = Trainer(cfg, dataset=dataset, model=model, loss=loss, resume=resume, callbacks=[_Report()])
+        trainer.segment_key = run_key(str(trial_run_folder(sweep_folder, folder.parent.name)))
+        trainer.fit()
     return trial
+
+
+def trial_run_folder(sweep_folder: Path, trial: str) -> Path:
+    """A trial's run folder in the sweep's folder (where the driver finds it, and the key of the
+    segments its run names: release_shared_memory)."""
+    return Path(sweep_folder) / trial / "run"
 
 
 @dataclasses.dataclass
@@ -281,7 +290,7 @@ def tune(cfg: TrainConfig, space: dict, *, samples: int = 1, scheduler: str = "a
         # the data the driver loaded goes to every trial (no trial reads a file that may be on this
         # machine only), unless a searched setting changes what the data is
         shipped = data if not DATA_FIELDS & set(domains) else None
-        trainable = rtune.with_resources(_trainable(cfg, shipped, model, loss),
+        trainable = rtune.with_resources(_trainable(cfg, shipped, model, loss, folder),
                                          lambda sampled: trial_resources(_apply(cfg, sampled)))
         if restore:
             tuner = rtune.Tuner.restore(str(folder), trainable, resume_unfinished=True, restart_errored=True)
@@ -298,7 +307,7 @@ def tune(cfg: TrainConfig, space: dict, *, samples: int = 1, scheduler: str = "a
                                              trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
                 run_config=rtune.RunConfig(name=folder.name, storage_path=str(folder.parent), verbose=verbose))
         result = _result(tuner.fit(), folder, metric, mode)
-        release_shared_memory([r["run"] for r in result.rows if r["run"]])
+        release_shared_memory([trial_run_folder(folder, r["trial"]) for r in result.rows if r["run"]])
     finally:
         if started:
             ray.shutdown()

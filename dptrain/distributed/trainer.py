@@ -107,6 +107,10 @@ class Trainer:
         self.faults = faults
         self.resume, self.resume_at_most = resume, resume_at_most
         self.fleet: Fleet | None = None
+        # what names the run's shared-memory segments (run_key); None: its storage or out folder. A
+        # sweep's trial sets it from its folder on the sweep's storage, which the driver sees: Tune
+        # runs the trial in a staging folder of its own and copies it there
+        self.segment_key: str | None = None
         self.startup: dict = {}  # seconds: ray_init_s, and startup_s, the rest of the way to step 0
 
     @property
@@ -157,7 +161,7 @@ class Trainer:
         t1 = time.perf_counter()
         started = connect(cfg.address, num_cpus=cpus, num_gpus=None)
         t2 = time.perf_counter()
-        key = run_key(self.mirror.storage.uri if self.mirror is not None else cfg.out)
+        key = self.segment_key or run_key(self.mirror.storage.uri if self.mirror is not None else cfg.out)
         fleet = None
         try:  # from here on, whatever happens (a signal too), what was started is stopped
             _clean_shared_memory(key if cfg.out else None)
