@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import backend
+from . import backend, tensor
 from .config import TrainConfig
 from .data import Dataset, shard_bounds
 from .data.mapped import is_mapped
@@ -108,9 +108,11 @@ class Replica:
         their gradients add up in the flat buffer (gradient accumulation): the loss is a sum, so
         the result is the one pass's (to rounding), with the activations of M examples alive at
         once instead of all of them. Each example keeps its position, so its dropout mask too."""
-        self.flat.zero_grad()
+        # the backward overwrites each gradient it writes first (claim_grad); the rest is settled below
+        self.flat.zero_grad(lazy=tensor.DIRECT_GRAD_WRITES)
         count = len(indices)
         if count == 0:  # an empty shard contributes nothing
+            self.flat.settle()
             return 0.0, 0, 0
         size = self.cfg.micro_batch or count
         loss_sum, correct = 0.0, 0
@@ -127,6 +129,7 @@ class Replica:
             if self.task == "classification":
                 correct += count_correct(out.data, y)
             del out, loss  # this micro-batch's activations go before the next one's come
+        self.flat.settle()  # zeros where no backward wrote (a parameter this batch did not use)
         return loss_sum, correct, count
 
     def evaluate(self, split: str = "test", part: int = 0, of: int = 1, final: bool = False) -> list:

@@ -121,7 +121,7 @@ class Tensor:
     __slots__ = ("data", "grad", "requires_grad", "_parents", "_backward", "_op", "__weakref__")
     __array_priority__ = 1000  # numpy scalars and arrays defer to our operators
 
-    def _claim_grad(self):
+    def _claim_grad(self, zeros: bool = False):
         """The hook behind `claim_grad`: this tensor's gradient array if it is known to be zero and
         an op may write its gradient straight into it (once), else None. Subclasses that store
         gradients elsewhere (nn.Parameter) override it."""
@@ -538,7 +538,7 @@ def _topological_order(root: Tensor) -> list:
     return order
 
 
-def claim_grad(leaf: Tensor):
+def claim_grad(leaf: Tensor, zeros: bool = False):
     """The gradient array of a leaf whose gradient is known to be zero, or None.
 
     An op's backward may write its gradient for `leaf` straight into the returned
@@ -547,8 +547,13 @@ def claim_grad(leaf: Tensor):
     is not the engine's business: the leaf's `_claim_grad` hook answers (a plain
     tensor never claims; nn's Parameter asks its flat buffer, and clears the zero
     mark, so a second use of the same parameter accumulates as usual).
+
+    The claimer overwrites the whole array: it may hold anything (a lazy
+    FlatBuffer.zero_grad marks gradients zero without writing the zeros). With
+    `zeros`, it is zero-filled first, for an op that adds into it (embedding's
+    scatter-add).
     """
-    return leaf._claim_grad() if DIRECT_GRAD_WRITES else None
+    return leaf._claim_grad(zeros) if DIRECT_GRAD_WRITES else None
 
 
 DIRECT_GRAD_WRITES = True  # False makes every gradient go through `+=` (tests compare the two paths)

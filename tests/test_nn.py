@@ -140,6 +140,41 @@ def test_sequential_and_custom_module():
         dp.nn.MLP([2])
 
 
+def test_a_lazy_zero_grad_gives_the_eager_ones_gradients_bit_for_bit():
+    """FlatBuffer.zero_grad(lazy=True), as a worker's step calls it, writes no zeros: each
+    gradient's first write overwrites it, an embedding's scatter-add zero-fills its own first, and
+    settle() zeroes what no backward wrote. Over stale values, with a tied weight, a parameter
+    the forward never uses and two backward passes that accumulate, the gradients are eager
+    zero_grad's to the bit."""
+    from dptrain.models import GPT
+
+    class WithUnused(dp.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = dp.nn.Linear(4, 3), dp.nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.used(x)
+
+    rng = np.random.default_rng(0)
+    cases = [(GPT(11, 6, n_layer=1, n_head=2, n_embd=8), rng.integers(0, 11, (3, 6)), rng.integers(0, 11, (3, 6))),
+             (WithUnused(), rng.standard_normal((5, 4)), rng.integers(0, 3, 5))]
+    for model, x, y in cases:
+        flat = model.flat()
+        results = []
+        for lazy in (False, True):
+            flat.grad[...] = np.float32(7.0)  # stale values: a step before left its gradient here
+            flat.zero_grad(lazy=lazy)
+            for part in (slice(0, 2), slice(2, None)):  # two micro-batches: the second accumulates
+                out = model(dp.Tensor(x[part]))
+                F.cross_entropy(out.reshape(-1, out.shape[-1]), y[part].reshape(-1), reduction="sum").backward()
+            flat.settle()
+            results.append(flat.grad.copy())
+        assert not np.all(results[0] == 0)
+        assert np.array_equal(results[0].view(np.uint32 if results[0].itemsize == 4 else np.uint64),
+                              results[1].view(np.uint32 if results[1].itemsize == 4 else np.uint64))
+
+
 def test_direct_gradient_writes_match_accumulation(monkeypatch):
     """Backward writes a zeroed parameter's gradient in place; the numbers equal plain `+=`."""
     tensor_module = importlib.import_module("dptrain.tensor")

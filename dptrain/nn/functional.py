@@ -390,7 +390,7 @@ def embedding(indices, weight: Tensor) -> Tensor:
     flat = idx.reshape(-1)
 
     def _backward(g):
-        dest = claim_grad(weight)
+        dest = claim_grad(weight, zeros=True)  # the rows add up into it
         grad = xp.zeros_like(w) if dest is None else dest
         backend.scatter_add(grad, flat, g.reshape(-1, w.shape[1]))
         return (None if dest is not None else grad,)

@@ -25,10 +25,13 @@ class Parameter(Tensor):
         self._flat = None
         self._flat_index = -1
 
-    def _claim_grad(self):
+    def _claim_grad(self, zeros: bool = False):
         """The engine's direct-write hook (tensor.claim_grad): our gradient's view of the flat
-        buffer, once, while the buffer knows it to be zero."""
+        buffer, once, while the buffer knows it to be zero (written as zeros first with `zeros`,
+        if a lazy zero_grad left them unwritten)."""
         if self._flat is not None and self._flat.claim(self._flat_index):
+            if zeros and self._flat.unsettled:
+                self.grad[...] = 0
             return self.grad
         return None
 
