@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", default="1863690,20000000", help="parameter counts, comma-separated")
     ap.add_argument("--threads", default="1,2", help="thread counts to compare")
     ap.add_argument("--workers", type=int, default=2, help="workers' gradients the update averages")
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=100, help="updates timed per row (their median)")
     ap.add_argument("--optimizers", default=",".join(SETTINGS))
     ap.add_argument("--out", default="benchmarks/update.json")
     args = ap.parse_args(argv)
