@@ -38,6 +38,7 @@ import json
 import logging
 import math
 import re
+import shutil
 from pathlib import Path
 
 from .callbacks import Callback
@@ -190,13 +191,22 @@ def _trainable(base: TrainConfig, dataset, model, loss, sweep_folder: Path):
         from .distributed.trainer import run_key
         for name in ("dptrain.metrics", "dptrain.distributed.trainer"):  # a sweep logs per trial, not per step
             logging.getLogger(name).setLevel(logging.WARNING)
-        folder = Path(tune.get_context().get_trial_dir()) / "run"  # Tune's staging folder, copied to the sweep's
-        resume = (folder / "checkpoints").is_dir() and any((folder / "checkpoints").iterdir())
+        folder = Path(tune.get_context().get_trial_dir()) / "run"  # Tune copies it into the sweep's folder
+        kept = trial_run_folder(sweep_folder, folder.parent.name)
+        if not _has_checkpoints(folder) and _has_checkpoints(kept) and kept.resolve() != folder.resolve():
+            # a restored sweep (its driver died): Tune's folder for the trial is new and empty, the
+            # sweep's copy of the run holds its checkpoints (where the sweep's folder can be seen)
+            shutil.copytree(kept, folder, dirs_exist_ok=True)
         cfg = _apply(base, sampled).replace(out=str(folder), address=None)
-        trainer = Trainer(cfg, dataset=dataset, model=model, loss=loss, resume=resume, callbacks=[_Report()])
-        trainer.segment_key = run_key(str(trial_run_folder(sweep_folder, folder.parent.name)))
+        trainer = Trainer(cfg, dataset=dataset, model=model, loss=loss, resume=_has_checkpoints(folder),
+                          callbacks=[_Report()])
+        trainer.segment_key = run_key(str(kept))
         trainer.fit()
     return trial
+
+
+def _has_checkpoints(run: Path) -> bool:
+    return (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
 
 
 def trial_run_folder(sweep_folder: Path, trial: str) -> Path:

@@ -369,3 +369,45 @@ def test_a_tune_sweep_stops_poor_trials_and_leaves_nothing_behind(ray_local, tmp
     trial = np.load(run / "params.npz")
     for k, v in params.items():
         np.testing.assert_array_equal(trial[k], v)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_a_sweep_whose_driver_was_killed_resumes_its_trial_from_its_checkpoint(tmp_path):
+    """kill -9 of `dptrain tune` and its embedded Ray while a trial runs, then `dptrain tune
+    --restore`: the trial goes on from the newest checkpoint the sweep's folder holds (Tune's
+    own folder for the trial is a new one after a restore), logs each step once, and ends on
+    the parameters of the same settings trained in one process."""
+    pytest.importorskip("ray.tune")
+    from dptrain import checkpoint
+    root = Path(__file__).resolve().parent.parent
+    sweep, steps = tmp_path / "sweep", 6000
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune copies the trial's folder into the sweep's each second
+    args = [sys.executable, "-m", "dptrain.cli", "tune", "--dataset", "moons", "--model", "2,16,2", "--batch-size", "32",
+            "--steps", str(steps), "--checkpoint-every", "250", "--eval-every", "500", "--workers", "1", "--seed", "grid:3",
+            "--scheduler", "fifo", "--metric", "test_loss", "--mode", "min", "--cpus", "2", "--quiet",
+            "--out", str(sweep)]
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            cwd=root, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            if any(checkpoint.list_checkpoints(c) for c in sweep.glob("trial_*/run/checkpoints")):
+                break
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the embedded Ray it started
+        proc.wait()
+    [run] = list(sweep.glob("trial_*/run"))
+    assert not (run / "summary.json").exists(), "the trial ended before the sweep could be killed"
+    r = subprocess.run([sys.executable, "-m", "dptrain.cli", "tune", "--restore", "--out", str(sweep), "--quiet"],
+                       capture_output=True, text=True, timeout=300, cwd=root, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == steps and summary["resumed_from_step"] > 0
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in records if x["kind"] == "step"] == list(range(steps))  # each step once
+    clean = dp.train_local(dp.TrainConfig(**{**json.loads((run / "config.json").read_text()), "out": None})).params
+    trial = np.load(run / "params.npz")
+    for k, v in clean.items():
+        np.testing.assert_array_equal(trial[k], v)
