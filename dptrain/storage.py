@@ -293,6 +293,8 @@ class Mirror(Callback):
             except FileNotFoundError:
                 return  # pruned meanwhile: a newer one is there to take
             self.sent.add(newest)
+            if self.unwritten:  # the storage answers again: what failed before goes too (config.json is
+                self._files(sorted(self.unwritten))  # written once a run, and a resume from here needs it)
             if self._warned:
                 log.info("storage: %s written again (checkpoint %s)", self.storage.uri, newest)
         for stem in sorted(self.sent - set(stems)):

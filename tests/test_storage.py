@@ -204,20 +204,22 @@ class _Flaky:
 
 
 def test_a_file_written_after_a_failed_write_is_not_reported_unwritten(tmp_path, caplog):
-    """metrics.jsonl fails at the start (the storage froze) and is written with the next checkpoint:
+    """metrics.jsonl and config.json fail at the start (the storage froze) and are written with the
+    next checkpoint (config.json is written once a run, and a resume from the storage needs it):
     the run's end reports nothing unwritten. A file that never got written is still named."""
     from dptrain.storage import Mirror
     (tmp_path / "checkpoints").mkdir()
     for name in ("config.json", "metrics.jsonl"):
         (tmp_path / name).write_text("{}\n")
     storage = _Flaky()
+    storage.failing = {"metrics.jsonl", "config.json"}
     mirror = Mirror(storage, tmp_path, every=5)
     with caplog.at_level(logging.INFO, logger="dptrain.storage"):
         mirror.on_start(None)
         deadline = time.monotonic() + 10
-        while not mirror.unwritten and time.monotonic() < deadline:  # the start's write has failed
+        while len(mirror.unwritten) < 2 and time.monotonic() < deadline:  # the start's writes have failed
             time.sleep(0.01)
-        assert mirror.unwritten == {"metrics.jsonl"}
+        assert mirror.unwritten == {"metrics.jsonl", "config.json"}
         storage.failing = {"summary.json"}  # answers again, but for one file
         for suffix in ("npz", "json"):
             (tmp_path / "checkpoints" / f"ckpt-00000005.{suffix}").write_text("x")
@@ -225,5 +227,6 @@ def test_a_file_written_after_a_failed_write_is_not_reported_unwritten(tmp_path,
         mirror.on_step({"kind": "step", "step": 4})  # the log covers checkpoint 5: it goes, with the log
         mirror.on_end(None)
     assert storage.written.count("metrics.jsonl") == 2 and "checkpoints/ckpt-00000005.json" in storage.written
+    assert storage.written.count("config.json") == 1
     ends = [r.getMessage() for r in caplog.records if "could not write" in r.getMessage()]
     assert len(ends) == 1 and "could not write summary.json (after retries)" in ends[0], ends
