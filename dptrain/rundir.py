@@ -74,9 +74,13 @@ def resolve_out(out: str) -> str:
                           "give an absolute path", field="out") from None
 
 
+PROBE_BYTES = 4096  # what check_writable writes: one block
+
+
 def check_writable(path: Path, field: str) -> None:
     """ConfigError (for setting `field`) unless `path` is a folder this process can write in, or
-    one it can create: a file in the way, or a parent it cannot write to, is named."""
+    one it can create: a file in the way, a parent it cannot write to, or a full disk (a block is
+    written and synced: a resume on a full disk fails here, before Ray starts) is named."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"invalid {field}: {path} is a file, not a folder", field=field)
     probe = path
@@ -85,8 +89,10 @@ def check_writable(path: Path, field: str) -> None:
     if not probe.is_dir():
         raise ConfigError(f"invalid {field}: cannot create {path} ({probe} is a file)", field=field)
     try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
+        with tempfile.TemporaryFile(dir=probe) as f:
+            f.write(b"\0" * PROBE_BYTES)
+            f.flush()
+            os.fsync(f.fileno())
     except OSError as e:
         raise ConfigError(f"invalid {field}: cannot write to {probe} ({e.strerror or e})", field=field) from None
 

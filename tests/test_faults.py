@@ -284,8 +284,8 @@ def small_disk(tmp_path):
 def test_a_full_disk_keeps_the_run_and_its_checkpoints(small_disk, tmp_path):
     """The disk fills up mid-run: the checkpoint that no longer fits is one warning naming the file,
     the step and the newest intact checkpoint, and training goes on; the run folder's last write
-    fails with one line (exit 1), and a resume on the still-full disk too; no temporary file is
-    left. Once there is room again, --resume ends on the fault-free parameters."""
+    fails with one line (exit 1), and a resume on the still-full disk too, before Ray starts; no
+    temporary file is left. Once there is room again, --resume ends on the fault-free parameters."""
     root = Path(__file__).resolve().parent.parent
     out = small_disk / "run"
     args = ["--dataset", "moons", "--model", "2,256,256,2", "--batch-size", "60", "--steps", "100", "--dtype",
@@ -328,6 +328,7 @@ def test_a_full_disk_keeps_the_run_and_its_checkpoints(small_disk, tmp_path):
     r = subprocess.run(resume, capture_output=True, text=True, timeout=300, cwd=root)
     assert r.returncode in (1, 2) and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert r.stderr.strip().splitlines()[-1].startswith("dptrain train: ") and "No space left" in r.stderr
+    assert "restored the checkpoint" not in r.stderr  # refused by the folder's check, before Ray starts
     assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == before  # nothing lost
     filler.unlink()
     r = subprocess.run(resume, capture_output=True, text=True, timeout=300, cwd=root)
