@@ -337,3 +337,10 @@ def test_a_full_disk_keeps_the_run_and_its_checkpoints(small_disk, tmp_path):
                                           dtype="float64", seed=5)).params
     with np.load(out / "params.npz", allow_pickle=False) as params:
         _same(dict(params), clean)
+
+
+def test_a_silent_server_is_lost_after_its_step_timeout_within_10_to_30_seconds():
+    """No heartbeat at all (a frozen process) is lost after --step-timeout, but never before the
+    Watch can have started (10 s) and never later than 30 s, whatever the timeout."""
+    from dptrain.distributed.fleet import silence_limit
+    assert [silence_limit(t) for t in (2, 10, 17.5, 30, 300)] == [10.0, 10.0, 17.5, 30.0, 30.0]

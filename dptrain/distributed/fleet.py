@@ -40,6 +40,17 @@ log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120.0  # actors (and placement groups) that cannot start within this are an error
 WAIT_NOTICE_S = 5.0  # after this long waiting for them, say so
 HEARTBEAT_SLACK_S = 10.0  # a server is lost after step_timeout + this without progress or an answer
+# ... and after its step timeout, within these bounds, without any heartbeat (sent every second from
+# a thread of its own, whatever the step loop does: silence is a frozen or cut-off process)
+SILENCE_BOUNDS_S = (10.0, 30.0)
+
+
+def silence_limit(step_timeout: float) -> float:
+    """Seconds without a heartbeat after which the server is lost: its step timeout, at least 10 s
+    (the Watch's start and the server's lookup of it) and at most 30 s (a frozen machine is found
+    within 30 s whatever --step-timeout, 300 s by default)."""
+    low, high = SILENCE_BOUNDS_S
+    return min(max(float(step_timeout), low), high)
 
 
 class Fleet:
@@ -249,22 +260,23 @@ class Fleet:
     def server_call(self, ref, step: int):
         """ray.get of a server call, failures turned into WorkerLost / ServerLost (recoverable) or
         TrainingError. No call waits forever: while it runs, the server's heartbeat (sent from a
-        thread of its own to `watch`) must keep coming and show progress of the step loop within
-        step_timeout + HEARTBEAT_SLACK_S; past that the server is hung, so it is killed and
-        replaced from its checkpoint."""
+        thread of its own to `watch`) must keep coming, at least every silence_limit(step_timeout)
+        seconds, and show progress of the step loop within step_timeout + HEARTBEAT_SLACK_S; past
+        either the server is frozen or hung, so it is killed and replaced from its checkpoint."""
         limit = self.cfg.step_timeout + HEARTBEAT_SLACK_S
-        while not ray.wait([ref], timeout=min(5.0, limit / 3))[0]:
+        silent = silence_limit(self.cfg.step_timeout)
+        while not ray.wait([ref], timeout=min(5.0, silent / 3))[0]:
             try:
                 beat = ray.get(self._watch().read.remote(), timeout=limit)
             except Exception as e:
                 if is_timeout(e):  # the Watch itself is slow to start: ask again
                     continue
                 raise
-            if beat["age_s"] > limit or beat["idle_s"] > limit:
+            if beat["age_s"] > silent or beat["idle_s"] > limit:
                 if ray.wait([ref], timeout=0)[0]:
                     break  # it answered after all
                 ray.kill(self.ps)
-                why = (f"no heartbeat for {beat['age_s']:.0f} s" if beat["age_s"] > limit else
+                why = (f"no heartbeat for {beat['age_s']:.0f} s" if beat["age_s"] > silent else
                        f"no progress for {beat['idle_s']:.0f} s at step {beat['step']}")
                 raise ServerLost(step, f"{why} (hung?)")
         try:
