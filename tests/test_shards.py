@@ -179,6 +179,12 @@ def test_a_lost_slice_is_its_shards_loss_not_the_workers(ray_local):
         with pytest.raises(ShardLost, match="shard 1 lost at step 0: its newest parameters were lost"):
             sharded.check_outgoing(0)
         ray.kill(actors[0])
+        for _ in range(100):  # ray.kill is asynchronous: a call sent at once may still be answered
+            try:
+                ray.get(actors[0].ready.remote(), timeout=5)
+                time.sleep(0.1)
+            except ray.exceptions.RayActorError:
+                break
         with pytest.raises(ShardLost, match="shard 0 lost at step 0: its process died"):
             sharded.check_outgoing(0)
     finally:
