@@ -204,21 +204,17 @@ def mean_gradient(grads: list, count: int, out, start: int = 0, stop: int | None
     exact, so x * 2^-k is x / 2^k rounded once, the same bits, and a multiply is about a third
     of a divide's time (the update of 1.86 M parameters went from 1.95 to 1.66 ms)."""
     dst = out[start:stop]
-    count = int(count)
-    exact = count > 0 and count & (count - 1) == 0
     if len(grads) == 1:
-        if exact:
-            np.multiply(grads[0][start:stop], 1.0 / count, out=dst)
-        else:
-            np.divide(grads[0][start:stop], count, out=dst)
-        return
-    np.add(grads[0][start:stop], grads[1][start:stop], out=dst)
-    for g in grads[2:]:
-        dst += g[start:stop]
-    if exact:
-        dst *= 1.0 / count
+        total = grads[0][start:stop]
     else:
-        dst /= count
+        total = np.add(grads[0][start:stop], grads[1][start:stop], out=dst)
+        for g in grads[2:]:
+            total += g[start:stop]
+    count = int(count)
+    if count > 0 and count & (count - 1) == 0:
+        np.multiply(total, 1.0 / count, out=dst)
+    else:
+        np.divide(total, count, out=dst)
 
 
 def sum_of_squares(grad) -> float:

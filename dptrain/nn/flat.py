@@ -54,9 +54,9 @@ class FlatBuffer:
         and the gaps (no backward writes them, but what else wrote the buffer may have)."""
         if not self.unsettled:
             return
-        for i in [i for i, z in enumerate(self.zeroed) if z]:
-            o = self.offsets[i]
-            self.grad[o:o + _numel(self.shapes[i])] = 0
+        for zeroed, shape, o in zip(self.zeroed, self.shapes, self.offsets):
+            if zeroed:
+                self.grad[o:o + _numel(shape)] = 0
         if self._gaps is None:
             ends = [o + _numel(s) for s, o in zip(self.shapes, self.offsets)]
             gaps = np.concatenate([np.arange(e, b, dtype=np.int64)
