@@ -206,7 +206,8 @@ def _trainable(base: TrainConfig, dataset, model, loss, sweep_folder: Path):
 
 
 def _has_checkpoints(run: Path) -> bool:
-    return (run / "checkpoints").is_dir() and any((run / "checkpoints").iterdir())
+    from .checkpoint import list_checkpoints
+    return bool(list_checkpoints(run / "checkpoints"))
 
 
 def trial_run_folder(sweep_folder: Path, trial: str) -> Path:
