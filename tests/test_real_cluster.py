@@ -382,7 +382,8 @@ def test_a_tune_sweep_on_the_cluster_recovers_a_worker_killed_in_a_trial(cluster
     proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "tune", "--address", address, *flags,
                              "--workers", "2", "--seed", "grid:3,4", "--scheduler", "fifo", "--metric", "test_loss",
                              "--mode", "min", "--max-concurrent", "1", "--step-timeout", "5", "--quiet",
-                             "--out", str(sweep)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+                             "--out", str(sweep)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**_env(), "TUNE_GLOBAL_CHECKPOINT_S": "0.2"})  # Tune copies a trial's folder here this often
     try:
         deadline, killed = time.monotonic() + 180, None
         while time.monotonic() < deadline and proc.poll() is None and killed is None:
