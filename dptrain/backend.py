@@ -7,6 +7,8 @@ package works unchanged when cupy is absent.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 try:  # cupy is optional: the `gpu` extra installs it
@@ -96,10 +98,42 @@ def retain_freed_memory() -> bool:
 
 def usable_cores() -> int:
     """The CPUs this process may run on (its affinity where the system says, else the machine's)."""
-    import os
     if hasattr(os, "sched_getaffinity"):
         return len(os.sched_getaffinity(0))
     return os.cpu_count() or 1
+
+
+def blas_kernels() -> str | None:
+    """The kernels numpy's OpenBLAS runs in this process, by OpenBLAS's own name for them
+    ("SkylakeX", "Haswell", ...), or None where numpy's BLAS is not an OpenBLAS that says.
+
+    OpenBLAS picks them for the CPU when it loads, unless OPENBLAS_CORETYPE names others; they
+    set the speed of every matrix product (1.5-1.7x between Haswell's and SkylakeX's on an AMD
+    Zen 5), so a benchmark's results record them (scaling/bench.py, `machine`)."""
+    import ctypes
+    for path in _mapped_libraries("openblas"):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for symbol in ("scipy_openblas_get_corename64_", "scipy_openblas_get_corename",
+                       "openblas_get_corename64_", "openblas_get_corename"):
+            fn = getattr(lib, symbol, None)
+            if fn is not None:
+                fn.restype = ctypes.c_char_p
+                return (fn() or b"").decode("ascii", "replace").strip() or None
+    return None
+
+
+def _mapped_libraries(part: str) -> list:
+    """The shared libraries mapped into this process (Linux) whose file name holds `part`."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            fields = [line.split(None, 5) for line in f]
+    except OSError:
+        return []
+    paths = {f[5].strip() for f in fields if len(f) == 6}
+    return sorted(p for p in paths if part in os.path.basename(p).lower() and ".so" in os.path.basename(p))
 
 
 def scatter_add(target, index, values) -> None:

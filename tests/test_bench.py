@@ -1,6 +1,7 @@
 """The engine benchmark runs and writes what it reports (its timings are not asserted: see README)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -36,6 +37,21 @@ def test_engine_benchmark_quick_run(tmp_path):
     for res in results["layers"].values():  # each checked against the hand-written step's loss before timing
         assert res["hand_ms"] > 0 and res["engine_ms"] > 0
     assert "ratio" in r.stdout and "wrote" in r.stdout
+    machine = results["machine"]  # what the figures were measured on, the BLAS's kernels included
+    assert machine["cpus"] >= 1 and machine["numpy"] and "blas_kernels" in machine
+
+
+@pytest.mark.parametrize("core", ["Haswell", "Sandybridge"])
+def test_blas_kernels_names_the_kernels_openblas_runs(core):
+    """The kernels asked for with OPENBLAS_CORETYPE are those named, in a fresh process (the
+    choice is made when numpy loads its OpenBLAS)."""
+    code = "import dptrain.backend as b; print(b.blas_kernels())"
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    if plain.stdout.strip() == "None":
+        pytest.skip("numpy's BLAS here is not an OpenBLAS that names its kernels")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                       env={**os.environ, "OPENBLAS_CORETYPE": core})
+    assert r.stdout.strip() == core, r.stderr
 
 
 def test_the_recipe_benchmark_refuses_bad_flags_before_running(tmp_path, capsys):

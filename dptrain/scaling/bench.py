@@ -96,8 +96,25 @@ class EngineMLP:
         return loss.data
 
 
+def machine() -> dict:
+    """What a benchmark's figures depend on besides the code: Python, numpy, the platform, the
+    CPU and its cores, and the matrix kernels numpy's OpenBLAS runs (with OPENBLAS_CORETYPE,
+    where it is set: the machine's environment may force older ones)."""
+    cpu = None
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    return {"python": sys.version.split()[0], "numpy": np.__version__, "platform": platform.platform(),
+            "cpu": cpu or platform.processor() or None, "cpus": os.cpu_count(),
+            "blas_kernels": dp.backend.blas_kernels(), "OPENBLAS_CORETYPE": os.environ.get("OPENBLAS_CORETYPE")}
+
+
 def write_results(path, results: dict) -> None:
-    """Write a benchmark's results as JSON (the folder made as needed) and say where."""
+    """Write a benchmark's results as JSON (the folder made as needed), with the `machine` they
+    were measured on, and say where."""
+    results = {**results, "machine": {**machine(), **results.get("machine", {})}}
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
@@ -243,9 +260,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     quick = args.quick
 
-    results = {"machine": {"python": sys.version.split()[0], "numpy": np.__version__,
-                           "platform": platform.platform(), "cpus": os.cpu_count()},
-               "command": "dptrain bench" + (" --quick" if quick else ""),
+    results = {"command": "dptrain bench" + (" --quick" if quick else ""),
                "batch": BATCH, "dtype": "float32", "mlps": {}}
     targets = {"40-256-256-10": 1.15, "784-1024-1024-10": 1.05}
     for dims, repeats in (([40, 256, 256, 10], 60 if quick else 600), ([784, 1024, 1024, 10], 8 if quick else 60)):

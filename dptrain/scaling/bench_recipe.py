@@ -22,7 +22,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -220,7 +219,6 @@ def main(argv=None) -> int:
         rows.append(json.loads(line))
         print(line, flush=True)
     results = {"command": "dptrain bench --recipe" + (f" --steps {args.steps}" if args.steps != 2000 else ""),
-               "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count()},
                "recipe": {k: list(v) if isinstance(v, tuple) else v for k, v in RECIPE.items()}, "runs": rows}
     if args.out:
         if Path(args.out).exists():  # keep the runs not made again
