@@ -25,6 +25,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+# Ray declares a node dead once its health checks fail: 5 checks 3 s apart by default, about 15 s
+# of a test that kills a node. Ray's settings for a check every second, 3 times, which a cluster's
+# operator may choose as well; dptrain handles the loss the same way whenever Ray reports it.
+NODE_HEALTH_CHECK = {"RAY_health_check_period_ms": "1000", "RAY_health_check_timeout_ms": "1000",
+                     "RAY_health_check_failure_threshold": "3"}
+
+
 def _env():
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")  # the venv's ray
@@ -34,8 +41,9 @@ def _env():
 
 
 @contextlib.contextmanager
-def started_cluster(nodes: int = 1, prefix: str = "dpt-"):
-    """A cluster/start.sh cluster (head of 2 CPUs, `nodes` worker nodes of 1 CPU), stopped after."""
+def started_cluster(nodes: int = 1, prefix: str = "dpt-", env: dict | None = None):
+    """A cluster/start.sh cluster (head of 2 CPUs, `nodes` worker nodes of 1 CPU), stopped after;
+    `env`: more variables for its `ray start`s (NODE_HEALTH_CHECK)."""
     import ray
     ray.shutdown()  # only the cluster under test runs while it does
     state = tempfile.mkdtemp(prefix=prefix, dir="/tmp")  # short: Ray's socket paths have a length limit
@@ -43,7 +51,7 @@ def started_cluster(nodes: int = 1, prefix: str = "dpt-"):
     try:
         start = subprocess.run([str(ROOT / "cluster/start.sh"), "--nodes", str(nodes), "--cpus", "2", "--port",
                                 str(port), "--dashboard-port", str(dash), "--state", state],
-                               capture_output=True, text=True, env=_env(), timeout=180)
+                               capture_output=True, text=True, env={**_env(), **(env or {})}, timeout=180)
         assert start.returncode == 0, start.stderr + start.stdout
         yield {"state": state, "port": port, "dashboard": f"http://127.0.0.1:{dash}"}
     finally:
