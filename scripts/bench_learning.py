@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import platform
 import shlex
 import subprocess
 import sys
@@ -81,8 +80,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "learning.json"), help="results file (JSON)")
     args = ap.parse_args(argv)
     from dptrain.scaling.bench import write_results
-    results = {"machine": {"python": sys.version.split()[0], "platform": platform.platform()},
-               "command": "python scripts/bench_learning.py", "runs": {}}
+    results = {"command": "python scripts/bench_learning.py", "runs": {}}
     with tempfile.TemporaryDirectory(prefix="dptrain-learning-") as folder:
         for name in args.only or RUNS:
             results["runs"][name] = run(name, Path(folder))

@@ -114,7 +114,7 @@ def machine() -> dict:
 def write_results(path, results: dict) -> None:
     """Write a benchmark's results as JSON (the folder made as needed), with the `machine` they
     were measured on, and say where."""
-    results = {**results, "machine": {**machine(), **results.get("machine", {})}}
+    results = {**results, "machine": machine()}
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=2) + "\n")
