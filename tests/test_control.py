@@ -183,7 +183,7 @@ def served_worker():
     reference = Worker(cfg.to_dict(), factory, loss, ds, 0, 1)  # object-store style: gets the parameters passed
     flat = ps.get_weights()
     params = SharedArray.create(flat.size, flat.dtype, "test-params")  # as the transport sets it up
-    ps.update.place(params.array)
+    ps.update.place(params.array, params.name)
     header = SharedArray.create(2, "int64", "test-pver")  # [sequence, version]
     header.array[:] = (0, 0)
     worker.use_shared_memory(SegmentSpec(params=params.name, header=header.name, size=flat.size, dtype=str(flat.dtype),

@@ -71,7 +71,7 @@ def test_the_local_update_applies_the_mean_gradient_and_tells_transports(tmp_pat
     with pytest.raises(RuntimeError, match="no initial state"):  # a used update cannot go back to the start
         update.restore(None)
     storage = np.zeros(opt.flat.size)
-    update.place(storage)  # the parameters move, unchanged (the alignment gaps between them are not theirs)
+    update.place(storage, "dptrain-t-params")  # the parameters move, unchanged (the alignment gaps between them are not theirs)
     assert update.parameters() is storage
     for moved, want in zip(update.flat.views(storage), reference.flat.views(reference.flat.data)):
         np.testing.assert_array_equal(moved, want)
@@ -94,6 +94,7 @@ class _LocalShard:
     def __init__(self, shard):
         for name in ("load", "update", "state", "mean", "scaled"):
             setattr(self, name, _Remote(getattr(shard, name)))
+        self.ready = _Remote(lambda: "node-a")
 
 
 @pytest.mark.parametrize("setting,clip", [("none", None), ("fp16", None), ("none", 0.5)])
@@ -111,9 +112,11 @@ def test_the_sharded_update_equals_the_local_one_and_fetches_only_when_older(mon
                          clip_grad_norm=clip)
     (m1, o1), (_, o2) = _update_pair(cfg), _update_pair(cfg)
     local = LocalUpdate(m1, o1, compress.codec(setting, o1.flat.size, o1.flat.data.dtype), clip)
-    sharded = ShardedUpdate(o2, 3, 60.0, clip)
-    assert sharded.transport_setting("auto") == "object_store"
+    codec = compress.codec(setting, o2.flat.size, o2.flat.data.dtype)
+    sharded = ShardedUpdate(None, o2, codec, 3, 60.0, clip)
     sharded.attach([_LocalShard(ServerShard(cfg.to_dict(), j)) for j in range(3)])
+    # the shards' node is not the workers': every worker reaches them through the object store
+    assert sharded.transport_setting("auto", [{"node_id": "node-b", "device": "cpu"}], "node-a") == "object_store"
     worker_codecs = [compress.codec(setting, o1.flat.size, o1.flat.data.dtype) for _ in range(2)]
     rng = np.random.default_rng(1)
     for step in range(3):
@@ -136,15 +139,36 @@ def test_the_sharded_update_equals_the_local_one_and_fetches_only_when_older(mon
     assert state["steps"] == want["steps"] == 3 and sorted(state["state"]) == sorted(want["state"])
     for name in want["state"]:  # Adam's moments, gathered from the three ranges
         np.testing.assert_allclose(state["state"][name], want["state"][name], rtol=1e-12, atol=1e-15)
-    sharded.restore(None)  # a lost shard without a checkpoint: the initial state, sent again on attach
-    with pytest.raises(RuntimeError, match="before the shards were given"):
-        sharded.apply(0, [], 1, 0.1, [])
+    sharded.restore(None)  # a lost shard without a checkpoint: the initial state, sent before the next step
+    assert sharded.parameters() is params and np.array_equal(params, sharded.initial[0])
+    with pytest.raises(RuntimeError, match="before the shards were attached"):
+        ShardedUpdate(None, o1, codec, 3, 60.0, clip).apply(0, [], 1, 0.1, [])
+
+
+def test_the_sharded_update_shares_the_node_only_when_everything_is_on_it(monkeypatch):
+    """Shards update their ranges in place (shared memory) only where every shard and every worker
+    is a CPU process on the server's node, the gradients dense and the transport auto; anything
+    else sends every worker through the object store."""
+    monkeypatch.setattr(shards_module, "get_all", lambda refs, lost, timeout, actors: dict(refs))
+    cfg = dp.TrainConfig(**BASE, optimizer="sgd", lr=0.1, servers=2)
+    here, cpu = "node-a", {"node_id": "node-a", "device": "cpu"}
+    for setting, placement, codec, want in [
+            ("auto", [cpu, cpu], "none", "auto"),
+            ("auto", [cpu, {"node_id": "node-b", "device": "cpu"}], "none", "object_store"),
+            ("auto", [cpu, {"node_id": "node-a", "device": "cuda"}], "none", "object_store"),
+            ("object_store", [cpu, cpu], "none", "object_store"),
+            ("auto", [cpu, cpu], "fp16", "object_store")]:
+        _, opt = _update_pair(cfg)
+        sharded = ShardedUpdate(None, opt, compress.codec(codec, opt.flat.size, opt.flat.data.dtype), 2, 60.0)
+        sharded.attach([_LocalShard(ServerShard(cfg.to_dict(), j)) for j in range(2)])
+        assert sharded.transport_setting(setting, placement, here) == want, (setting, placement, codec)
+        assert sharded.local == (want == "auto")
 
 
 def _view(**calls):
     defaults = dict(run_key="t", step_timeout=5.0, total_steps=100, size=4, dtype=np.dtype("float64"),
                     checkpoints=None, version=lambda: 0, parameters=lambda: None, outgoing=lambda: (None, []),
-                    place=lambda a: None, carriers=lambda: [], progressed=lambda: None, begin=lambda s: None,
+                    place=lambda a, name: None, carriers=lambda: [], progressed=lambda: None, begin=lambda s: None,
                     gather=lambda s: [], conclude=lambda *a: None)
     return ServerView(**dict(defaults, **calls))
 

@@ -73,17 +73,15 @@ def test_shards_apply_exactly_the_one_servers_update(opt):
 def test_k_servers_equal_one_process(ray_local, workers, servers, opt, caplog):
     """N workers over K shards equal one process: each placement with one of the two optimizers
     (a shard's state is its range of the optimizer's, whatever the rule: test_optim). On this one
-    node the run says once that one server would be faster."""
+    node the workers are on shared memory and the shards update their ranges of its segments in
+    place: nothing to warn about."""
     cfg = dp.TrainConfig(workers=workers, servers=servers, **BASE, **opt)
     with caplog.at_level(logging.WARNING, logger="dptrain"):
         dist = dp.Trainer(cfg).fit()
-    assert [r.getMessage() for r in caplog.records].count(
-        f"--servers {servers}: every shard and worker is on one node, where the shards' slices go through Ray's "
-        "object store; one server updates over shared memory on the node's idle cores, 2.2x faster for "
-        "784-1024-1024-10 at 2 workers (docs/scaling.md). Shards pay off across nodes") == 1
+    assert not [r.getMessage() for r in caplog.records if "--servers" in r.getMessage()]
     local = dp.train_local(cfg)
     assert _max_rel_diff(dist.params, local.params) < 1e-10
-    assert dist.summary["servers"] == servers and dist.summary["shared_memory_workers"] == 0
+    assert dist.summary["servers"] == servers and dist.summary["shared_memory_workers"] == workers
     np.testing.assert_allclose([r["loss"] for r in dist.metrics["steps"]],
                                [r["loss"] for r in local.metrics["steps"]], rtol=1e-10)
 
@@ -156,12 +154,15 @@ def test_a_lost_slice_is_its_shards_loss_not_the_workers(ray_local):
     same lost slice again until the failure budget was spent)."""
     import ray
     from dptrain.distributed.errors import ShardLost
+    from dptrain.compress import Dense
     from dptrain.distributed.shards import ShardedUpdate
     cfg = dp.TrainConfig(**dict(BASE, **SGD))
-    sharded = ShardedUpdate(build_optimizer(cfg, [Parameter(np.arange(4096.0))]), 2, step_timeout=20)
+    sharded = ShardedUpdate(None, build_optimizer(cfg, [Parameter(np.arange(4096.0))]), Dense(4096, "float64"), 2,
+                            step_timeout=20)
     actors = [ray.remote(ServerShard).options(num_cpus=0).remote(cfg.to_dict(), j) for j in range(2)]
     try:
         sharded.attach(actors)
+        sharded.outgoing()  # the shards get their ranges (over the object store: no worker shares their node)
         sharded.check_outgoing(0)  # both alive, both slices there: nothing to say
         @ray.remote(num_cpus=0)
         class Owner:

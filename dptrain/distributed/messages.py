@@ -73,11 +73,14 @@ class Gradient:
     """One worker's answer: `parts` holds its payload for each of the update's ranges (one for
     the server's own update; K for sharded servers, as references to objects on the worker's
     node, which the shards fetch themselves), `meta` the codec's meta of each part (None: dense),
-    and `metrics` its numbers (step.step_metrics combines them)."""
+    and `metrics` its numbers (step.step_metrics combines them). `segment`: the name of the
+    shared-memory segment that holds parts[0] (a worker on the server's node), where another
+    process of that node may read it (server shards: shards.py)."""
 
     parts: list
     meta: list
     metrics: dict
+    segment: Optional[str] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,8 +105,8 @@ class ServerView:
     `version()` the updates applied (the step); `parameters()` the current flat parameters
     in host memory; `outgoing()` what the workers load each step, (ranges, parts): (None,
     [the flat array]) for the server's own update, the shards' ranges and references
-    otherwise; `place(storage)` keeps the flat parameters in `storage` (a shared-memory
-    segment) from now on; `carriers()` rank -> the transport carrying that worker;
+    otherwise; `place(storage, name)` keeps the flat parameters in `storage`, the
+    shared-memory segment `name`, from now on; `carriers()` rank -> the transport carrying that worker;
     `progressed()` tells the heartbeat the step loop got somewhere; `begin(step)`,
     `gather(step)` and `conclude(...)` are the server's parts of a step (loops.py)."""
 
@@ -116,7 +119,7 @@ class ServerView:
     version: Callable[[], int]
     parameters: Callable[[], np.ndarray]
     outgoing: Callable[[], tuple]
-    place: Callable[[np.ndarray], None]
+    place: Callable[[np.ndarray, str], None]
     carriers: Callable[[], list]
     progressed: Callable[[], None]
     begin: Callable[[int], None]

@@ -101,7 +101,8 @@ class ParameterServer:
         the same call at the start, after a worker was replaced or the others took a lost one's
         share, and for a new server. The update's threads follow (--update-threads auto). Returns
         {"transports": transport name -> ranks, "update_threads": how many the update uses}."""
-        plan = transport.assign(self.update.transport_setting(self.cfg.transport), placement, node_id())
+        here = node_id()
+        plan = transport.assign(self.update.transport_setting(self.cfg.transport, placement, here), placement, here)
         self._pause()  # served workers must take the setup calls
         self.loop.reset()  # what was in flight is computed again (with the new workers)
         n = len(workers)
@@ -132,6 +133,7 @@ class ParameterServer:
     def close(self) -> None:
         for t in self.transports.values():
             t.close()
+        self.update.close()
 
     # ------------------------------------------------------------------ steps
 

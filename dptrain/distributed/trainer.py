@@ -183,11 +183,12 @@ class Trainer:
                      "(%s parameters), %d steps, global batch %d", dataset.name, cfg.replicas,
                      len({p["node_id"] for p in fleet.placement}), len(fleet.shared), factory.name,
                      f"{parameters:,}", steps, min(cfg.batch_size, len(dataset)))
-            if fleet.shards and len({*fleet.shard_nodes, *(p["node_id"] for p in fleet.placement)}) == 1:
-                log.warning("--servers %d: every shard and worker is on one node, where the shards' slices go "
-                            "through Ray's object store; one server updates over shared memory on the node's idle "
-                            "cores, 2.2x faster for 784-1024-1024-10 at 2 workers (docs/scaling.md). Shards pay "
-                            "off across nodes", len(fleet.shards))
+            if (fleet.shards and len({*fleet.shard_nodes, *(p["node_id"] for p in fleet.placement)}) == 1
+                    and len(fleet.shared) < cfg.replicas):
+                log.warning("--servers %d: every shard and worker is on one node, but the shards' slices go through "
+                            "Ray's object store (--transport %s, --compress %s): on one node the shards read the "
+                            "gradients in place only with --transport auto and dense gradients (docs/scaling.md)",
+                            len(fleet.shards), cfg.transport, cfg.compress)
             first = fleet.server_step()
             self.callbacks.on_start(RunStart(cfg, dataset.name, steps, steps_per_epoch, cfg.replicas, parameters,
                                              first, tuple(fleet.placement), ray.get_runtime_context().gcs_address,

@@ -70,13 +70,17 @@ class Update(abc.ABC):
         if actors:
             raise RuntimeError(f"{type(self).__name__} has no server shards to attach")
 
-    def place(self, storage: np.ndarray) -> None:
-        """Keep the flat parameters in `storage` (a shared-memory segment) from now on."""
+    def place(self, storage: np.ndarray, name: str) -> None:
+        """Keep the flat parameters in `storage`, the shared-memory segment `name`, from now on."""
         raise RuntimeError(f"{type(self).__name__} cannot place its parameters elsewhere")
 
-    def transport_setting(self, setting: str) -> str:
-        """The transport setting its workers may use, given the run's (transport.assign)."""
+    def transport_setting(self, setting: str, placement: list, here: str) -> str:
+        """The transport setting its workers may use (transport.assign), given the run's and where
+        the workers run (`placement`, rank order; `here`: the server's node)."""
         return setting
+
+    def close(self) -> None:
+        """Release what it holds outside this process (the run is over)."""
 
 
 class LocalUpdate(Update):
@@ -114,7 +118,7 @@ class LocalUpdate(Update):
         self.flat.data[...] = params
         self.optimizer.load_state_dict(optimizer_state)
 
-    def place(self, storage):
+    def place(self, storage, name):
         self.flat = flatten(self.model.parameters(), data=storage, grad=self.flat.grad)
         self.optimizer.flat = self.flat
 
@@ -123,5 +127,5 @@ def make(cfg, model, optimizer, codec: Codec) -> Update:
     """The update of a run's config: --servers K > 1 shards it, else the server applies it."""
     if cfg.servers > 1:
         from .shards import ShardedUpdate
-        return ShardedUpdate(optimizer, cfg.servers, cfg.step_timeout, cfg.clip_grad_norm)
+        return ShardedUpdate(model, optimizer, codec, cfg.servers, cfg.step_timeout, cfg.clip_grad_norm)
     return LocalUpdate(model, optimizer, codec, cfg.clip_grad_norm)

@@ -210,3 +210,140 @@ def connect(address: str, rank: int, secret: str) -> Channel:
     chan = Channel(sock)
     chan.send({"rank": rank, "secret": secret})
     return chan
+
+
+def serve(address: str, rank: int, secret: str, handle) -> int:
+    """The serving end of a session: connect to `address` as `rank` with the session's `secret`,
+    then answer each request with `handle(request)` (a dict; an exception is answered with
+    {"error": its message}) until the server says {"op": "stop"} or goes away. How many were
+    answered."""
+    chan = connect(address, rank, secret)
+    served = 0
+    try:
+        while True:
+            request = chan.recv()
+            if request.get("op") == "stop":
+                return served
+            try:
+                reply = handle(request)
+            except Exception as e:
+                reply = {"error": str(e)}
+            chan.send(reply)
+            served += 1
+    except ChannelClosed:  # the server is gone (killed, or replaced)
+        return served
+    finally:
+        chan.close()
+
+
+class Sessions:
+    """The server's ends of sessions with actors, by key (a worker's rank, a shard's index).
+
+    A session is an ordinary Ray call, `start(actor, address, secret)`, that stays running while
+    the actor answers requests over its channel (`serve` above); meanwhile the actor takes no
+    other Ray call, so `close` ends every session before the server asks anything else of them.
+    `open` starts the missing ones over a listener that lives only while they connect. The
+    failures are the caller's vocabulary: `lost(key, step, cause)` makes the exception for an
+    actor that died, hung (it is killed: it must not come back stale) or closed its channel,
+    and `failed(key, step, message)` the one for a serve call that raised."""
+
+    def __init__(self, tag: str, timeout: float, lost, failed):
+        self.tag, self.timeout, self.lost, self.failed = tag, timeout, lost, failed
+        self.actors: dict = {}  # key -> actor handle, of the sessions opened
+        self._open: dict = {}  # key -> (Channel, ObjectRef of its serve call)
+
+    def __contains__(self, key) -> bool:
+        return key in self._open
+
+    def keys(self) -> list:
+        return sorted(self._open)
+
+    def channel(self, key) -> Channel:
+        return self._open[key][0]
+
+    def open(self, actors: dict, start, step: int) -> None:
+        """A session with every actor of `actors` (key -> handle) that has none."""
+        import ray
+        self.actors.update(actors)
+        todo = [key for key in actors if key not in self._open]
+        if not todo:
+            return
+        # A listener for this round of sessions only, closed once they are open: between rounds
+        # nothing listens, and each round's secrets are new (the module's docstring: who may connect).
+        listener = Listener(self.tag)
+        try:
+            refs = {key: start(actors[key], listener.address, listener.expect(key)) for key in todo}
+            deadline = time.monotonic() + self.timeout
+            while refs:
+                try:  # short waits: an actor that died instead of connecting shows up between them
+                    chan, key = listener.accept(min(0.5, max(deadline - time.monotonic(), 0.01)))
+                except ChannelTimeout:
+                    done, _ = ray.wait(list(refs.values()), num_returns=1, timeout=0)
+                    if done:
+                        key = next(k for k, ref in refs.items() if ref == done[0])
+                        self._open[key] = (None, refs.pop(key))
+                        self._closed(key, step)
+                    if time.monotonic() > deadline:
+                        raise self._hung(sorted(refs), step, "did not connect")
+                    continue
+                self._open[key] = (chan, refs.pop(key))
+        finally:
+            listener.close()
+
+    def send(self, key, message: dict, step: int) -> None:
+        try:
+            self._open[key][0].send(message)
+        except ChannelClosed:
+            self._closed(key, step)
+
+    def reply(self, key, step: int, deadline: float) -> dict:
+        """Actor `key`'s answer (an {"error": ...} one included); `lost` if it dies or misses `deadline`."""
+        chan, _ = self._open[key]
+        try:
+            reply = chan.recv(deadline)
+        except ChannelTimeout:
+            self.drop(key, stop=False)
+            raise self._hung([key], step) from None
+        except ChannelClosed:
+            self._closed(key, step)
+        return reply
+
+    def drop(self, key, stop: bool) -> None:
+        """End `key`'s session (telling the actor to stop serving, if `stop`)."""
+        chan, _ = self._open.pop(key, (None, None))
+        if chan is not None:
+            if stop:
+                try:
+                    chan.send({"op": "stop"})
+                except ChannelClosed:
+                    pass
+            chan.close()
+
+    def close(self) -> None:
+        """End every session: the actors take Ray calls again."""
+        for key in list(self._open):
+            self.drop(key, stop=True)
+
+    def _hung(self, keys: list, step: int, what: str = "no answer") -> BaseException:
+        import ray
+        for key in keys:
+            ray.kill(self.actors[key])
+        return self.lost(keys[0], step, f"{what} within {self.timeout:g} s (hung?)")
+
+    def _closed(self, key, step: int):
+        """A channel closed under us: `failed` if the actor's serve call raised, else `lost`."""
+        import ray
+        from ..errors import is_timeout, lost_cause, unwrap
+        chan, ref = self._open.pop(key)
+        if chan is not None:
+            chan.close()
+        try:
+            ray.get(ref, timeout=10)
+        except Exception as e:
+            if not is_timeout(e):
+                cause = lost_cause(e)
+                if cause is not None:
+                    raise self.lost(key, step, cause) from None
+                raise self.failed(key, step, str(unwrap(e))) from None
+            ray.kill(self.actors[key])
+        raise self.lost(key, step, "its control channel closed")

@@ -38,7 +38,7 @@ import time
 
 import numpy as np
 
-from ..errors import WorkerError, WorkerLost, is_timeout, lost_cause, unwrap
+from ..errors import WorkerError, WorkerLost
 from ..messages import Evaluate, Gradient, Request, SegmentSpec, ServerView
 from . import SHARED_MEMORY, Transport, control
 from .shm import SharedArray, unlink
@@ -50,8 +50,8 @@ class SharedMemoryTransport(Transport):
         super().__init__(view)
         self._params: SharedArray | None = None  # the server's parameters, once moved into shared memory
         self._grads: dict = {}  # actor -> the SharedArray its backward writes (mapped here)
-        self._sessions: dict = {}  # rank -> (Channel, ObjectRef of the worker's serve call)
-        self._by_rank: dict = {}  # rank -> its gradient array (what receive hands out every step)
+        self._sessions = control.Sessions(view.run_key, view.step_timeout, WorkerLost, _failed)  # by rank
+        self._by_rank: dict = {}  # rank -> its gradient segment (what receive hands out every step)
         self._header: SharedArray | None = None  # [sequence, version] of the parameters (a seqlock)
         self._tasks: dict = {}  # rank -> step of its relaxed task in flight
 
@@ -67,12 +67,12 @@ class SharedMemoryTransport(Transport):
         self.workers = dict(workers)
         self._by_rank = {}
         if not new:
-            self._by_rank = {rank: self._grads[w].array for rank, w in workers.items()}
+            self._by_rank = {rank: self._grads[w] for rank, w in workers.items()}
             return
         view = self.view
         if self._params is None:
             self._params = SharedArray.create(view.size, view.dtype, f"{view.run_key}-params")
-            view.place(self._params.array)
+            view.place(self._params.array, self._params.name)
             self._header = SharedArray.create(2, "int64", f"{view.run_key}-pver")
             self._header.array[:] = (0, view.version())
         spec = SegmentSpec(params=self._params.name, header=self._header.name, size=view.size, dtype=str(view.dtype),
@@ -81,34 +81,30 @@ class SharedMemoryTransport(Transport):
                               timeout=max(view.step_timeout, 60.0))
         for rank, name in names.items():
             self._grads[new[rank]] = SharedArray.attach(name, spec.size, spec.dtype)
-        self._by_rank = {rank: self._grads[w].array for rank, w in workers.items()}
+        self._by_rank = {rank: self._grads[w] for rank, w in workers.items()}
 
     def send(self, step: int) -> None:
         self._open_sessions(step)
-        for rank, (chan, _) in list(self._sessions.items()):
-            try:
-                chan.send({"op": "step", **Request(step).to_dict()})
-            except control.ChannelClosed:
-                self._session_lost(rank, step)
+        message = {"op": "step", **Request(step).to_dict()}
+        for rank in self._sessions.keys():
+            self._sessions.send(rank, message, step)
 
     def receive(self, step: int, deadline: float) -> dict:
-        return {rank: self._gradient(rank, self._reply(rank, step, deadline)) for rank in sorted(self._sessions)}
+        return {rank: self._gradient(rank, self._reply(rank, step, deadline)) for rank in self._sessions.keys()}
 
     def _gradient(self, rank: int, reply: dict) -> Gradient:
-        return Gradient([self._by_rank[rank]], reply["meta"], reply["metrics"])
+        seg = self._by_rank[rank]
+        return Gradient([seg.array], reply["meta"], reply["metrics"], segment=seg.name)
 
     def send_evaluation(self, split: str, of: int, final: bool = False) -> None:
         step = self.view.version()
         self._open_sessions(step)
-        for rank, (chan, _) in list(self._sessions.items()):
-            try:
-                chan.send({"op": "evaluate", **Evaluate(split, rank, of, final).to_dict()})
-            except control.ChannelClosed:
-                self._session_lost(rank, step)
+        for rank in self._sessions.keys():
+            self._sessions.send(rank, {"op": "evaluate", **Evaluate(split, rank, of, final).to_dict()}, step)
 
     def receive_evaluation(self, deadline: float) -> dict:
         step = self.view.version()
-        return {rank: self._reply(rank, step, deadline)["evaluation"] for rank in sorted(self._sessions)}
+        return {rank: self._reply(rank, step, deadline)["evaluation"] for rank in self._sessions.keys()}
 
     def updating(self, begins: bool, version: int) -> None:
         if self._header is not None:
@@ -121,14 +117,11 @@ class SharedMemoryTransport(Transport):
 
     def assign(self, rank: int, task: dict) -> None:
         self._open_sessions(task["step"])
-        try:
-            self._sessions[rank][0].send({"op": "task", **Request.task(task).to_dict()})
-        except control.ChannelClosed:
-            self._session_lost(rank, task["step"])
+        self._sessions.send(rank, {"op": "task", **Request.task(task).to_dict()}, task["step"])
         self._tasks[rank] = task["step"]
 
     def poll(self, timeout: float) -> list:
-        waiting = {self._sessions[rank][0].sock: rank for rank in self._tasks}
+        waiting = {self._sessions.channel(rank).sock: rank for rank in self._tasks}
         if not waiting:
             return []
         readable, _, _ = select.select(list(waiting), [], [], max(timeout, 0.0))
@@ -142,8 +135,7 @@ class SharedMemoryTransport(Transport):
 
     def pause(self) -> None:
         self._tasks = {}
-        for rank in list(self._sessions):
-            self._drop_session(rank, stop=True)
+        self._sessions.close()
 
     def close(self) -> None:
         super().close()
@@ -157,72 +149,18 @@ class SharedMemoryTransport(Transport):
 
     def _open_sessions(self, step: int) -> None:
         """Start a session with every worker carried that has none."""
-        import ray
-        todo = [rank for rank in self.workers if rank not in self._sessions]
-        if not todo:
-            return
-        # A listener for this round of sessions only, closed once they are open: between rounds
-        # nothing listens, and each round's secrets are new (control.py: who may connect).
-        listener = control.Listener(self.view.run_key)
-        try:
-            refs = {rank: self.workers[rank].serve.remote(listener.address, listener.expect(rank)) for rank in todo}
-            deadline = time.monotonic() + self.view.step_timeout
-            while refs:
-                try:  # short waits: a worker that died instead of connecting shows up between them
-                    chan, rank = listener.accept(min(0.5, max(deadline - time.monotonic(), 0.01)))
-                except control.ChannelTimeout:
-                    done, _ = ray.wait(list(refs.values()), num_returns=1, timeout=0)
-                    if done:
-                        rank = next(r for r, ref in refs.items() if ref == done[0])
-                        self._sessions[rank] = (None, refs.pop(rank))
-                        self._session_lost(rank, step)
-                    if time.monotonic() > deadline:
-                        raise self.hung(sorted(refs), step, "did not connect")
-                    continue
-                self._sessions[rank] = (chan, refs.pop(rank))
-        finally:
-            listener.close()
+        self._sessions.open(self.workers, lambda w, address, secret: w.serve.remote(address, secret), step)
 
     def _reply(self, rank: int, step: int, deadline: float) -> dict:
         """Worker `rank`'s answer on its channel; WorkerLost if it dies or misses `deadline`."""
-        chan, _ = self._sessions[rank]
-        try:
-            reply = chan.recv(deadline)
-        except control.ChannelTimeout:
-            self._drop_session(rank, stop=False)
-            raise self.hung([rank], step) from None
-        except control.ChannelClosed:
-            self._session_lost(rank, step)
+        reply = self._sessions.reply(rank, step, deadline)
         if "error" in reply:
             raise WorkerError(reply["error"])
         return reply
 
-    def _session_lost(self, rank: int, step: int):
-        """A channel closed under us: WorkerError if the worker's serve call failed, else WorkerLost."""
-        import ray
-        chan, ref = self._sessions.pop(rank)
-        if chan is not None:
-            chan.close()
-        try:
-            ray.get(ref, timeout=10)
-        except Exception as e:
-            if not is_timeout(e):
-                cause = lost_cause(e)
-                if cause is not None:
-                    raise WorkerLost(rank, step, cause) from None
-                raise WorkerError(f"worker {rank} failed at step {step}: {unwrap(e)}") from None
-            ray.kill(self.workers[rank])
-        raise WorkerLost(rank, step, "its control channel closed")
 
-    def _drop_session(self, rank: int, stop: bool) -> None:
-        chan, _ = self._sessions.pop(rank, (None, None))
-        if chan is not None:
-            if stop:
-                try:
-                    chan.send({"op": "stop"})
-                except control.ChannelClosed:
-                    pass
-            chan.close()
+def _failed(rank: int, step: int, message: str) -> WorkerError:
+    return WorkerError(f"worker {rank} failed at step {step}: {message}")
 
 
 class WorkerLink:
@@ -273,36 +211,22 @@ class WorkerLink:
     def serve(self, address: str, secret: str) -> int:
         """Take the server's requests until it says stop or goes away; how many were served.
         `secret`: what this session's hello must say (control.py: who may connect)."""
-        worker = self.worker
-        chan = control.connect(address, worker.rank, secret)
-        served = 0
-        try:
-            while True:
-                request = chan.recv()
-                op = request.get("op")
-                if op == "stop":
-                    return served
-                try:  # the gradient goes into our segment (its payload, with --compress)
-                    if op == "task":  # any shard of any step, on a consistent snapshot of the parameters
-                        task = dataclasses.replace(Request.from_dict(request), version=self.snapshot())
-                        reply = worker.compute(task, into=self.payload)[0]
-                    elif op == "step":  # the server updates nothing until every gradient is in
-                        self.read_in_place()
-                        reply = worker.compute(Request.from_dict(request), into=self.payload)[0]
-                    elif op == "evaluate":  # nor during an evaluation (relaxed steps settle first)
-                        self.read_in_place()
-                        reply = {"evaluation": worker.evaluate(Evaluate(
-                            request["split"], int(request["part"]), int(request["of"]), bool(request.get("final"))))}
-                    else:
-                        reply = {"error": f"worker {worker.rank}: unknown request {op!r}"}
-                except Exception as e:
-                    reply = {"error": str(e)}
-                chan.send(reply)
-                served += 1
-        except control.ChannelClosed:  # the server is gone (killed, or replaced)
-            return served
-        finally:
-            chan.close()
+        return control.serve(address, self.worker.rank, secret, self.answer)
+
+    def answer(self, request: dict) -> dict:
+        """One request's reply; the gradient goes into our segment (its payload, with --compress)."""
+        worker, op = self.worker, request.get("op")
+        if op == "task":  # any shard of any step, on a consistent snapshot of the parameters
+            task = dataclasses.replace(Request.from_dict(request), version=self.snapshot())
+            return worker.compute(task, into=self.payload)[0]
+        if op == "step":  # the server updates nothing until every gradient is in
+            self.read_in_place()
+            return worker.compute(Request.from_dict(request), into=self.payload)[0]
+        if op == "evaluate":  # nor during an evaluation (relaxed steps settle first)
+            self.read_in_place()
+            return {"evaluation": worker.evaluate(Evaluate(
+                request["split"], int(request["part"]), int(request["of"]), bool(request.get("final"))))}
+        return {"error": f"worker {worker.rank}: unknown request {op!r}"}
 
     def close(self) -> None:
         replica = self.worker.replica
