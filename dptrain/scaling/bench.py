@@ -221,13 +221,16 @@ def add_parser(sub) -> None:
                         "--recipe: nanoGPT's Shakespeare recipe beside PyTorch", description=__doc__.split("\n")[0])
     add_arguments(ap, out=None, out_help="where to write the results (JSON; default benchmarks/engine.json, with "
                                          "--recipe benchmarks/recipe.json, with --update benchmarks/update.json, "
-                                         "with --step benchmarks/step.json)")
+                                         "with --step benchmarks/step.json, with --servers benchmarks/shards.json)")
     ap.add_argument("--update", action="store_true",
                     help="the parameter server's update (SGD, momentum, Adam, AdamW at 1.86 M and 20 M parameters) "
                          "with 1 and 2 threads, against a memory pass of the same bytes (bench_update.py)")
     ap.add_argument("--step", action="store_true",
                     help="the fixed cost of a step by part: the tiny 2-8-2 model at 2 workers over shared memory "
                          "(request, stagger, compute, reply, update; bench_step.py)")
+    ap.add_argument("--servers", action="store_true",
+                    help="sharded servers on one node (K = 1, 2; shards over the node's shared memory, and K = 2 "
+                         "over the object store) at 2 workers, 784-1024-1024-10 and 784-32-10 (bench_shards.py)")
     recipe = ap.add_argument_group("the recipe (--recipe)")
     recipe.add_argument("--recipe", action="store_true",
                         help="run nanoGPT's Shakespeare recipe on dptrain (1, 2 workers) and PyTorch (1, 2 threads)")
@@ -241,6 +244,9 @@ def run(args) -> int:
     if args.step:
         cmd = [sys.executable, "-m", "dptrain.scaling.bench_step", "--out", args.out or "benchmarks/step.json"]
         cmd += ["--steps", "300"] if args.quick else []
+    elif args.servers:
+        cmd = [sys.executable, "-m", "dptrain.scaling.bench_shards", "--out", args.out or "benchmarks/shards.json"]
+        cmd += ["--rounds", "1", "--steps", "40"] if args.quick else []
     elif args.update:
         cmd = [sys.executable, "-m", "dptrain.scaling.bench_update", "--out", args.out or "benchmarks/update.json"]
         cmd += ["--sizes", "1863690", "--repeats", "6"] if args.quick else []
