@@ -266,7 +266,7 @@ def test_shards_on_the_workers_node_killed_and_frozen_from_outside(tmp_path):
     steps, out = 300, tmp_path / "run"
     args = ["--dataset", "moons", "--model", "2,64,64,2", "--batch-size", "60", "--steps", str(steps), "--dtype",
             "float64", "--seed", "3", "--log-every", "10", "--workers", "2", "--servers", "2", "--cpus", "4",
-            "--step-timeout", "5", "--checkpoint-every", "50", "--no-progress", "--out", str(out)]
+            "--step-timeout", "3", "--checkpoint-every", "50", "--no-progress", "--out", str(out)]
     proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=root)
     frozen = []

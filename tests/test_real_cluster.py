@@ -437,13 +437,14 @@ def test_a_tune_sweep_on_the_cluster_recovers_a_worker_killed_in_a_trial(cluster
 @pytest.mark.parametrize("victims,flags", [
     ([("ray::Worker", "KILL"), ("ray::ParameterServer", "KILL")], []),
     ([("ray::Worker", "STOP"), ("ray::ParameterServer", "STOP")], []),
-    ([("ray::ServerShard", "KILL"), ("ray::ServerShard", "STOP")], ["--servers", "2"])])
+    ([("ray::ServerShard", "KILL")], ["--servers", "2"])])
 def test_a_process_killed_or_frozen_from_outside(cluster, tmp_path, victims, flags):
-    """kill -9 of a worker's, the server's or (--servers 2) a server shard's process, or SIGSTOP of
-    one (a frozen machine; the server's heartbeat stops), found by its process title on the
-    cluster's nodes, as an operator would: the run recovers and ends with the fault-free run's
-    parameters. Two victims a run: the first once it has logged 100 steps, the second (of the
-    run's live processes then) after 100 more."""
+    """kill -9 of a worker's, the server's or (--servers 2, a shard on each node: over the object
+    store) a server shard's process, or SIGSTOP of one (a frozen machine; the server's heartbeat
+    stops), found by its process title on the cluster's nodes, as an operator would: the run
+    recovers and ends with the fault-free run's parameters. Two victims a run: the first once it
+    has logged 100 steps, the second (of the run's live processes then) after 100 more. (A frozen
+    shard, and shards on one node, are test_faults.py's.)"""
     out = tmp_path / "run"
     frozen = []
     with _training_on(cluster, out, "--step-timeout", "5", "--checkpoint-every", "100", *flags) as proc:

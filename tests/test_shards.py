@@ -68,8 +68,7 @@ def test_shards_apply_exactly_the_one_servers_update(opt):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("workers,servers,opt", [(1, 2, SGD), (2, 3, ADAM), (3, 2, SGD), (4, 4, ADAM)],
-                         ids=["sgd-1-2", "adam-2-3", "sgd-3-2", "adam-4-4"])
+@pytest.mark.parametrize("workers,servers,opt", [(1, 2, SGD), (3, 4, ADAM)], ids=["sgd-1-2", "adam-3-4"])
 def test_k_servers_equal_one_process(ray_local, workers, servers, opt, caplog):
     """N workers over K shards equal one process: each placement with one of the two optimizers
     (a shard's state is its range of the optimizer's, whatever the rule: test_optim). On this one
@@ -115,12 +114,14 @@ def test_k_servers_are_the_one_server_bit_for_bit_and_checkpoint_one_step(ray_lo
 
 
 @pytest.mark.ray
-def test_a_shard_killed_mid_run_is_replaced_and_the_run_is_exact(ray_local, tmp_path):
-    """The process of a server shard exits at a step (injected: the outside kill -9 on a cluster
-    is tests/test_cluster_faults.py's): a new shard, every range back to the newest checkpoint,
-    the lost steps run again, the fault-free run's parameters."""
-    cfg = dp.TrainConfig(workers=2, servers=2, out=str(tmp_path), checkpoint_every=4, **BASE, **SGD)
-    result = dp.Trainer(cfg, faults=[{"role": "shard", "index": 1, "step": 6, "kind": "exit"}]).fit()
+def test_a_shard_hung_over_the_object_store_is_replaced_and_the_run_is_exact(ray_local, tmp_path):
+    """A server shard hangs in its update of a step over the object store (injected; a frozen
+    shard on one node, and kill -9 of one on a cluster, are tests/test_faults.py's and
+    tests/test_real_cluster.py's): killed once it misses --step-timeout, a new shard, every range
+    back to the newest checkpoint, the lost steps run again, the fault-free run's parameters."""
+    cfg = dp.TrainConfig(workers=2, servers=2, transport="object_store", out=str(tmp_path), checkpoint_every=4,
+                         step_timeout=2, **BASE, **SGD)
+    result = dp.Trainer(cfg, faults=[{"role": "shard", "index": 1, "step": 6, "kind": "hang"}]).fit()
     assert result.summary["failures_survived"] == 1 and result.summary["steps"] == 12
     assert _max_rel_diff(result.params, dp.train_local(cfg).params) < 1e-10
 
