@@ -84,11 +84,13 @@ def test_adam_betas_eps_and_the_cosine_floor_equal_one_process(ray_local, placem
     assert _max_rel_diff(decay_all.params, local.params) > 1e-9
 
 
-@pytest.mark.parametrize("placement", [{"workers": 3}, {"workers": 2, "transport": "object_store", "servers": 2}],
-                         ids=["shared-memory", "object-store-2-shards"])
+@pytest.mark.parametrize("placement", [{"workers": 3}, {"workers": 2, "servers": 2}],
+                         ids=["shared-memory", "one-node-2-shards"])
 def test_clipped_gradients_equal_one_process(ray_local, placement):
-    """--clip-grad-norm where the gradients meet (the server; with 2 shards, their partial sums of
-    squares): N workers equal one process, step norms included, and the clipping changes the run."""
+    """--clip-grad-norm where the gradients meet (the server; with 2 shards on this node, their
+    partial sums of squares over the control channel, then the scaled updates): N workers equal
+    one process, step norms included, and the clipping changes the run. (Over the object store,
+    the shards' clipping is tests/test_seams.py's.)"""
     cfg = dp.TrainConfig(**BASE, optimizer="sgd", momentum=0.9, lr=0.1, clip_grad_norm=0.05, **placement)
     dist = dp.Trainer(cfg).fit()
     local = dp.train_local(cfg)
@@ -96,6 +98,7 @@ def test_clipped_gradients_equal_one_process(ray_local, placement):
     np.testing.assert_allclose([r["grad_norm"] for r in dist.metrics["steps"]],
                                [r["grad_norm"] for r in local.metrics["steps"]], rtol=1e-10)
     assert min(r["grad_norm"] for r in local.metrics["steps"]) > 0.05  # every step was clipped
+    assert dist.summary["shared_memory_workers"] == placement["workers"]
     assert _max_rel_diff(dp.train_local(cfg.replace(clip_grad_norm=None)).params, local.params) > 1e-6
 
 
