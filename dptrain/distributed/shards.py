@@ -11,6 +11,13 @@ and 4); its new slice stays in its node's object store for the workers' next fet
 The parameter server passes object references only: the bytes go worker -> shard ->
 worker, 2 x N x G / K through each shard's link for a gradient of G bytes.
 
+On one node (every shard and worker a CPU process on the server's node, dense gradients,
+--transport auto) the object store is left out: the workers stay on shared memory, shard
+j's range is a view of the server's parameter segment, it reads its range of the workers'
+gradient segments in place, and a step's update is one small message each way per shard
+over a control channel (transport/control.py). `ShardedUpdate` chooses the way from the
+placement.
+
 The update is elementwise (the mean gradient and every optimizer's rule), so any
 split into ranges gives exactly the one server's numbers. The shards move in
 lockstep (the server waits for all K before the next step), so the state gathered for
@@ -29,10 +36,9 @@ import numpy as np
 from .. import backend, compress
 from ..config import TrainConfig
 from ..blocks import build_optimizer
-from ..nn.flat import ALIGN_BYTES
+from ..nn.flat import ALIGN_BYTES, flatten
 from ..nn.module import Parameter
 from ..step import apply_mean_gradient, clip_scale, mean_and_squares, scaled_update
-from ..nn.flat import flatten
 from .errors import ShardLost, get_all
 from .transport import control
 from .transport.shm import SharedArray

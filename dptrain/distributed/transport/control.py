@@ -1,4 +1,4 @@
-"""The step channel of shared-memory workers: one Unix socket per worker.
+"""The step channel of shared-memory workers (and of server shards on their node): one Unix socket each.
 
 Workers on the server's node already read parameters and write gradients in
 shared memory (shm.py); what is left of a step's communication is "compute
@@ -22,6 +22,10 @@ the secret the server handed that rank, with its `serve` call, for this session
 closed and never counted as a worker. The listener is closed once every worker
 it waited for has connected, so between sessions nothing listens at all. A
 worker checks the server's credentials the same way before it sends anything.
+
+`serve` is the serving end's loop and `Sessions` the server's end of a set of them: the
+shared-memory transport's workers, by rank, and (shards.py) the server shards on its node,
+by index, which take their updates over the same kind of channel.
 """
 
 from __future__ import annotations
