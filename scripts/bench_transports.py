@@ -22,7 +22,6 @@ compared: they run the same steps, so they must be equal.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -84,12 +83,10 @@ def main(argv=None) -> int:
                   + f" | same parameters: {row['same_parameters']}", flush=True)
     finally:
         ray.shutdown()
-    out = {"command": "python scripts/bench_transports.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "cpus": os.cpu_count(), "ray": ray.__version__, "rows": rows}
-    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=2)
-    print(f"results: {args.out}")
+    from dptrain.scaling.bench import write_results
+    write_results(args.out, {"command": "python scripts/bench_transports.py " + " ".join(argv if argv is not None
+                                                                                      else sys.argv[1:]),
+                             "cpus": os.cpu_count(), "ray": ray.__version__, "rows": rows})
     return 0
 
 
