@@ -153,7 +153,9 @@ class TrainConfig:
     servers: int = _f(1,
         "Parameter servers K: with K > 1 each of K server actors (one per node where there are several) "
         "owns a contiguous 1/K of the parameters and their optimizer state, and workers exchange each "
-        "server's slice with it directly over the object store (docs/design.md).")
+        "server's slice with it directly over the object store; where every shard and worker is on one "
+        "node (transport auto, dense gradients) the shards update their ranges of the node's shared "
+        "memory in place instead (docs/design.md).")
     progress: bool = _f(False, "Show a progress bar (the CLI turns it on in a terminal).")
     tensorboard: Optional[str] = _f(None,
         "Write TensorBoard event files in DIR/<the run folder's name> (view: tensorboard --logdir DIR).")
