@@ -250,52 +250,57 @@ def _steps_logged(out: Path) -> int:
                 if '"kind": "step"' in line and line.endswith("}")})
 
 
-def _wait_for_steps(out: Path, n: int, proc, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None and _steps_logged(out) < n:
-        time.sleep(0.05)
+def _my_processes(title: str) -> list:
+    """This test process's descendants titled `title` (the session's Ray instance is its child:
+    none of another Ray instance's processes)."""
+    import psutil
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if p.cmdline()[:1] and p.cmdline()[0].startswith(title):
+                found.append(p.pid)
+        except psutil.Error:  # gone meanwhile
+            pass
+    return found
 
 
-def test_shards_on_the_workers_node_killed_and_frozen_from_outside(tmp_path):
+def test_shards_on_the_workers_node_killed_and_frozen_from_outside(ray_local, tmp_path):
     """--servers 2 on one node, where the shards update their ranges of the shared segments in
-    place over control channels: kill -9 of a shard's process once the run has logged 100 steps,
-    SIGSTOP of a shard (a frozen process: it misses --step-timeout) after 100 more, found by
-    process title in the run's own session as an operator would. The run ends with the
-    fault-free parameters, and its shared memory is gone."""
-    root = Path(__file__).resolve().parent.parent
-    steps, out = 300, tmp_path / "run"
-    args = ["--dataset", "moons", "--model", "2,64,64,2", "--batch-size", "60", "--steps", str(steps), "--dtype",
-            "float64", "--seed", "3", "--log-every", "10", "--workers", "2", "--servers", "2", "--cpus", "4",
-            "--step-timeout", "3", "--checkpoint-every", "50", "--no-progress", "--out", str(out)]
-    proc = subprocess.Popen([sys.executable, "-m", "dptrain.cli", "train", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=root)
-    frozen = []
+    place over control channels: kill -9 of a shard's process once the run has logged 60 steps,
+    SIGSTOP of a shard (a frozen process: it misses --step-timeout) after 60 more, sent from
+    outside the run (a thread of this test) to the process found by its title. The run ends with
+    the fault-free parameters, and its shared memory is gone."""
+    import threading
+    cfg = dp.TrainConfig(dataset="moons", model=[2, 64, 64, 2], batch_size=60, steps=200, dtype="float64", seed=3,
+                         log_every=10, workers=2, servers=2, step_timeout=3, checkpoint_every=50,
+                         out=str(tmp_path / "run"))
+    frozen, sent = [], []
+
+    def operator():
+        for n, sig in ((60, signal.SIGKILL), (120, signal.SIGSTOP)):
+            deadline = time.monotonic() + 120
+            while _steps_logged(tmp_path / "run") < n and time.monotonic() < deadline:
+                time.sleep(0.02)
+            victims = [pid for pid in _my_processes("ray::ServerShard") if pid not in frozen]
+            if victims:
+                os.kill(victims[0], sig)
+                sent.append(sig)
+                if sig == signal.SIGSTOP:
+                    frozen.append(victims[0])
+    watcher = threading.Thread(target=operator, daemon=True)
+    watcher.start()
     try:
-        for n, sig in ((100, "KILL"), (200, "STOP")):
-            _wait_for_steps(out, n, proc)
-            found = subprocess.run(["pgrep", "-s", str(proc.pid), "-f", "ray::ServerShard"], capture_output=True,
-                                   text=True).stdout.split()
-            assert found, "no ray::ServerShard process in the run's session"
-            subprocess.run(["kill", f"-{sig}", found[0]])
-            if sig == "STOP":
-                frozen.append(found[0])
-        _, stderr = proc.communicate(timeout=300)
+        result = dp.Trainer(cfg).fit()
     finally:
+        watcher.join(timeout=130)
         for pid in frozen:  # replaced by now
-            subprocess.run(["kill", "-KILL", pid])
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "Traceback" not in stderr and "server shard" in stderr and "hung" in stderr
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["steps"] == steps and summary["failures_survived"] >= 2
-    assert summary["servers"] == 2 and summary["shared_memory_workers"] == 2
-    clean = dp.train_local(dp.TrainConfig(dataset="moons", model=[2, 64, 64, 2], batch_size=60, steps=steps,
-                                          dtype="float64", seed=3)).params
-    with np.load(out / "params.npz", allow_pickle=False) as params:
-        _same(dict(params), clean)
-    assert not [n for n in os.listdir("/dev/shm") if n.startswith("dptrain-")]
+            os.kill(pid, signal.SIGKILL)
+    assert sent == [signal.SIGKILL, signal.SIGSTOP]
+    assert result.summary["failures_survived"] == 2 and result.summary["steps"] == 200
+    assert result.summary["servers"] == 2 and result.summary["shared_memory_workers"] == 2
+    _same(result.params, dp.train_local(cfg).params)
+    from dptrain.distributed.trainer import run_key
+    assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"dptrain-{run_key(cfg.out)}-")]
 
 
 def test_another_local_user_cannot_take_over_a_worker(ray_local, clean, tmp_path):
