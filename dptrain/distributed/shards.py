@@ -42,7 +42,7 @@ from ..step import apply_mean_gradient, clip_scale, mean_and_squares, scaled_upd
 from .errors import ShardLost, get_all
 from .transport import control
 from .transport.shm import SharedArray
-from .update import Update
+from .update import Update, placed
 from .worker import node_id
 
 
@@ -253,8 +253,7 @@ class ShardedUpdate(Update):
     def place(self, storage, name):
         """The server's flat parameters (the model's) live in the shared segment `name` from now on."""
         self.parameters()
-        self.flat = flatten(self.model.parameters(), data=storage, grad=self.flat.grad)
-        self.optimizer.flat, self.segment = self.flat, name
+        self.flat, self.segment = placed(self.model, self.optimizer, storage), name
         self._unsent = True  # the shards map the new segment
 
     def restore(self, state):
@@ -318,14 +317,14 @@ class ShardedUpdate(Update):
                            step)
         if self.max_norm is None:
             replies = self._ask({"op": "update", "step": step, "count": count, "lr": lr, "grads": segments}, step)
+            squares = [r["squares"] for r in replies]
         else:
             squares = [r["squares"] for r in self._ask({"op": "mean", "step": step, "count": count,
                                                         "grads": segments}, step)]
             scale = clip_scale(sum(squares) ** 0.5, self.max_norm)
-            replies = [dict(r, squares=sq) for r, sq in
-                       zip(self._ask({"op": "scaled", "step": step, "lr": lr, "scale": scale}, step), squares)]
+            replies = self._ask({"op": "scaled", "step": step, "lr": lr, "scale": scale}, step)
         self._check_steps([r["step"] for r in replies], step + 1)
-        return [r["squares"] for r in replies]
+        return squares
 
     def _ask(self, message: dict, step: int) -> list:
         """Every shard's answer to `message` (index order): all are asked before any is heard."""

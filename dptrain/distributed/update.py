@@ -119,8 +119,14 @@ class LocalUpdate(Update):
         self.optimizer.load_state_dict(optimizer_state)
 
     def place(self, storage, name):
-        self.flat = flatten(self.model.parameters(), data=storage, grad=self.flat.grad)
-        self.optimizer.flat = self.flat
+        self.flat = placed(self.model, self.optimizer, storage)
+
+
+def placed(model, optimizer, storage: np.ndarray):
+    """`model`'s parameters (the ones `optimizer` steps) moved, unchanged, into `storage`: their
+    flat buffer from now on, the optimizer's too; returned."""
+    optimizer.flat = flatten(model.parameters(), data=storage, grad=optimizer.flat.grad)
+    return optimizer.flat
 
 
 def make(cfg, model, optimizer, codec: Codec) -> Update:

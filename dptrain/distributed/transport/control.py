@@ -329,10 +329,9 @@ class Sessions:
             self.drop(key, stop=True)
 
     def _hung(self, keys: list, step: int, what: str = "no answer") -> BaseException:
-        import ray
-        for key in keys:
-            ray.kill(self.actors[key])
-        return self.lost(keys[0], step, f"{what} within {self.timeout:g} s (hung?)")
+        from ..errors import kill_hung
+        return kill_hung(self.actors, keys, lambda key, cause: self.lost(key, step, cause),
+                         f"{what} within {self.timeout:g} s")
 
     def _closed(self, key, step: int):
         """A channel closed under us: `failed` if the actor's serve call raised, else `lost`."""
