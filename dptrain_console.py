@@ -7,6 +7,11 @@ standard library only. SIGTERM is handled as Ctrl-C is: the run stops and releas
 actors and shared memory, one line says so, and the exit status is 143 (130 for
 SIGINT). A driver started in the background by a non-interactive shell (`cmd &`, some CI
 runners) inherits SIGINT as ignored; it is restored, so `kill -INT` and Ctrl-C work.
+
+The handlers remember what they raised: C code may swallow the exception and raise its own
+(numpy's C extension imports `datetime` through PyCapsule_Import, which turns a
+KeyboardInterrupt raised inside that import into an ImportError), so an error that comes
+after a signal is reported as the signal it replaced.
 """
 
 from __future__ import annotations
@@ -20,8 +25,27 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM, handled as Ctrl-C is: the run stops, its actors and shared memory are released."""
 
 
+_raised: KeyboardInterrupt | None = None  # the last exception a handler raised
+
+
+def _raise(error: KeyboardInterrupt) -> None:
+    global _raised
+    _raised = error
+    raise error
+
+
 def _raise_terminated(signum, frame):
-    raise Terminated()
+    _raise(Terminated())
+
+
+def _raise_interrupt(signum, frame):
+    _raise(KeyboardInterrupt())
+
+
+def signalled(error: BaseException) -> KeyboardInterrupt | None:
+    """The signal `error` stands for: itself if it is one, else the one a handler raised that C
+    code replaced with `error`; None for an error no signal caused."""
+    return error if isinstance(error, KeyboardInterrupt) else _raised
 
 
 def install_signal_handlers() -> None:
@@ -30,8 +54,8 @@ def install_signal_handlers() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     signal.signal(signal.SIGTERM, _raise_terminated)
-    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.default_int_handler):
+        signal.signal(signal.SIGINT, _raise_interrupt)
 
 
 def interrupted(command: str, error: KeyboardInterrupt, kept: str) -> int:
@@ -41,12 +65,19 @@ def interrupted(command: str, error: KeyboardInterrupt, kept: str) -> int:
     return 143 if terminated else 130
 
 
+def _load_cli():
+    from dptrain.cli import main as run
+    return run
+
+
 def main(argv=None) -> int:
     install_signal_handlers()
     try:
-        from dptrain.cli import main as run
-    except KeyboardInterrupt as e:  # while importing: nothing has started
-        return interrupted("dptrain", e, "nothing was started")
+        run = _load_cli()
+    except BaseException as e:  # while importing: nothing has started
+        if (signal_error := signalled(e)) is None:
+            raise
+        return interrupted("dptrain", signal_error, "nothing was started")
     return run(argv)
 
 

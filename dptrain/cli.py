@@ -18,7 +18,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dptrain_console import install_signal_handlers, interrupted
+from dptrain_console import install_signal_handlers, interrupted, signalled
 
 from .auth import use_token_auth_for
 from .callbacks import Callback
@@ -242,8 +242,10 @@ def main(argv=None) -> int:
         if args.command == "train" and args.progress is None:
             args.progress = sys.stderr.isatty() and not args.quiet
         return _run(args, argv)
-    except KeyboardInterrupt as e:
-        return interrupted(command, e, "checkpoints, if any, are kept (--resume continues)")
+    except BaseException as e:  # a signal, or an error C code raised in place of one (dptrain_console)
+        if (signal_error := signalled(e)) is None:
+            raise
+        return interrupted(command, signal_error, "checkpoints, if any, are kept (--resume continues)")
 
 
 def _configure_logging(quiet: bool) -> None:

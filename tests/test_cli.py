@@ -278,6 +278,36 @@ def test_sigterm_at_start_up_is_one_line_and_143(tmp_path, delay):
     assert not group, f"left running: {group}"
 
 
+def test_a_signal_that_c_code_turned_into_another_error_is_still_the_signal(monkeypatch, capsys):
+    """numpy's C extension imports `datetime` through PyCapsule_Import, which replaces an exception
+    raised inside that import (SIGTERM's) with an ImportError of its own: the command still says
+    it was terminated, in one line, with 143, and an error no signal caused still propagates."""
+    import signal
+    import dptrain_console as console
+
+    def import_that_a_sigterm_hit():
+        try:
+            console._raise_terminated(signal.SIGTERM, None)
+        except console.Terminated:  # what PyCapsule_Import did with it
+            raise ImportError('PyCapsule_Import could not import module "datetime"') from None
+
+    def import_that_fails():
+        raise ImportError("no module named numpy")
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    monkeypatch.setattr(console, "_raised", None)
+    try:
+        monkeypatch.setattr(console, "_load_cli", import_that_fails)
+        with pytest.raises(ImportError, match="no module named numpy"):
+            console.main([])
+        monkeypatch.setattr(console, "_load_cli", import_that_a_sigterm_hit)
+        assert console.main([]) == 143
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert capsys.readouterr().err.strip().splitlines() == ["dptrain: terminated (SIGTERM); nothing was started"]
+
+
 def test_model_that_does_not_fit_the_data_file(tmp_path):
     npz = tmp_path / "d.npz"
     np.savez(npz, x=np.random.default_rng(0).standard_normal((64, 3)), y=np.arange(64) % 2)
