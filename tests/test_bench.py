@@ -110,3 +110,14 @@ def test_the_step_benchmark_splits_the_tiny_step_into_parts_that_add_up(ray_loca
     assert json.loads(out.read_text())["shared_memory_workers"] == 2
     assert all(ms[k] > 0 for k in ("step", "compute", "each", "alone", "update"))
     assert ms["request"] + ms["stagger"] + ms["compute"] + ms["reply"] + ms["update"] == pytest.approx(ms["step"], rel=0.5)
+    busy = json.loads(out.read_text())["busy"]  # the cores' busy share over those steps, and the idle core-time
+    assert 0 < busy <= 1 and ms["idle_core"] >= 0
+    assert json.loads(out.read_text())["model"] == "2-8-2"
+
+
+def test_the_step_benchmark_names_a_bad_model(capsys):
+    from dptrain.scaling import bench_step
+    for bad in ("7", "784,1024,1", "a,b"):
+        with pytest.raises(SystemExit) as e:
+            bench_step.main(["--model", bad])
+        assert e.value.code == 2 and f"argument --model: {bad!r} is not an MLP's widths" in capsys.readouterr().err

@@ -216,7 +216,7 @@ def add_arguments(ap: argparse.ArgumentParser, out: str | None = "benchmarks/eng
 def add_parser(sub) -> None:
     """`dptrain bench`: runs this module in a fresh process with BLAS pinned to one thread;
     `dptrain bench --recipe`: nanoGPT's Shakespeare recipe beside PyTorch (bench_recipe.py)."""
-    from . import bench_recipe
+    from . import bench_recipe, bench_step
     ap = sub.add_parser("bench", help="engine benchmark: a training step against hand-written numpy; "
                         "--recipe: nanoGPT's Shakespeare recipe beside PyTorch", description=__doc__.split("\n")[0])
     add_arguments(ap, out=None, out_help="where to write the results (JSON; default benchmarks/engine.json, with "
@@ -226,11 +226,13 @@ def add_parser(sub) -> None:
                     help="the parameter server's update (SGD, momentum, Adam, AdamW at 1.86 M and 20 M parameters) "
                          "with 1 and 2 threads, against a memory pass of the same bytes (bench_update.py)")
     ap.add_argument("--step", action="store_true",
-                    help="the fixed cost of a step by part: the tiny 2-8-2 model at 2 workers over shared memory "
-                         "(request, stagger, compute, reply, update; bench_step.py)")
+                    help="the fixed cost of a step by part: the tiny 2-8-2 model (or --model) at 2 workers over "
+                         "shared memory (request, stagger, compute, reply, update, idle core-time; bench_step.py)")
     ap.add_argument("--servers", action="store_true",
                     help="sharded servers on one node (K = 1, 2; shards over the node's shared memory, and K = 2 "
                          "over the object store) at 2 workers, 784-1024-1024-10 and 784-32-10 (bench_shards.py)")
+    step = ap.add_argument_group("the step (--step)")
+    bench_step.add_arguments(step, batch_size=None)
     recipe = ap.add_argument_group("the recipe (--recipe)")
     recipe.add_argument("--recipe", action="store_true",
                         help="run nanoGPT's Shakespeare recipe on dptrain (1, 2 workers) and PyTorch (1, 2 threads)")
@@ -244,6 +246,8 @@ def run(args) -> int:
     if args.step:
         cmd = [sys.executable, "-m", "dptrain.scaling.bench_step", "--out", args.out or "benchmarks/step.json"]
         cmd += ["--steps", "300"] if args.quick else []
+        cmd += ["--model", ",".join(map(str, args.model))]
+        cmd += ["--batch-size", str(args.batch_size)] if args.batch_size is not None else []
     elif args.servers:
         cmd = [sys.executable, "-m", "dptrain.scaling.bench_shards", "--out", args.out or "benchmarks/shards.json"]
         cmd += ["--rounds", "1", "--steps", "40"] if args.quick else []
