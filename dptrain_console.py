@@ -50,9 +50,12 @@ def signalled(error: BaseException) -> KeyboardInterrupt | None:
 
 def install_signal_handlers() -> None:
     """SIGTERM raises Terminated; an inherited 'ignore' of SIGINT is undone. Main thread only
-    (Python allows handlers nowhere else); again after anything that installs its own (ray.init)."""
+    (Python allows handlers nowhere else); again after anything that installs its own (ray.init).
+    A command calls it first: what a signal raised before (a command run earlier in this process) is forgotten."""
+    global _raised
     if threading.current_thread() is not threading.main_thread():
         return
+    _raised = None
     signal.signal(signal.SIGTERM, _raise_terminated)
     if signal.getsignal(signal.SIGINT) in (signal.SIG_IGN, signal.default_int_handler):
         signal.signal(signal.SIGINT, _raise_interrupt)

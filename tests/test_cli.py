@@ -302,6 +302,9 @@ def test_a_signal_that_c_code_turned_into_another_error_is_still_the_signal(monk
             console.main([])
         monkeypatch.setattr(console, "_load_cli", import_that_a_sigterm_hit)
         assert console.main([]) == 143
+        monkeypatch.setattr(console, "_load_cli", import_that_fails)  # the next command starts afresh
+        with pytest.raises(ImportError, match="no module named numpy"):
+            console.main([])
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
