@@ -173,6 +173,20 @@ def _view(**calls):
     return ServerView(**dict(defaults, **calls))
 
 
+def test_parameters_as_small_as_ray_sends_inside_a_call_are_not_put(monkeypatch):
+    """Over the object store, parameters small enough for Ray to send inside each call go as
+    themselves (a put cost the tiny model more than its step); larger ones are put once for
+    every worker's call."""
+    import ray
+    from dptrain.distributed import transport
+    put = []
+    monkeypatch.setattr(ray, "put", lambda a: put.append(a) or "ref")
+    small = np.zeros(transport.INLINE_BYTES // 4, np.float32)
+    large = np.zeros(transport.INLINE_BYTES // 4 + 1, np.float32)
+    assert transport.shared_argument(small) is small and not put
+    assert transport.shared_argument(large) == "ref" and len(put) == 1 and put[0] is large
+
+
 def test_the_synchronous_loop_begins_gathers_and_concludes_each_step():
     seen = []
     view = _view(begin=lambda s: seen.append(("begin", s)), gather=lambda s: seen.append(("gather", s)) or [s],

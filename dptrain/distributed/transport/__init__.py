@@ -31,6 +31,7 @@ workers and where they run (ParameterServer.set_workers).
 from __future__ import annotations
 
 import abc
+import os
 import time
 
 from ..errors import WorkerLost, get_all, kill_hung
@@ -87,10 +88,9 @@ class Transport(abc.ABC):
         """Ask every worker carried for its part (its rank, of `of`) of an evaluation of the current
         parameters on `split` (`final`: the run's final figure; over Ray calls, which a transport
         with a channel of its own replaces)."""
-        import ray
         if not self.workers:
             return
-        params = ray.put(self.view.parameters())
+        params = shared_argument(self.view.parameters())
         self._evaluating = {rank: w.evaluate.remote(Evaluate(split, rank, of, final), params)
                             for rank, w in self.workers.items()}
 
@@ -146,6 +146,21 @@ def call_all(workers: dict, refs: dict, step: int, timeout: float) -> dict:
 
 def _lost(step: int):
     return lambda rank, cause: WorkerLost(rank, step, cause)
+
+
+# Ray sends a call's argument of at most this many bytes inside the call itself, and puts a larger
+# one in its object store (Ray's own setting, RAY_max_direct_call_object_size, 100 KiB by default).
+INLINE_BYTES = int(os.environ.get("RAY_max_direct_call_object_size", 100 * 1024))
+
+
+def shared_argument(array):
+    """`array` as the argument of several Ray calls: put in the object store once for all of
+    them, or, as small as Ray sends inside a call, the array itself. For a small model the put
+    costs more than the step: with 2 workers on 2 cores, a call's round trip to each with a
+    put array of 50 floats took 4.3-4.7 ms, with the array itself 2.0-2.1 ms (empty calls
+    1.3-2.3 ms)."""
+    import ray
+    return array if array.nbytes <= INLINE_BYTES else ray.put(array)
 
 
 def seconds_left(deadline: float) -> float:

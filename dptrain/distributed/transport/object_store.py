@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..messages import Gradient, Request, ServerView
-from . import OBJECT_STORE, Transport, seconds_left
+from . import OBJECT_STORE, Transport, seconds_left, shared_argument
 
 
 class ObjectStoreTransport(Transport):
@@ -42,9 +42,8 @@ class ObjectStoreTransport(Transport):
     def send(self, step: int) -> None:
         if not self.workers:
             return
-        import ray
         ranges, parts = self.view.outgoing()
-        parts = [ray.put(p) if isinstance(p, np.ndarray) else p for p in parts]  # once for every worker
+        parts = [shared_argument(p) if isinstance(p, np.ndarray) else p for p in parts]  # once for every worker
         request = Request(step, ranges=ranges)
         if ranges is None:
             self._refs = {rank: w.compute.remote(request, *parts) for rank, w in self.workers.items()}
@@ -62,10 +61,9 @@ class ObjectStoreTransport(Transport):
         return {rank: _gradient(result) for rank, result in results.items()}
 
     def assign(self, rank: int, task: dict) -> None:
-        import ray
         version = self.view.version()
         if self._put[0] != version:  # once per version for every task that starts on it
-            self._put = (version, ray.put(self.view.parameters()))
+            self._put = (version, shared_argument(self.view.parameters()))
         ref = self.workers[rank].compute.remote(Request.task(task, version), self._put[1])
         self._tasks[ref] = (rank, task["step"])
 
