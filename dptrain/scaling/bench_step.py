@@ -113,17 +113,16 @@ def add_arguments(ap: argparse.ArgumentParser, batch_size: int | None = BATCH) -
 
 
 def widths(text: str) -> list:
-    """--model's value: at least two positive integers, comma-separated."""
+    """--model's value (config.parse_model's): at least two positive integers, at least 2 classes."""
+    from ..config import ConfigError, parse_model
     try:
-        dims = [int(v) for v in text.split(",")]
-    except ValueError:
+        dims = parse_model(text)
+    except ConfigError:
         dims = []
     if len(dims) < 2 or min(dims) < 1 or dims[-1] < 2:
         raise argparse.ArgumentTypeError(f"{text!r} is not an MLP's widths such as 784,1024,10 (positive "
                                          "integers, inputs to classes, at least 2 classes)")
     return dims
-
-
 
 
 def main(argv=None) -> int:
@@ -148,23 +147,21 @@ def main(argv=None) -> int:
                       steps=args.steps, seed=0, dtype="float32", log_every=10**9, eval_every=None,
                       cpus=max(os.cpu_count() or 1, args.workers + 1))
 
-    cores = {}
+    cores = {}  # core_seconds() at the end of the warm-up's last step and of the run's last
 
-    class Cores(callbacks.Callback):  # the machine's core-time over the steps measured below
+    class Cores(callbacks.Callback):
         def on_step(self, record):
-            if record["step"] == WARMUP:
-                cores["from"] = (core_seconds(), time.monotonic(), record["step"])
-            elif record["step"] == args.steps - 1:
-                cores["to"] = (core_seconds(), time.monotonic(), record["step"])
+            if record["step"] in (WARMUP, args.steps - 1):
+                cores[record["step"]] = core_seconds()
     result = Trainer(cfg, dataset=dataset, callbacks=[Cores()]).fit()
     if result.summary["shared_memory_workers"] != args.workers:
         print(f"warning: {result.summary['shared_memory_workers']} of {args.workers} workers ran over shared memory",
               file=sys.stderr)
     measured = {k: 1e3 * statistics.median(v) for k, v in parts(result.metrics["steps"]).items() if v}
-    busy = busy_share(cores["from"][0], cores["to"][0]) if len(cores) == 2 else None
+    before, after = cores.get(WARMUP), cores.get(args.steps - 1)
+    busy = busy_share(before, after)
     if busy is not None:  # idle core-milliseconds per step over the steps after the warm-up
-        (_, t0, s0), (_, t1, s1) = cores["from"], cores["to"]
-        measured["idle_core"] = 1e3 * (1 - busy) * (os.cpu_count() or 1) * (t1 - t0) / max(s1 - s0, 1)
+        measured["idle_core"] = 1e3 * ((after[1] - before[1]) - (after[0] - before[0])) / (args.steps - 1 - WARMUP)
     measured["alone"] = 1e3 * alone_s(cfg, dataset, min(args.steps, 2000))
     names = ("request", "stagger", "compute", "reply", "update", "between")
     model = "-".join(map(str, dims))
