@@ -39,6 +39,7 @@ from .data.mapped import is_mapped
 from .models import ModelFactory, count_correct
 from .nn import flatten, random as nn_random
 from .nn.flat import aligned_zeros
+from .optim import kernels
 from .tensor import Tensor, as_dtype, no_grad
 
 
@@ -207,13 +208,17 @@ def mean_gradient(grads: list, count: int, out, start: int = 0, stop: int | None
     exact, so x * 2^-k is x / 2^k rounded once, the same bits, and a multiply is about a third
     of a divide's time (the update of 1.86 M parameters went from 1.95 to 1.66 ms)."""
     dst = out[start:stop] if into is None else into
+    count = int(count)
+    parts = [g[start:stop] for g in grads]
+    if count > 0 and kernels.usable(dst, *parts):
+        kernels.mean(dst, parts, count)  # the same adds and scaling, in one pass
+        return
     if len(grads) == 1:
         total = grads[0][start:stop]
     else:
         total = np.add(grads[0][start:stop], grads[1][start:stop], out=dst)
         for g in grads[2:]:
             total += g[start:stop]
-    count = int(count)
     if count > 0 and count & (count - 1) == 0:
         np.multiply(total, 1.0 / count, out=dst)
     else:

@@ -283,3 +283,57 @@ def test_an_update_takes_a_thread_per_eight_blocks_at_most(monkeypatch):
         pools.clear()
         opt.update(opt.flat.data, np.ones_like(opt.flat.grad))
         assert pools == used and np.all(opt.flat.data[:blocks * CHUNK - 5] == np.float32(0.9))
+
+
+KERNEL_SETTINGS = [(dp.optim.SGD, {}), (dp.optim.SGD, {"momentum": 0.9}),
+                   (dp.optim.SGD, {"momentum": 0.9, "nesterov": True, "weight_decay": 0.01}),
+                   (dp.optim.SGD, {"momentum": 0.8, "dampening": 0.3, "weight_decay": 0.001}),
+                   (dp.optim.Adam, {}), (dp.optim.Adam, {"weight_decay": 0.01, "betas": (0.8, 0.99)}),
+                   (dp.optim.AdamW, {"weight_decay": 0.1}),
+                   (dp.optim.SGD, {"momentum": 0.9, "groups": [0.01, 0.0]}),  # --decay-params matrices: per entry
+                   (dp.optim.Adam, {"groups": [0.01, 0.0]}), (dp.optim.AdamW, {"groups": [0.1, 0.0]}),
+                   (dp.optim.AdamW, {"groups": [0.1, 0.0], "lr_scale": 0.5})]  # a per-entry rate: numpy's rules
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("cls,settings", KERNEL_SETTINGS)
+def test_the_compiled_update_is_the_numpy_rules_bit_for_bit(cls, settings, dtype, monkeypatch):
+    """The server's update through the compiled kernels (optim/kernels.py: the mean of 1 to 3
+    workers' gradients, one of them read-only as a shared-memory segment is, over a count that is
+    a power of two and one that is not, then the rule) ends on the parameters, state and sums of
+    squares of the numpy rules, bit for bit, on 1 and 2 threads, first steps included; with
+    parameter groups' weight decays (per entry) as well."""
+    pytest.importorskip("numba")
+    from dptrain.optim import kernels, optimizers
+    from dptrain.optim.optimizers import CHUNK
+    from dptrain.step import apply_mean_gradient
+    rng = np.random.default_rng(0)
+    start = [(rng.standard_normal(shape) * 3).astype(dtype) for shape in [(CHUNK + 3, 17), (11,)]]
+    settings = dict(settings)
+    decays, lr_scale = settings.pop("groups", None), settings.pop("lr_scale", None)
+    runs = {}
+    for compiled, threads in ((False, 1), (True, 1), (True, 2)):
+        monkeypatch.setattr(kernels, "ENABLED", compiled)
+        params = [dp.nn.Parameter(a.copy()) for a in start]
+        if decays:  # the matrix decays, the vector does not
+            groups = [{"params": [p], "weight_decay": wd} for p, wd in zip(params, decays)]
+            if lr_scale:
+                groups[1]["lr_scale"] = lr_scale
+        opt = cls(groups if decays else params, lr=0.05, **settings)
+        opt.threads = threads
+        block = slice(0, CHUNK)
+        assert optimizers._compiled(opt._lr(block), opt._option("weight_decay", opt.weight_decay, block),
+                                    opt.flat.data[block], opt.flat.grad[block]) == (compiled and not lr_scale)
+        squares = []
+        for step, (workers, count) in enumerate([(1, 256), (2, 60), (3, 64), (2, 256)]):
+            grads = [np.random.default_rng([step, r]).standard_normal(opt.flat.size).astype(dtype)
+                     for r in range(workers)]
+            grads[-1].flags.writeable = False
+            squares.append(apply_mean_gradient(opt, grads, count, 0.05 / (step + 1)))
+        runs[compiled, threads] = (opt.flat.data.copy(), opt.state_dict()["state"], squares)
+    numpy_rules = runs[False, 1]
+    for key in ((True, 1), (True, 2)):
+        params, state, squares = runs[key]
+        assert np.array_equal(params, numpy_rules[0]) and squares == numpy_rules[2], key
+        for name, a in numpy_rules[1].items():
+            assert np.array_equal(state[name], a), (key, name)

@@ -15,6 +15,7 @@ import numpy as np
 
 from .. import backend
 from ..nn.flat import flatten
+from . import kernels
 
 
 # Elements per block of a CPU update. The four operands' blocks (gradient, its scratch, state,
@@ -57,6 +58,13 @@ def _pool(size: int) -> concurrent.futures.ThreadPoolExecutor:
 
 
 # --------------------------------------------------------------------------- update rules
+
+def _compiled(lr, weight_decay, *arrays) -> bool:
+    """Whether a block's rule runs as a compiled kernel (kernels.py): numpy arrays it can take, a
+    scalar learning rate, and a weight decay that is a scalar or a per-entry array alike."""
+    return isinstance(lr, (int, float)) and kernels.usable(
+        *arrays, None if isinstance(weight_decay, (int, float)) else weight_decay)
+
 
 def _applies(value) -> bool:
     """Whether a rate (a number, or a parameter group's per-entry array) changes anything."""
@@ -289,8 +297,9 @@ class SGD(Optimizer):
 
     def _update(self, param, grad, sl):
         buf = self.momentum_buffer[sl] if self.momentum else None
-        sgd_update(param, grad, buf, self._lr(sl), self.momentum, self.dampening,
-                   self.nesterov, self._option("weight_decay", self.weight_decay, sl), first_step=self.steps == 1)
+        lr, weight_decay = self._lr(sl), self._option("weight_decay", self.weight_decay, sl)
+        rule = kernels.sgd if _compiled(lr, weight_decay, param, grad, buf) else sgd_update
+        rule(param, grad, buf, lr, self.momentum, self.dampening, self.nesterov, weight_decay, self.steps == 1)
 
     def _state_arrays(self):
         return {"momentum_buffer": self.momentum_buffer} if self.momentum else {}
@@ -313,9 +322,10 @@ class Adam(Optimizer):
         self._group_arrays()
 
     def _update(self, param, grad, sl):
-        adam_update(param, grad, self.exp_avg[sl], self.exp_avg_sq[sl], self.steps, self._lr(sl), self.beta1,
-                    self.beta2, self.eps, self._option("weight_decay", self.weight_decay, sl),
-                    decoupled=self.decoupled)
+        m, v = self.exp_avg[sl], self.exp_avg_sq[sl]
+        lr, weight_decay = self._lr(sl), self._option("weight_decay", self.weight_decay, sl)
+        rule = kernels.adam if _compiled(lr, weight_decay, param, grad, m, v) else adam_update
+        rule(param, grad, m, v, self.steps, lr, self.beta1, self.beta2, self.eps, weight_decay, self.decoupled)
 
     def _state_arrays(self):
         return {"exp_avg": self.exp_avg, "exp_avg_sq": self.exp_avg_sq}
