@@ -337,3 +337,19 @@ def test_the_compiled_update_is_the_numpy_rules_bit_for_bit(cls, settings, dtype
         assert np.array_equal(params, numpy_rules[0]) and squares == numpy_rules[2], key
         for name, a in numpy_rules[1].items():
             assert np.array_equal(state[name], a), (key, name)
+
+
+def test_the_compiled_update_takes_only_arrays_it_can_index_alike():
+    """The kernels index their arrays unchecked: a gradient of another size, dtype or layout takes
+    numpy's rules (and numpy's error), never a read past an array's end."""
+    pytest.importorskip("numba")
+    from dptrain.optim import kernels
+    from dptrain.step import mean_gradient
+    a = np.ones(100, np.float32)
+    assert kernels.usable(a, a.copy(), None)
+    assert not kernels.usable(a, np.ones(99, np.float32))
+    assert not kernels.usable(a, np.ones(100, np.float64))
+    assert not kernels.usable(a, np.ones(200, np.float32)[::2])
+    assert not kernels.usable(np.ones(100, np.float16), np.ones(100, np.float16))
+    with pytest.raises(ValueError, match="broadcast"):
+        mean_gradient([np.ones(99, np.float32), np.ones(99, np.float32)], 2, a)

@@ -28,20 +28,21 @@ _kernels = None  # the compiled functions, made on first use (numba is imported 
 
 def usable(*arrays) -> bool:
     """Whether the kernels can run on these arrays (None entries are ignored): all numpy, of one
-    float dtype (float32 or float64), one-dimensional and contiguous."""
+    float dtype (float32 or float64), one-dimensional, contiguous and of one size (the kernels
+    index them all alike, unchecked: arrays that differ take numpy's rules, and numpy's error)."""
     if not ENABLED:
         return False
-    dtype = None
+    first = None
     for a in arrays:
         if a is None:
             continue
         if type(a) is not np.ndarray or a.ndim != 1 or not a.flags.c_contiguous:
             return False
-        if dtype is None:
-            dtype = a.dtype
-            if dtype not in _FLOATS:
+        if first is None:
+            first = a
+            if a.dtype not in _FLOATS:
                 return False
-        elif a.dtype != dtype:
+        elif a.dtype != first.dtype or a.size != first.size:
             return False
     return _load() is not None
 
@@ -78,8 +79,8 @@ def _compile():
             dst[i] = s / scale if divide else s * scale
 
     @jit
-    def sgd(param, grad, buf, lr, momentum, damp, dampening, nesterov, wd, wd_e, decay, first):
-        # optimizers.sgd_update, element by element; decay 0: none, 1: wd, 2: wd_e[i] (per entry)
+    def sgd(param, grad, lr, wd, wd_e, decay):
+        # optimizers.sgd_update without momentum; decay 0: none, 1: wd, 2: wd_e[i] (per entry)
         for i in range(param.size):
             if decay == 2:
                 g = grad[i] + wd_e[i] * param[i]
@@ -87,14 +88,25 @@ def _compile():
                 g = grad[i] + wd * param[i]
             else:
                 g = grad[i]
-            if momentum != 0:
-                if first:
-                    b = g
-                else:
-                    b = buf[i] * momentum
-                    b = b + (damp * g if dampening else g)
-                buf[i] = b
-                g = g + momentum * b if nesterov else b
+            param[i] = param[i] - lr * g
+
+    @jit
+    def sgd_momentum(param, grad, buf, lr, momentum, damp, dampening, nesterov, wd, wd_e, decay, first):
+        # optimizers.sgd_update with momentum, element by element
+        for i in range(param.size):
+            if decay == 2:
+                g = grad[i] + wd_e[i] * param[i]
+            elif decay == 1:
+                g = grad[i] + wd * param[i]
+            else:
+                g = grad[i]
+            if first:
+                b = g
+            else:
+                b = buf[i] * momentum
+                b = b + (damp * g if dampening else g)
+            buf[i] = b
+            g = g + momentum * b if nesterov else b
             param[i] = param[i] - lr * g
 
     @jit
@@ -119,7 +131,7 @@ def _compile():
             t = np.sqrt(vi / bias2) + eps
             param[i] = p - (mi / t) * lr_bias1
 
-    return SimpleNamespace(mean=mean, sgd=sgd, adam=adam)
+    return SimpleNamespace(mean=mean, sgd=sgd, sgd_momentum=sgd_momentum, adam=adam)
 
 
 def mean(dst, grads, count: int) -> None:
@@ -144,12 +156,18 @@ def _decay(weight_decay):
 
 
 def sgd(param, grad, buf, lr, momentum, dampening, nesterov, weight_decay, first_step) -> None:
-    """optimizers.sgd_update in one pass: a scalar `lr`; `weight_decay` a scalar or per-entry array."""
+    """optimizers.sgd_update in one pass: a scalar `lr`; `weight_decay` a scalar or per-entry array.
+    (An array the rule does not use is given as `grad`, which no kernel writes: one that aliased
+    a written array would keep the loop from its vectorized form.)"""
     f = param.dtype.type
     wd, wd_e = _decay(weight_decay)
     decay = 2 if wd_e is not None else 1 if wd != 0 else 0
-    _kernels.sgd(param, grad, param if buf is None else buf, f(lr), f(momentum), f(1 - dampening), bool(dampening),
-                 bool(nesterov), f(wd), param if wd_e is None else wd_e, decay, bool(first_step))
+    wd_e = grad if wd_e is None else wd_e
+    if momentum:
+        _kernels.sgd_momentum(param, grad, buf, f(lr), f(momentum), f(1 - dampening), bool(dampening),
+                              bool(nesterov), f(wd), wd_e, decay, bool(first_step))
+    else:
+        _kernels.sgd(param, grad, f(lr), f(wd), wd_e, decay)
 
 
 def adam(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled) -> None:
@@ -158,5 +176,5 @@ def adam(param, grad, m, v, step, lr, beta1, beta2, eps, weight_decay, decoupled
     wd, wd_e = _decay(weight_decay)
     mode = 0 if wd_e is None and wd == 0 else 2 if decoupled else 1
     _kernels.adam(param, grad, m, v, f(lr / (1 - beta1 ** step)), f(1 - beta1), f(beta1), f(1 - beta2), f(beta2),
-                  f(1 - beta2 ** step), f(eps), f(wd), param if wd_e is None else wd_e, f(1 - lr * wd), f(lr), f(1),
+                  f(1 - beta2 ** step), f(eps), f(wd), grad if wd_e is None else wd_e, f(1 - lr * wd), f(lr), f(1),
                   mode, wd_e is not None)
