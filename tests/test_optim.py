@@ -353,3 +353,23 @@ def test_the_compiled_update_takes_only_arrays_it_can_index_alike():
     assert not kernels.usable(np.ones(100, np.float16), np.ones(100, np.float16))
     with pytest.raises(ValueError, match="broadcast"):
         mean_gradient([np.ones(99, np.float32), np.ones(99, np.float32)], 2, a)
+
+
+def test_kernels_that_cannot_compile_are_a_warning_and_the_numpy_rules(monkeypatch, caplog):
+    """Compiling or caching the kernels failing in a process (a read-only install, say) turns them
+    off there with one warning: the update runs numpy's rules, with the same numbers."""
+    pytest.importorskip("numba")
+    from dptrain.optim import kernels
+
+    def broken():
+        raise RuntimeError("cannot cache function 'mean': no locator available for file 'kernels.py'")
+    monkeypatch.setattr(kernels, "_kernels", None)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    monkeypatch.setattr(kernels, "_compile", broken)
+    p = dp.nn.Parameter(np.ones(8, np.float32))
+    opt = dp.optim.SGD([p], lr=0.5, momentum=0.9)
+    p.grad[...] = 1.0
+    with caplog.at_level("WARNING", logger="dptrain.optim.kernels"):
+        opt.step()
+    assert not kernels.ENABLED and "compiled kernels are off" in caplog.text and "no locator" in caplog.text
+    np.testing.assert_array_equal(p.data, np.full(8, 0.5, np.float32))

@@ -18,7 +18,11 @@ keeps the machine code in its cache beside this file (`cache=True`): a new proce
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
+
+log = logging.getLogger(__name__)
 
 ENABLED = True  # False: the numpy rules everywhere (tests compare the two paths)
 
@@ -48,15 +52,34 @@ def usable(*arrays) -> bool:
 
 
 def _load():
-    """The compiled kernels (a namespace), or None where numba cannot be imported."""
+    """The compiled kernels (a namespace), or None where they cannot run here: numba missing (a
+    platform without its wheels), or compiling or caching failing (a read-only install without a
+    user cache directory, say), which is a warning and turns them off for this process."""
     global _kernels, ENABLED
     if _kernels is None:
         try:
-            _kernels = _compile()
-        except ImportError:  # numba is a dependency; a platform without its wheels gets the numpy rules
+            kernels = _compile()
+            _warm(kernels)
+        except ImportError:
             ENABLED = False
             return None
+        except Exception as e:  # numba's errors have no common base class
+            log.warning("the update's compiled kernels are off in this process (%s: %s); numpy's rules run instead",
+                        type(e).__name__, str(e).splitlines()[0] if str(e) else "")
+            ENABLED = False
+            return None
+        _kernels = kernels
     return _kernels
+
+
+def _warm(kernels) -> None:
+    """Compile (or load from the cache) each kernel for float32 once, so that a failure shows here."""
+    a = np.zeros(4, np.float32)
+    f = np.float32
+    kernels.mean(a, (a, a), f(0.5), False)
+    kernels.sgd(a, a, f(0), f(0), a, 0)
+    kernels.sgd_momentum(a, a, a.copy(), f(0), f(0), f(1), False, False, f(0), a, 0, False)
+    kernels.adam(a, a, a.copy(), a + 1, f(0), f(0), f(0), f(0), f(0), f(1), f(1), f(0), a, f(1), f(0), f(1), 0, False)
 
 
 def _compile():
