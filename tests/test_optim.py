@@ -341,18 +341,21 @@ def test_the_compiled_update_is_the_numpy_rules_bit_for_bit(cls, settings, dtype
 
 def test_the_compiled_update_takes_only_arrays_it_can_index_alike():
     """The kernels index their arrays unchecked: a gradient of another size, dtype or layout takes
-    numpy's rules (and numpy's error), never a read past an array's end."""
+    numpy's rules (and numpy's error), never a read past an array's end; so does a small block,
+    where numpy's few calls cost less than a kernel's."""
     pytest.importorskip("numba")
     from dptrain.optim import kernels
     from dptrain.step import mean_gradient
-    a = np.ones(100, np.float32)
+    n = kernels.MIN_SIZE
+    a = np.ones(n, np.float32)
     assert kernels.usable(a, a.copy(), None)
-    assert not kernels.usable(a, np.ones(99, np.float32))
-    assert not kernels.usable(a, np.ones(100, np.float64))
-    assert not kernels.usable(a, np.ones(200, np.float32)[::2])
-    assert not kernels.usable(np.ones(100, np.float16), np.ones(100, np.float16))
+    assert not kernels.usable(a, np.ones(n - 1, np.float32))
+    assert not kernels.usable(a, np.ones(n, np.float64))
+    assert not kernels.usable(a, np.ones(2 * n, np.float32)[::2])
+    assert not kernels.usable(np.ones(n, np.float16), np.ones(n, np.float16))
+    assert not kernels.usable(a[:-1], a[1:].copy())
     with pytest.raises(ValueError, match="broadcast"):
-        mean_gradient([np.ones(99, np.float32), np.ones(99, np.float32)], 2, a)
+        mean_gradient([np.ones(n - 1, np.float32), np.ones(n - 1, np.float32)], 2, a)
 
 
 def test_kernels_that_cannot_compile_are_a_warning_and_the_numpy_rules(monkeypatch, caplog):
@@ -366,10 +369,10 @@ def test_kernels_that_cannot_compile_are_a_warning_and_the_numpy_rules(monkeypat
     monkeypatch.setattr(kernels, "_kernels", None)
     monkeypatch.setattr(kernels, "ENABLED", True)
     monkeypatch.setattr(kernels, "_compile", broken)
-    p = dp.nn.Parameter(np.ones(8, np.float32))
+    p = dp.nn.Parameter(np.ones(kernels.MIN_SIZE, np.float32))
     opt = dp.optim.SGD([p], lr=0.5, momentum=0.9)
     p.grad[...] = 1.0
     with caplog.at_level("WARNING", logger="dptrain.optim.kernels"):
         opt.step()
     assert not kernels.ENABLED and "compiled kernels are off" in caplog.text and "no locator" in caplog.text
-    np.testing.assert_array_equal(p.data, np.full(8, 0.5, np.float32))
+    np.testing.assert_array_equal(p.data, np.full(kernels.MIN_SIZE, 0.5, np.float32))

@@ -151,6 +151,8 @@ class Optimizer:
         if buf is not None and len(buf.shapes) == len(every) and all(getattr(p, "_flat", None) is buf for p in every):
             every.sort(key=lambda p: p._flat_index)  # already one buffer: its layout stays
         self.flat = flatten(every)
+        if backend.array_module(self.flat.data) is np:
+            kernels.preload(self.flat.size)
         self.steps = 0  # updates applied so far
         self.param_groups = groups
         self._per_entry = {}  # option -> its array over the flat buffer, where groups differ
