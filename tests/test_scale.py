@@ -189,6 +189,7 @@ def test_a_sweep_measures_its_floors_and_ceiling(sweep):
     # one worker through Ray does the single process's work plus overhead; the overhead is small
     # next to the round trips it replaces (a loose bound: this is a shared machine)
     assert floors["local_step_ms"] > 0 and floors["actor_round_trip_ms"] > 0
+    assert floors["tiny_transport"] == "shared memory"  # the sweep's auto transport on one node
     assert floors["one_worker_step_ms"] > 0.5 * floors["local_step_ms"]
     assert floors["driver_chained_empty_step_ms"] > floors["actor_round_trip_ms"]  # chained: several round trips
     one, two = floors["ceiling"]  # the ceiling: one process's compute time over the slowest of N on B/N each

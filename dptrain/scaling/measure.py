@@ -276,11 +276,14 @@ def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3, blo
     rtt_ms = 1e3 * statistics.median(rtts)
     tiny_cfg = TrainConfig(dataset="moons", model=[2, 8, 2], workers=2, batch_size=16, steps=300, seed=base.seed,
                            log_every=10**6, address=base.address, transport=base.transport)
-    tiny = summarize_run(_timed_fit(tiny_cfg, load_dataset("moons")).metrics["steps"], 2, "strong", 16, 0)
+    tiny_result = _timed_fit(tiny_cfg, load_dataset("moons"))
+    tiny = summarize_run(tiny_result.metrics["steps"], 2, "strong", 16, 0)
+    shared = tiny_result.summary.get("shared_memory_workers", 0) == 2  # auto on one node: no Ray call a step
     return {"model": "-".join(map(str, base.model)), "batch": base.batch_size, "repeats": repeats,
             "local_step_ms": local_ms, "one_worker_step_ms": dist_ms, "one_worker_overhead": dist_ms / local_ms - 1,
             "blocks_ms": per_block, "block_steps": block,
             "actor_round_trip_ms": rtt_ms, "tiny_two_worker_step_ms": tiny["step_ms"],
+            "tiny_transport": "shared memory" if shared else "object store",
             "tiny_added_ms": tiny["step_ms"] - 2 * rtt_ms,
             "driver_chained_empty_step_ms": fan_in_overhead_ms(2)}
 

@@ -239,8 +239,8 @@ def run(args) -> int:
                   f"(share {r['of_ceiling']:.2f})")
     if floors:
         print(f"1 worker vs single process: {floors['one_worker_step_ms']:.1f} vs {floors['local_step_ms']:.1f} ms "
-              f"({100 * floors['one_worker_overhead']:+.1f}%); tiny model with 2 workers: {floors['tiny_two_worker_step_ms']:.2f} ms "
-              f"= 2 x {floors['actor_round_trip_ms']:.2f} ms round trips {floors['tiny_added_ms']:+.2f} ms")
+              f"({100 * floors['one_worker_overhead']:+.1f}%); tiny model with 2 workers over {floors['tiny_transport']}: "
+              f"{floors['tiny_two_worker_step_ms']:.2f} ms a step, Ray's actor round trip {floors['actor_round_trip_ms']:.2f} ms")
     for r in (compression or {}).get("rows", []):
         cut = f" ({r['bytes_cut']:.1f}x fewer)" if r.get("bytes_cut") and r["compress"] != "none" else ""
         print(f"{r['compress']:>10} N={r['workers']:<3} {r['step_ms']:8.1f} ms/step {r['sent_bytes_per_worker_step']:12,.0f} "
