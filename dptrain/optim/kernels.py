@@ -119,28 +119,26 @@ def _compile():
                 s += grads[k][i]
             dst[i] = s / scale if divide else s * scale
 
+    @njit(inline="always")
+    def decayed(grad, param, wd, wd_e, decay, i):
+        # the gradient with weight decay (L2); decay 0: none, 1: wd, 2: wd_e[i] (per entry)
+        if decay == 2:
+            return grad[i] + wd_e[i] * param[i]
+        if decay == 1:
+            return grad[i] + wd * param[i]
+        return grad[i]
+
     @jit
     def sgd(param, grad, lr, wd, wd_e, decay):
-        # optimizers.sgd_update without momentum; decay 0: none, 1: wd, 2: wd_e[i] (per entry)
+        # optimizers.sgd_update without momentum
         for i in range(param.size):
-            if decay == 2:
-                g = grad[i] + wd_e[i] * param[i]
-            elif decay == 1:
-                g = grad[i] + wd * param[i]
-            else:
-                g = grad[i]
-            param[i] = param[i] - lr * g
+            param[i] = param[i] - lr * decayed(grad, param, wd, wd_e, decay, i)
 
     @jit
     def sgd_momentum(param, grad, buf, lr, momentum, damp, dampening, nesterov, wd, wd_e, decay, first):
         # optimizers.sgd_update with momentum, element by element
         for i in range(param.size):
-            if decay == 2:
-                g = grad[i] + wd_e[i] * param[i]
-            elif decay == 1:
-                g = grad[i] + wd * param[i]
-            else:
-                g = grad[i]
+            g = decayed(grad, param, wd, wd_e, decay, i)
             if first:
                 b = g
             else:
