@@ -9,9 +9,9 @@ and the scalars are rounded to the array's dtype first, as numpy does with a Pyt
 let go of the GIL for the whole block, so the update's threads run at once.
 
 Used where they apply (`usable`: numpy arrays of float32 or float64, one-dimensional and
-contiguous; a scalar learning rate; a weight decay that is a scalar or, as --decay-params
+contiguous, blocks of MIN_SIZE entries or more; a scalar learning rate; a weight decay that is a scalar or, as --decay-params
 matrices makes it, a per-entry array); everything else (cupy arrays, a parameter group's
-per-entry learning rate, other dtypes) takes the numpy rules. `ENABLED = False` turns them off
+per-entry learning rate, other dtypes, small blocks) takes the numpy rules. `ENABLED = False` turns them off
 (tests compare the two paths). numba compiles each kernel on its first call for a dtype, and
 keeps the machine code in its cache beside this file (`cache=True`): a new process loads it.
 """
