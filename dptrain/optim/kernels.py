@@ -13,7 +13,8 @@ contiguous, blocks of MIN_SIZE entries or more; a scalar learning rate; a weight
 matrices makes it, a per-entry array); everything else (cupy arrays, a parameter group's
 per-entry learning rate, other dtypes, small blocks) takes the numpy rules. `ENABLED = False` turns them off
 (tests compare the two paths). numba compiles each kernel on its first call for a dtype, and
-keeps the machine code in its cache beside this file (`cache=True`): a new process loads it.
+keeps the machine code in its cache beside this file (`cache=True`; or in the user's cache
+directory): a new process loads it. Where it can cache nowhere, each process compiles its own.
 """
 
 from __future__ import annotations
@@ -70,24 +71,31 @@ def preload(size: int) -> None:
 
 def _load():
     """The compiled kernels (a namespace), or None where they cannot run here: numba missing (a
-    platform without its wheels), or compiling or caching failing (a read-only install without a
-    user cache directory, say), which is a warning and turns them off for this process."""
+    platform without its wheels), or compiling failing, which is a warning and turns them off for
+    this process. Where numba can cache them nowhere (a read-only install, no writable user cache
+    directory), they are compiled for this process alone (about a second)."""
     global _kernels, ENABLED
     with _loading:
-        if _kernels is None and ENABLED:
+        if _kernels is not None or not ENABLED:
+            return _kernels
+        for cache in (True, False):
             try:
-                kernels = _compile()
+                kernels = _compile(cache)
                 _warm(kernels)
             except ImportError:
                 ENABLED = False
                 return None
             except Exception as e:  # numba's errors have no common base class
+                if cache:
+                    log.info("the update's compiled kernels cannot be cached (%s): compiling them for this process",
+                             str(e).splitlines()[0] if str(e) else type(e).__name__)
+                    continue
                 log.warning("the update's compiled kernels are off in this process (%s: %s); numpy's rules run "
                             "instead", type(e).__name__, str(e).splitlines()[0] if str(e) else "")
                 ENABLED = False
                 return None
             _kernels = kernels
-    return _kernels
+            return _kernels
 
 
 def _warm(kernels) -> None:
@@ -100,7 +108,7 @@ def _warm(kernels) -> None:
     kernels.adam(a, a, a.copy(), a + 1, f(0), f(0), f(0), f(0), f(0), f(1), f(1), f(0), a, f(1), f(0), f(1), 0, False)
 
 
-def _compile():
+def _compile(cache: bool = True):
     from types import SimpleNamespace
 
     from numba import njit
@@ -108,7 +116,7 @@ def _compile():
     # error_model="numpy": a division by zero is IEEE's inf or nan, as in numpy, not Python's
     # ZeroDivisionError, whose check in every iteration kept the loops from being vectorized
     # (Adam's block of 2^16: 178 us scalar, 39 us in SIMD registers)
-    jit = njit(nogil=True, cache=True, error_model="numpy")
+    jit = njit(nogil=True, cache=cache, error_model="numpy")
 
     @jit
     def mean(dst, grads, scale, divide):
