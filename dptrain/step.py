@@ -213,12 +213,12 @@ def mean_gradient(grads: list, count: int, out, start: int = 0, stop: int | None
     if count > 0 and kernels.usable(dst, *parts):
         kernels.mean(dst, parts, count)  # the same adds and scaling, in one pass
         return
-    if len(grads) == 1:
-        total = grads[0][start:stop]
+    if len(parts) == 1:
+        total = parts[0]
     else:
-        total = np.add(grads[0][start:stop], grads[1][start:stop], out=dst)
-        for g in grads[2:]:
-            total += g[start:stop]
+        total = np.add(parts[0], parts[1], out=dst)
+        for g in parts[2:]:
+            total += g
     if count > 0 and count & (count - 1) == 0:
         np.multiply(total, 1.0 / count, out=dst)
     else:

@@ -278,7 +278,7 @@ def measure_floors(base: TrainConfig, dataset, steps: int, repeats: int = 3, blo
                            log_every=10**6, address=base.address, transport=base.transport)
     tiny_result = _timed_fit(tiny_cfg, load_dataset("moons"))
     tiny = summarize_run(tiny_result.metrics["steps"], 2, "strong", 16, 0)
-    shared = tiny_result.summary.get("shared_memory_workers", 0) == 2  # auto on one node: no Ray call a step
+    shared = tiny_result.summary.get("shared_memory_workers", 0) == tiny_cfg.workers  # no Ray call a step
     return {"model": "-".join(map(str, base.model)), "batch": base.batch_size, "repeats": repeats,
             "local_step_ms": local_ms, "one_worker_step_ms": dist_ms, "one_worker_overhead": dist_ms / local_ms - 1,
             "blocks_ms": per_block, "block_steps": block,

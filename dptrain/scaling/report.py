@@ -113,7 +113,7 @@ def report(command: str, base: TrainConfig, table: dict, floors: dict | None, tt
              "floor": f"{floors['local_step_ms']:.2f} ms", "trainer": f"{floors['one_worker_step_ms']:.2f} ms",
              "difference": f"{100 * floors['one_worker_overhead']:+.1f}% ({len(floors['blocks_ms'])} alternating "
                           f"blocks of {floors['block_steps']} steps)"},
-            {"what": f"tiny model (2-8-2), 2 workers over {floors.get('tiny_transport', 'its transport')}, vs two "
+            {"what": f"tiny model (2-8-2), 2 workers over {floors['tiny_transport']}, vs two "
                      "Ray actor round trips (shared memory makes no Ray call a step: it may be below them)",
              "floor": f"2 x {floors['actor_round_trip_ms']:.2f} ms",
              "trainer": f"{floors['tiny_two_worker_step_ms']:.2f} ms",
