@@ -311,6 +311,7 @@ def test_the_compiled_update_is_the_numpy_rules_bit_for_bit(cls, settings, dtype
     start = [(rng.standard_normal(shape) * 3).astype(dtype) for shape in [(CHUNK + 3, 17), (11,)]]
     settings = dict(settings)
     decays, lr_scale = settings.pop("groups", None), settings.pop("lr_scale", None)
+    steps = None  # (count, gradients) of each step, made once the flat buffer's size is known: the same for each run
     runs = {}
     for compiled, threads in ((False, 1), (True, 1), (True, 2)):
         monkeypatch.setattr(kernels, "ENABLED", compiled)
@@ -324,12 +325,13 @@ def test_the_compiled_update_is_the_numpy_rules_bit_for_bit(cls, settings, dtype
         block = slice(0, CHUNK)
         assert optimizers._compiled(opt._lr(block), opt._option("weight_decay", opt.weight_decay, block),
                                     opt.flat.data[block], opt.flat.grad[block]) == (compiled and not lr_scale)
-        squares = []
-        for step, (workers, count) in enumerate([(1, 256), (2, 60), (3, 64), (2, 256)]):
-            grads = [np.random.default_rng([step, r]).standard_normal(opt.flat.size).astype(dtype)
-                     for r in range(workers)]
-            grads[-1].flags.writeable = False
-            squares.append(apply_mean_gradient(opt, grads, count, 0.05 / (step + 1)))
+        if steps is None:
+            steps = [(count, [np.random.default_rng([step, r]).standard_normal(opt.flat.size).astype(dtype)
+                              for r in range(workers)])
+                     for step, (workers, count) in enumerate([(1, 256), (2, 60), (3, 64), (2, 256)])]
+            for _, grads in steps:
+                grads[-1].flags.writeable = False
+        squares = [apply_mean_gradient(opt, grads, count, 0.05 / (step + 1)) for step, (count, grads) in enumerate(steps)]
         runs[compiled, threads] = (opt.flat.data.copy(), opt.state_dict()["state"], squares)
     numpy_rules = runs[False, 1]
     for key in ((True, 1), (True, 2)):
