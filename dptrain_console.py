@@ -10,8 +10,9 @@ runners) inherits SIGINT as ignored; it is restored, so `kill -INT` and Ctrl-C w
 
 The handlers remember what they raised: C code may swallow the exception and raise its own
 (numpy's C extension imports `datetime` through PyCapsule_Import, which turns a
-KeyboardInterrupt raised inside that import into an ImportError), so an error that comes
-after a signal is reported as the signal it replaced.
+KeyboardInterrupt raised inside that import into an ImportError; Ray's `ray.get` and
+`ray.wait` answer any KeyboardInterrupt, SIGTERM's Terminated too, with a plain
+KeyboardInterrupt), so an error that comes after a signal is reported as the signal it replaced.
 """
 
 from __future__ import annotations
@@ -43,9 +44,12 @@ def _raise_interrupt(signum, frame):
 
 
 def signalled(error: BaseException) -> KeyboardInterrupt | None:
-    """The signal `error` stands for: itself if it is one, else the one a handler raised that C
-    code replaced with `error`; None for an error no signal caused."""
-    return error if isinstance(error, KeyboardInterrupt) else _raised
+    """The signal `error` stands for: the one a handler raised, which C code may have replaced with
+    `error` (Ray's blocking calls turn any KeyboardInterrupt, Terminated too, into a plain one);
+    `error` itself for a KeyboardInterrupt no handler raised; None for an error no signal caused."""
+    if _raised is not None:
+        return _raised
+    return error if isinstance(error, KeyboardInterrupt) else None
 
 
 def install_signal_handlers() -> None:

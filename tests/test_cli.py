@@ -280,8 +280,9 @@ def test_sigterm_at_start_up_is_one_line_and_143(tmp_path, delay):
 
 def test_a_signal_that_c_code_turned_into_another_error_is_still_the_signal(monkeypatch, capsys):
     """numpy's C extension imports `datetime` through PyCapsule_Import, which replaces an exception
-    raised inside that import (SIGTERM's) with an ImportError of its own: the command still says
-    it was terminated, in one line, with 143, and an error no signal caused still propagates."""
+    raised inside that import (SIGTERM's) with an ImportError of its own, and Ray's ray.get any
+    KeyboardInterrupt (SIGTERM's too) with a plain one: the command still says it was terminated,
+    in one line, with 143, and an error no signal caused still propagates."""
     import signal
     import dptrain_console as console
 
@@ -290,6 +291,12 @@ def test_a_signal_that_c_code_turned_into_another_error_is_still_the_signal(monk
             console._raise_terminated(signal.SIGTERM, None)
         except console.Terminated:  # what PyCapsule_Import did with it
             raise ImportError('PyCapsule_Import could not import module "datetime"') from None
+
+    def ray_get_that_a_sigterm_hit():
+        try:
+            console._raise_terminated(signal.SIGTERM, None)
+        except KeyboardInterrupt:  # what Ray's check_signals does with any KeyboardInterrupt
+            raise KeyboardInterrupt() from None
 
     def import_that_fails():
         raise ImportError("no module named numpy")
@@ -302,13 +309,15 @@ def test_a_signal_that_c_code_turned_into_another_error_is_still_the_signal(monk
             console.main([])
         monkeypatch.setattr(console, "_load_cli", import_that_a_sigterm_hit)
         assert console.main([]) == 143
+        monkeypatch.setattr(console, "_load_cli", ray_get_that_a_sigterm_hit)
+        assert console.main([]) == 143
         monkeypatch.setattr(console, "_load_cli", import_that_fails)  # the next command starts afresh
         with pytest.raises(ImportError, match="no module named numpy"):
             console.main([])
     finally:
         for s, handler in handlers.items():
             signal.signal(s, handler)
-    assert capsys.readouterr().err.strip().splitlines() == ["dptrain: terminated (SIGTERM); nothing was started"]
+    assert capsys.readouterr().err.strip().splitlines() == ["dptrain: terminated (SIGTERM); nothing was started"] * 2
 
 
 def test_model_that_does_not_fit_the_data_file(tmp_path):
