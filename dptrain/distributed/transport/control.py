@@ -33,8 +33,10 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import math
 import os
 import secrets
+import select
 import socket
 import struct
 import sys
@@ -75,47 +77,71 @@ class ChannelTimeout(TimeoutError):
 
 
 class Channel:
-    """A connected socket carrying length-prefixed JSON messages."""
+    """A connected socket carrying length-prefixed JSON messages.
+
+    The socket is non-blocking and the channel keeps what it has read past a message: a
+    message that has arrived costs one `recv`, and waiting for one a `poll` more (where a
+    blocking socket with a timeout would set the timeout, poll and read twice per message).
+    """
+
+    _READ = 1 << 16  # bytes asked of each read: a step's messages are a few hundred
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
+        sock.setblocking(False)
+        self._buf = bytearray()  # bytes read and not yet returned as a message
+        self._poll = select.poll()
+        self._poll.register(sock, select.POLLIN)
 
     def send(self, message: dict) -> None:
         payload = json.dumps(message, separators=(",", ":")).encode()
-        try:
-            self.sock.sendall(_HEADER.pack(len(payload)) + payload)
-        except OSError as e:  # broken pipe, reset: the peer is gone
-            raise ChannelClosed(str(e)) from None
+        data = memoryview(_HEADER.pack(len(payload)) + payload)
+        while data:
+            try:
+                data = data[self.sock.send(data):]
+            except BlockingIOError:  # the peer's buffer is full: wait until it reads
+                writable = select.poll()
+                writable.register(self.sock, select.POLLOUT)
+                writable.poll()
+            except OSError as e:  # broken pipe, reset: the peer is gone
+                raise ChannelClosed(str(e)) from None
 
     def recv(self, deadline: float | None = None, limit: int | None = None) -> dict:
         """The next message; ChannelClosed at end of file, ChannelTimeout past `deadline`
         (a time.monotonic() value; None waits for ever), ValueError for one over `limit` bytes."""
-        (n,) = _HEADER.unpack(self._read(_HEADER.size, deadline))
+        buf = self._buf
+        while len(buf) < _HEADER.size:
+            self._fill(deadline)
+        (n,) = _HEADER.unpack_from(buf)
         if limit is not None and n > limit:
             raise ValueError(f"a message of {n} bytes, more than {limit}")
-        return json.loads(self._read(n, deadline))
+        end = _HEADER.size + n
+        while len(buf) < end:
+            self._fill(deadline)
+        message = json.loads(buf[_HEADER.size:end])
+        del buf[:end]
+        return message
 
-    def _read(self, n: int, deadline: float | None) -> bytes:
-        buf = bytearray(n)
-        view, got = memoryview(buf), 0
-        while got < n:
-            if deadline is not None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise ChannelTimeout("no message before the deadline")
-                self.sock.settimeout(left)
-            else:
-                self.sock.settimeout(None)
+    def _fill(self, deadline: float | None) -> None:
+        """Add what the socket holds to the buffer, waiting for it until `deadline`."""
+        while True:
             try:
-                k = self.sock.recv_into(view[got:])
-            except socket.timeout:
-                raise ChannelTimeout("no message before the deadline") from None
+                chunk = self.sock.recv(self._READ)
+            except BlockingIOError:
+                if deadline is None:
+                    self._poll.poll()
+                    continue
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._poll.poll(math.ceil(left * 1000)):
+                    if time.monotonic() >= deadline:
+                        raise ChannelTimeout("no message before the deadline") from None
+                continue
             except OSError as e:
                 raise ChannelClosed(str(e)) from None
-            if k == 0:
+            if not chunk:
                 raise ChannelClosed("end of file")
-            got += k
-        return bytes(buf)
+            self._buf += chunk
+            return
 
     def close(self) -> None:
         try:
