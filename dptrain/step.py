@@ -57,7 +57,7 @@ class Replica:
         self.cfg = cfg
         self.task = dataset.task
         self.loss = loss
-        self.model = factory()
+        self.model = factory().train()  # train mode from here on (evaluate restores it)
         self.flat = self.model.flat()
         xp = backend.xp_for(cfg.device)
         dt = as_dtype(cfg.dtype)
@@ -119,7 +119,6 @@ class Replica:
             return 0.0, 0, 0
         size = self.cfg.micro_batch or count
         loss_sum, correct = 0.0, 0
-        self.model.train()
         for start in range(0, count, size):
             part = indices[start:start + size]
             x, y = self.batch(self.x_train, self.y_train, part)
