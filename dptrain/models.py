@@ -194,7 +194,7 @@ def cross_entropy_sum(output: Tensor, target) -> Tensor:
     classes) an example's loss is the mean over its positions: the reported loss is then
     per token, and the sum over examples keeps the step contract."""
     loss = F.cross_entropy(output, target, reduction="sum")
-    positions = int(np.prod(output.shape[1:-1]))
+    positions = math.prod(output.shape[1:-1])
     return loss / positions if positions > 1 else loss
 
 

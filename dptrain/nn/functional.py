@@ -133,7 +133,7 @@ def cross_entropy(logits: Tensor, target, reduction: str = "mean") -> Tensor:
     losses = logsumexp[:, 0] - shifted[rows, y]
     total = losses.sum()
     scale = 1.0 / n if reduction == "mean" and n else 1.0
-    out = (total * scale).astype(z.dtype)
+    out = (total * scale).astype(z.dtype) if scale != 1.0 else total  # the sum's dtype is the logits'
 
     def _backward(g):
         grad = xp.exp(shifted - logsumexp)  # softmax
@@ -221,7 +221,7 @@ def conv(x: Tensor, weight: Tensor, bias: Tensor | None = None, stride=1, paddin
     ap = _pad(xp, a, padding)
     win = _windows(ap, kernel, stride)  # (N, C, *out, *kernel)
     out_sp = win.shape[2:2 + nd]
-    positions = int(np.prod(out_sp))
+    positions = math.prod(out_sp)
     to_rows = (0,) + tuple(range(2, 2 + nd)) + (1,) + tuple(range(2 + nd, 2 + 2 * nd))
     cols = win.transpose(to_rows).reshape(n * positions, -1)  # the one copy: (N*P, C*K)
     wmat = w.reshape(c_out, -1)
@@ -275,7 +275,7 @@ def _pool(x: Tensor, nd: int, kernel_size, stride, padding, kind: str) -> Tensor
     ap = _pad(xp, a, padding, -np.inf if kind == "max" else 0.0)
     win = _windows(ap, kernel, stride)
     out_sp = win.shape[2:2 + nd]
-    k = int(np.prod(kernel))
+    k = math.prod(kernel)
     if kind == "max":
         flat = win.reshape(win.shape[:2 + nd] + (k,))
         arg = flat.argmax(axis=-1)  # the first maximum gets the gradient, as in PyTorch
@@ -330,7 +330,7 @@ def layer_norm(x: Tensor, normalized_shape, weight: Tensor | None = None, bias: 
     out = xhat * weight.data if weight is not None else xhat.copy()
     if bias is not None:
         out += bias.data
-    m = int(np.prod(shape))
+    m = math.prod(shape)
 
     def _backward(g):
         gw = gb = None

@@ -100,7 +100,7 @@ class Flatten(Module):
         shape = x.shape
         start = self.start_dim % len(shape)
         end = self.end_dim % len(shape)
-        return x.reshape(shape[:start] + (int(np.prod(shape[start:end + 1])),) + shape[end + 1:])
+        return x.reshape(shape[:start] + (math.prod(shape[start:end + 1]),) + shape[end + 1:])
 
 
 class LayerNorm(Module):

@@ -14,7 +14,7 @@ Outside any context (a user's own loop) layers draw from `init.default_generator
 
 from __future__ import annotations
 
-import contextlib
+import math
 import zlib
 
 import numpy as np
@@ -24,15 +24,27 @@ _GOLDEN = 0x9E3779B97F4A7C15
 _current = None  # (seed, step, positions) of the forward pass being computed
 
 
-@contextlib.contextmanager
-def context(seed: int, step: int, positions):
-    """Forward passes inside draw their randomness from (seed, step, each example's position)."""
-    global _current
-    previous, _current = _current, (int(seed), int(step), np.asarray(positions, dtype=np.uint64))
-    try:
-        yield
-    finally:
-        _current = previous
+class context:
+    """Forward passes inside draw their randomness from (seed, step, each example's position).
+
+    A class, not a generator: every training forward enters one, and most draw nothing (a
+    model without dropout), so entering costs two assignments and the positions are made
+    unsigned only by a draw."""
+
+    __slots__ = ("_state", "_previous")
+
+    def __init__(self, seed: int, step: int, positions):
+        self._state = (int(seed), int(step), positions)
+        self._previous = None
+
+    def __enter__(self) -> None:
+        global _current
+        self._previous, _current = _current, self._state
+
+    def __exit__(self, *exc) -> bool:
+        global _current
+        _current = self._previous
+        return False
 
 
 def current():
@@ -62,11 +74,12 @@ def uniform(xp, shape, dtype, key: int):
         from .init import default_generator
         return xp.asarray(default_generator().random(shape).astype(dtype))
     seed, step, positions = _current
+    positions = np.asarray(positions, dtype=np.uint64)
     if len(positions) != shape[0]:
         raise ValueError(f"random context has {len(positions)} example positions, the tensor has "
                          f"{shape[0]} examples (shape {shape})")
     base = (seed * 0xD1B54A32D192ED03 + step * 0xABC98388FB8FAC03 + (key + 1) * _GOLDEN) & _MASK
-    per_example = int(np.prod(shape[1:], dtype=np.int64))
+    per_example = math.prod(shape[1:])
     ex = _mix(xp.asarray(positions) * np.uint64(0x8CB92BA72F3D8DD7) + np.uint64(base))
     counters = xp.arange(per_example, dtype=np.uint64) * np.uint64(_GOLDEN)
     bits = _mix(ex[:, None] + counters[None, :])
