@@ -40,19 +40,22 @@ def test_messages_round_trip_exactly():
 def test_messages_that_share_a_read_or_are_split_across_reads_come_out_one_by_one():
     a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     chan = control.Channel(b)
-    frames = [json.dumps({"step": k}).encode() for k in range(3)]
-    wire = b"".join(control._HEADER.pack(len(f)) + f for f in frames)
-    a.sendall(wire)  # three messages in one read
-    assert [chan.recv(time.monotonic() + 5)["step"] for _ in range(3)] == [0, 1, 2]
-    got = []
-    t = threading.Thread(target=lambda: got.append(chan.recv(time.monotonic() + 5)))
-    t.start()
-    for piece in (wire[:2], wire[2:7], wire[7:len(frames[0]) + 4]):  # one message, a header split
-        a.sendall(piece)
-        time.sleep(0.02)
-    t.join()
-    assert got == [{"step": 0}]
-    a.close()
+    try:
+        frames = [json.dumps({"step": k}).encode() for k in range(3)]
+        wire = b"".join(control._HEADER.pack(len(f)) + f for f in frames)
+        a.sendall(wire)  # three messages in one read
+        assert [chan.recv(time.monotonic() + 5)["step"] for _ in range(3)] == [0, 1, 2]
+        got = []
+        t = threading.Thread(target=lambda: got.append(chan.recv(time.monotonic() + 5)))
+        t.start()
+        for piece in (wire[:2], wire[2:7], wire[7:len(frames[0]) + 4]):  # one message, a header split
+            a.sendall(piece)
+            time.sleep(0.02)
+        t.join()
+        assert got == [{"step": 0}]
+    finally:
+        a.close()
+        chan.close()
 
 
 def test_timeout_and_closed_peer_are_told_apart():

@@ -127,14 +127,14 @@ class Channel:
         while True:
             try:
                 chunk = self.sock.recv(self._READ)
-            except BlockingIOError:
-                if deadline is None:
-                    self._poll.poll()
-                    continue
-                left = deadline - time.monotonic()
-                if left <= 0 or not self._poll.poll(math.ceil(left * 1000)):
-                    if time.monotonic() >= deadline:
+            except BlockingIOError:  # nothing yet: wait for it (a poll that times out ends past the deadline)
+                timeout = None
+                if deadline is not None:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
                         raise ChannelTimeout("no message before the deadline") from None
+                    timeout = math.ceil(left * 1000)
+                self._poll.poll(timeout)
                 continue
             except OSError as e:
                 raise ChannelClosed(str(e)) from None
