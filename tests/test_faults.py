@@ -293,8 +293,11 @@ def test_shards_on_the_workers_node_killed_and_frozen_from_outside(ray_local, tm
         result = dp.Trainer(cfg).fit()
     finally:
         watcher.join(timeout=130)
-        for pid in frozen:  # replaced by now
-            os.kill(pid, signal.SIGKILL)
+        for pid in frozen:  # replaced, and ended by the driver, by now (if the run got that far)
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert sent == [signal.SIGKILL, signal.SIGSTOP]
     assert result.summary["failures_survived"] == 2 and result.summary["steps"] == 200
     assert result.summary["servers"] == 2 and result.summary["shared_memory_workers"] == 2
@@ -398,6 +401,27 @@ def test_a_full_disk_keeps_the_run_and_its_checkpoints(small_disk, tmp_path):
                                           dtype="float64", seed=5)).params
     with np.load(out / "params.npz", allow_pickle=False) as params:
         _same(dict(params), clean)
+
+
+def test_a_frozen_process_is_ended_at_once_and_only_while_it_is_the_same_process():
+    """processes.end after ray.kill: SIGKILL of a frozen actor's process on the driver's node (Ray
+    waits 5 s for a killed actor to exit first), never of a process given the same pid since."""
+    from dptrain.distributed import processes
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.kill(proc.pid, signal.SIGSTOP)
+        me = processes.identity()
+        assert me["pid"] == os.getpid() and me["started"] == processes.start_time(os.getpid()) > 0
+        frozen = {"pid": proc.pid, "started": processes.start_time(proc.pid), "node_id": me["node_id"]}
+        processes.end({**frozen, "started": frozen["started"] - 1})  # another process that had this pid
+        time.sleep(0.2)
+        assert proc.poll() is None
+        processes.end(frozen)
+        assert proc.wait(timeout=5) == -signal.SIGKILL
+        assert processes.start_time(proc.pid) is None and not processes.kill_if_same(proc.pid, frozen["started"])
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_a_silent_server_is_lost_after_its_step_timeout_within_10_to_30_seconds():

@@ -349,17 +349,18 @@ def _wait_for_steps(out, n: int, proc) -> None:
         time.sleep(0.05)
 
 
-def _session_pids(cluster, title: str) -> list:
+def _session_pids(cluster, title: str, node: str = "*") -> list:
     """PIDs of the processes titled `title` (ray::Worker, a pgrep pattern) in the cluster's nodes'
-    sessions, as an operator finds them (none of another Ray instance's)."""
-    sessions = [int(p.read_text()) for p in Path(cluster["state"]).glob("*.sid")]
+    sessions (`node`: only that one's, head or node-1), as an operator finds them (none of another
+    Ray instance's)."""
+    sessions = [int(p.read_text()) for p in Path(cluster["state"]).glob(f"{node}.sid")]
     return [pid for sid in sessions for pid in subprocess.run(["pgrep", "-s", str(sid), "-f", title],
                                                              capture_output=True, text=True).stdout.split()]
 
 
-def _pids_of(cluster, title: str) -> list:
+def _pids_of(cluster, title: str, node: str = "*") -> list:
     """_session_pids, of which there must be some."""
-    pids = _session_pids(cluster, title)
+    pids = _session_pids(cluster, title, node)
     assert pids, f"no {title} process found"
     return pids
 
@@ -435,24 +436,26 @@ def test_a_tune_sweep_on_the_cluster_recovers_a_worker_killed_in_a_trial(cluster
 
 @pytest.mark.fault
 @pytest.mark.parametrize("victims,flags", [
-    ([("ray::Worker", "KILL"), ("ray::ParameterServer", "KILL")], []),
-    ([("ray::Worker", "STOP"), ("ray::ParameterServer", "STOP")], []),
-    ([("ray::ServerShard", "KILL")], ["--servers", "2"])])
+    ([("ray::Worker", "KILL", "*"), ("ray::ParameterServer", "KILL", "*")], []),
+    ([("ray::Worker", "STOP", "node-1"), ("ray::ParameterServer", "STOP", "head")], []),
+    ([("ray::ServerShard", "KILL", "*")], ["--servers", "2"])])
 def test_a_process_killed_or_frozen_from_outside(cluster, tmp_path, victims, flags):
     """kill -9 of a worker's, the server's or (--servers 2, a shard on each node: over the object
     store) a server shard's process, or SIGSTOP of one (a frozen machine; the server's heartbeat
     stops), found by its process title on the cluster's nodes, as an operator would: the run
     recovers and ends with the fault-free run's parameters. Two victims a run: the first once it
-    has logged 100 steps, the second (of the run's live processes then) after 100 more. (A frozen
-    shard, and shards on one node, are test_faults.py's.)"""
+    has logged 100 steps, the second (of the run's live processes then) after 100 more. The frozen
+    worker is the one on the worker node and the frozen server is on the head, next to the
+    driver: the driver ends each frozen process at once, by a task on its node and by itself
+    (processes.end). (A frozen shard, and shards on one node, are test_faults.py's.)"""
     out = tmp_path / "run"
     frozen = []
     with _training_on(cluster, out, "--step-timeout", "5", "--checkpoint-every", "100", *flags) as proc:
         try:
-            for i, (title, sig) in enumerate(victims):
+            for i, (title, sig, node) in enumerate(victims):
                 if i:
                     _wait_for_steps(out, 100 * (i + 1), proc)
-                pid = next(p for p in _pids_of(cluster, title) if p not in frozen)  # not the one frozen before
+                pid = next(p for p in _pids_of(cluster, title, node) if p not in frozen)  # not the one frozen before
                 subprocess.run(["kill", f"-{sig}", pid])
                 if sig == "STOP":
                     frozen.append(pid)

@@ -28,7 +28,7 @@ from ..config import ConfigError, TrainConfig
 from ..models import first_difference
 from . import transport
 from .cluster import head_node_id, live_node_ids
-from . import recovery
+from . import processes, recovery
 from .errors import (NonFiniteError, ServerLost, ShardLost, TrainingError, WorkerError, WorkerLost, is_timeout,
                      lost_cause, unwrap)
 from .server import ParameterServer, Watch
@@ -69,14 +69,20 @@ class Fleet:
         self.ps = None
         self.workers: list = []
         self.shards: list = []  # --servers K > 1: the server shards, by index
-        self.shard_nodes: list = []  # the node each shard runs on
-        self.placement: list = []  # where each worker runs: rank, pid, node_id, device
+        self.shard_processes: list = []  # each shard's process (processes.identity: pid, started, node_id)
+        self.server_process: dict | None = None  # the server's
+        self.placement: list = []  # where each worker runs: rank, device and its process's identity
         self.carried: dict = {}  # transport name -> ranks, as the server set them up
         self.update_threads = 1  # the server's update's threads, as it chose them (--update-threads auto)
         self.pg = None
         self.watch = None  # the server's heartbeat arrives here (server.Watch), once a call waits long
         self.watch_name = f"dptrain-watch-{run_key}-{uuid.uuid4().hex[:8]}"
         self.submitted = -1  # the last step handed to the server: later faults are still to come
+
+    @property
+    def shard_nodes(self) -> list:
+        """The node each shard runs on."""
+        return [p["node_id"] for p in self.shard_processes]
 
     @property
     def shared(self) -> list:
@@ -188,7 +194,8 @@ class Fleet:
     def _wait_ready(self) -> list:
         refs = [w.ready.remote() for w in self.workers]
         shards = [s.ready.remote() for s in self.shards]
-        everything = refs + [self.ps.ready.remote()] + shards  # an actor has started once it answers
+        server = self.ps.ready.remote()
+        everything = refs + [server] + shards  # an actor has started once it answers
         ready, pending = ray.wait(everything, num_returns=len(everything), timeout=WAIT_NOTICE_S)
         if pending:  # a busy cluster: say so while waiting
             log.warning("waiting for the cluster to start %d of %d actors (its resources are taken?); giving up "
@@ -201,7 +208,8 @@ class Fleet:
                                 "has no free resources for them (cluster/status.sh shows what is running)")
         try:
             self.placement = ray.get(refs)
-            self.shard_nodes = ray.get(shards)
+            self.shard_processes = ray.get(shards)
+            self.server_process = ray.get(server)
         except Exception as e:  # (Ray's errors: a worker's constructor failed)
             raise TrainingError(f"a worker failed to start: {unwrap(e)}") from None
         server = ray.get(self.ps.get_layout.remote())
@@ -275,7 +283,7 @@ class Fleet:
             if beat["age_s"] > silent or beat["idle_s"] > limit:
                 if ray.wait([ref], timeout=0)[0]:
                     break  # it answered after all
-                ray.kill(self.ps)
+                self._kill(self.ps, self.server_process)
                 why = (f"no heartbeat for {beat['age_s']:.0f} s" if beat["age_s"] > silent else
                        f"no progress for {beat['idle_s']:.0f} s at step {beat['step']}")
                 raise ServerLost(step, f"{why} (hung?)")
@@ -325,17 +333,23 @@ class Fleet:
             self._replace_worker(decision.index)
         self.connect()
 
+    @staticmethod
+    def _kill(actor, process: dict | None) -> None:
+        """ray.kill of an actor given up on, and its process ended at once (processes.end: Ray
+        would wait 5 s for a frozen one to exit, holding its resources and sockets)."""
+        ray.kill(actor)
+        processes.end(process)
+
     def _replace_worker(self, rank: int) -> None:
         """A new worker `rank`, started and answering, in the lost one's place."""
-        ray.kill(self.workers[rank])
+        self._kill(self.workers[rank], self.placement[rank])
         self.workers[rank], self.placement[rank] = self.start_actor(
             f"worker {rank}", lambda: self.spawn_worker(rank, len(self.workers)), lambda actor: actor.ready.remote(),
             "no free resources left? --on-worker-loss shrink goes on without it")
 
     def _shrink(self, rank: int) -> None:
         """Go on without worker `rank`: the others take its share of every global batch."""
-        ray.kill(self.workers.pop(rank))
-        self.placement.pop(rank)
+        self._kill(self.workers.pop(rank), self.placement.pop(rank))
         for new_rank, where in enumerate(self.placement):  # the server tells the workers (connect)
             where["rank"] = new_rank
 
@@ -343,8 +357,8 @@ class Fleet:
         """A new server shard `index`; the server (alive) restores the newest checkpoint of at most
         `recorded` steps (or the initial state) and, in connect, gives every shard its range of
         it: the shards' ranges are one step's again, and the steps after it run again."""
-        ray.kill(self.shards[index])
-        self.shards[index], self.shard_nodes[index] = self.start_actor(
+        self._kill(self.shards[index], self.shard_processes[index])
+        self.shards[index], self.shard_processes[index] = self.start_actor(
             f"server shard {index}", lambda: self.spawn_shard(index), lambda actor: actor.ready.remote())
         log.info("a new server shard %d runs on node %s", index, self.shard_nodes[index][:8])
         self.restore(required=False, max_step=recorded)
@@ -353,9 +367,10 @@ class Fleet:
         """A new server from the newest checkpoint of at most `recorded` steps (or the initial
         parameters): the steps after it run again, so their metrics reach the log even if the
         old server died before sending them."""
-        ray.kill(self.ps)
-        self.ps, node = self.start_actor("the parameter server", self.spawn_server, lambda actor: actor.ready.remote())
-        log.info("a new parameter server runs on node %s", node[:8])
+        self._kill(self.ps, self.server_process)
+        self.ps, self.server_process = self.start_actor("the parameter server", self.spawn_server,
+                                                        lambda actor: actor.ready.remote())
+        log.info("a new parameter server runs on node %s", self.server_process["node_id"][:8])
         self.restore(required=False, max_step=recorded)
 
     # ------------------------------------------------------------------ stopping

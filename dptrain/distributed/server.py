@@ -37,7 +37,7 @@ from ..step import combine_evaluation, step_metrics
 from . import loops, transport, update
 from .errors import NonFiniteError, WorkerLost
 from .messages import Gradient, ServerView
-from .worker import node_id
+from .processes import identity, node_id
 
 log = logging.getLogger(__name__)
 
@@ -90,9 +90,9 @@ class ParameterServer:
 
     # ------------------------------------------------------------------ setup
 
-    def ready(self) -> str:
-        """The node this server runs on (any answer means it has started)."""
-        return node_id()
+    def ready(self) -> dict:
+        """This server's process and node (processes.identity; any answer means it has started)."""
+        return identity()
 
     def set_workers(self, workers: list, placement: list) -> dict:
         """Drive these worker actors (in rank order; `placement`: each one's node and device) from

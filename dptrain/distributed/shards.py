@@ -43,7 +43,7 @@ from .errors import ShardLost, get_all
 from .transport import control
 from .transport.shm import SharedArray
 from .update import Update, placed
-from .worker import node_id
+from .processes import identity
 
 
 def bounds(size: int, k: int, itemsize: int) -> list:
@@ -80,9 +80,9 @@ class ServerShard:
         self.segment: SharedArray | None = None  # the run's shared parameters (one node), when used
         self.grads: dict = {}  # segment name -> a worker's gradient segment, mapped (one node)
 
-    def ready(self) -> str:
-        """The node this shard runs on (any answer means it has started)."""
-        return node_id()
+    def ready(self) -> dict:
+        """This shard's process and node (processes.identity; any answer means it has started)."""
+        return identity()
 
     def load(self, step: int, lo: int, params: np.ndarray, state: dict) -> tuple[tuple, np.ndarray]:
         """Hold parameters [lo, lo + len(params)) at `step` with the optimizer state `state`
@@ -248,7 +248,7 @@ class ShardedUpdate(Update):
             raise RuntimeError("server shards replaced without a restored state to give them (a restore comes first)")
         self.sessions.close()
         self.actors = list(actors)
-        self.nodes = self.wait([a.ready.remote() for a in self.actors], self.step)
+        self.nodes = [p["node_id"] for p in self.wait([a.ready.remote() for a in self.actors], self.step)]
 
     def place(self, storage, name):
         """The server's flat parameters (the model's) live in the shared segment `name` from now on."""

@@ -13,7 +13,6 @@ is the codec's payload (compress.py: the gradient itself, or --compress's bytes)
 
 from __future__ import annotations
 
-import os
 import time
 
 import numpy as np
@@ -25,6 +24,7 @@ from ..data.mapped import is_mapped
 from ..models import ModelFactory, layout
 from ..step import Replica
 from .errors import WorkerError
+from .processes import identity
 from .messages import Evaluate, Request, SegmentSpec
 
 
@@ -149,8 +149,9 @@ class Worker:
             self.link = None
 
     def ready(self) -> dict:
-        """Where this worker runs (the driver waits on it, with a timeout, before step 0)."""
-        return {"rank": self.rank, "pid": os.getpid(), "node_id": node_id(), "device": self.cfg.device}
+        """Where this worker runs: its rank, device and process (processes.identity; the driver
+        waits on it, with a timeout, before step 0)."""
+        return {"rank": self.rank, "device": self.cfg.device, **identity()}
 
     def status(self) -> dict:
         """The step being computed and for how long (a compiled graph computes in a thread of
@@ -169,13 +170,6 @@ class Worker:
         return {"rss": info.rss, "uss": info.uss, "dataset_bytes": 0 if is_mapped(self.replica.x_train) else int(self.replica.x_train.nbytes)}
 
 
-def node_id() -> str:
-    """The Ray node this process runs on ("local" outside Ray: the actors are plain classes too)."""
-    try:
-        import ray
-        return ray.get_runtime_context().get_node_id()
-    except Exception:
-        return "local"
 
 
 def straggler(cfg: TrainConfig):
