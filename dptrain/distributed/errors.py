@@ -93,7 +93,7 @@ def get_all(refs: dict, lost, timeout: float, actors: dict) -> dict:
     keys, waiting = list(refs), list(refs.values())
     _, pending = ray.wait(waiting, num_returns=len(waiting), timeout=max(timeout, 0.0))
     if pending:
-        raise kill_hung(actors, [keys[waiting.index(r)] for r in pending], lost, f"no answer within {timeout:g} s")
+        raise kill_hung(actors, [keys[waiting.index(r)] for r in pending], lost, f"no answer within {timeout:.3g} s")
     out = {}
     for key, ref in refs.items():
         try:
