@@ -360,6 +360,35 @@ def test_the_compiled_update_takes_only_arrays_it_can_index_alike():
         mean_gradient([np.ones(n - 1, np.float32), np.ones(n - 1, np.float32)], 2, a)
 
 
+def test_updates_while_the_kernels_load_run_numpys_rules_instead_of_waiting(monkeypatch):
+    """An optimizer starts loading the kernels in a thread (numba's import, its cache: 0.4 s); an
+    update that comes first runs numpy's rules (the same numbers) and the next ones the kernels."""
+    pytest.importorskip("numba")
+    import threading
+    from dptrain.optim import kernels
+    real, release, compiled = kernels._compile, threading.Event(), []
+
+    def compile_(cache=True):
+        assert release.wait(timeout=60)
+        compiled.append(cache)
+        return real(cache)
+    monkeypatch.setattr(kernels, "_kernels", None)
+    monkeypatch.setattr(kernels, "ENABLED", True)
+    monkeypatch.setattr(kernels, "_compile", compile_)
+    p = dp.nn.Parameter(np.ones(kernels.MIN_SIZE, np.float32))
+    opt = dp.optim.SGD([p], lr=0.5, momentum=0.9)
+    try:
+        p.grad[...] = 1.0
+        opt.step()  # the load still blocked: numpy's rules
+        assert not compiled and kernels._kernels is None
+    finally:
+        release.set()
+        kernels.wait()
+    assert compiled == [True] and kernels._kernels is not None
+    opt.step()  # the kernels'
+    np.testing.assert_array_equal(p.data, np.full(kernels.MIN_SIZE, np.float32(1 - 0.5 - 0.5 * 1.9), np.float32))
+
+
 @pytest.mark.parametrize("fails", ["cache", "always"])
 def test_kernels_that_cannot_compile_are_a_warning_and_the_numpy_rules(fails, monkeypatch, caplog):
     """Kernels that numba can cache nowhere (a read-only install) are compiled for the process
@@ -381,6 +410,7 @@ def test_kernels_that_cannot_compile_are_a_warning_and_the_numpy_rules(fails, mo
         opt = dp.optim.SGD([p], lr=0.5, momentum=0.9)
         p.grad[...] = 1.0
         opt.step()
+        kernels.wait()
     assert "cannot be cached" in caplog.text and "no locator" in caplog.text
     assert kernels.ENABLED == (fails == "cache") and ("compiled kernels are off" in caplog.text) == (fails == "always")
     np.testing.assert_array_equal(p.data, np.full(kernels.MIN_SIZE, 0.5, np.float32))

@@ -36,6 +36,7 @@ MIN_SIZE = 1 << 13
 
 _FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
 _kernels = None  # the compiled functions, made on first use (numba is imported only then)
+_preloading = False  # a `preload` thread is loading them
 _loading = threading.Lock()
 
 
@@ -58,15 +59,36 @@ def usable(*arrays) -> bool:
                 return False
         elif a.dtype != first.dtype or a.size != first.size:
             return False
-    return _kernels is not None or _load() is not None  # loaded: no lock to take, block after block
+    if _kernels is not None:  # loaded: no lock to take, block after block
+        return True
+    if _preloading:  # numpy's rules until `preload`'s thread is done: the same numbers, and no wait
+        return False
+    return _load() is not None
 
 
 def preload(size: int) -> None:
     """Load the kernels in a thread of this process's now, where blocks of `size` entries will
-    use them: a parameter server builds its optimizer well before its first update, which then
-    need not wait for numba's import and the kernels' cache (about half a second)."""
-    if ENABLED and _kernels is None and size >= MIN_SIZE:
-        threading.Thread(target=_load, name="dptrain-kernels", daemon=True).start()
+    use them: a parameter server builds its optimizer before its first update. Updates that come
+    before they are loaded (numba's import and the kernels' cache take 0.4 s) run numpy's rules,
+    bit for bit the same, instead of waiting."""
+    global _preloading
+    if ENABLED and _kernels is None and size >= MIN_SIZE and not _preloading:
+        _preloading = True
+        threading.Thread(target=_preload, name="dptrain-kernels", daemon=True).start()
+
+
+def wait() -> bool:
+    """Whether the kernels run in this process, once loaded (a `preload` thread's load is waited
+    for): benchmarks time them, not the numpy rules that run meanwhile."""
+    return ENABLED and _load() is not None
+
+
+def _preload():
+    global _preloading
+    try:
+        _load()
+    finally:
+        _preloading = False
 
 
 def _load():
@@ -109,76 +131,15 @@ def _warm(kernels) -> None:
 
 
 def _compile(cache: bool = True):
+    """The kernels of kernel_loops.py, with numba's cache on (`cache`) or not."""
     from types import SimpleNamespace
 
-    from numba import njit
-
-    # error_model="numpy": a division by zero is IEEE's inf or nan, as in numpy, not Python's
-    # ZeroDivisionError, whose check in every iteration kept the loops from being vectorized
-    # (Adam's block of 2^16: 178 us scalar, 39 us in SIMD registers)
-    jit = njit(nogil=True, cache=cache, error_model="numpy")
-
-    @jit
-    def mean(dst, grads, scale, divide):
-        # dst = (grads[0] + grads[1] + ...) / scale (or * scale): step.mean_gradient's adds, in rank order
-        for i in range(dst.size):
-            s = grads[0][i]
-            for k in range(1, len(grads)):
-                s += grads[k][i]
-            dst[i] = s / scale if divide else s * scale
-
-    @njit(inline="always")
-    def decayed(grad, param, wd, wd_e, decay, i):
-        # the gradient with weight decay (L2); decay 0: none, 1: wd, 2: wd_e[i] (per entry)
-        if decay == 2:
-            return grad[i] + wd_e[i] * param[i]
-        if decay == 1:
-            return grad[i] + wd * param[i]
-        return grad[i]
-
-    @jit
-    def sgd(param, grad, lr, wd, wd_e, decay):
-        # optimizers.sgd_update without momentum
-        for i in range(param.size):
-            param[i] = param[i] - lr * decayed(grad, param, wd, wd_e, decay, i)
-
-    @jit
-    def sgd_momentum(param, grad, buf, lr, momentum, damp, dampening, nesterov, wd, wd_e, decay, first):
-        # optimizers.sgd_update with momentum, element by element
-        for i in range(param.size):
-            g = decayed(grad, param, wd, wd_e, decay, i)
-            if first:
-                b = g
-            else:
-                b = buf[i] * momentum
-                b = b + (damp * g if dampening else g)
-            buf[i] = b
-            g = g + momentum * b if nesterov else b
-            param[i] = param[i] - lr * g
-
-    @jit
-    def adam(param, grad, m, v, lr_bias1, one_m_beta1, beta1, one_m_beta2, beta2, bias2, eps, wd, wd_e, shrink,
-             lr, one, mode, per_entry):
-        # optimizers.adam_update, element by element; mode 0: no decay, 1: L2 (Adam), 2: decoupled
-        # (AdamW); per_entry: the decay is wd_e[i] (a parameter group's), the shrink 1 - lr * wd_e[i]
-        for i in range(param.size):
-            p = param[i]
-            w = wd_e[i] if per_entry else wd
-            if mode == 2:
-                p = p * (one - lr * w if per_entry else shrink)
-                g = grad[i]
-            elif mode == 1:
-                g = grad[i] + w * p
-            else:
-                g = grad[i]
-            mi = m[i] * beta1 + g * one_m_beta1
-            vi = v[i] * beta2 + (g * g) * one_m_beta2
-            m[i] = mi
-            v[i] = vi
-            t = np.sqrt(vi / bias2) + eps
-            param[i] = p - (mi / t) * lr_bias1
-
-    return SimpleNamespace(mean=mean, sgd=sgd, sgd_momentum=sgd_momentum, adam=adam)
+    from . import kernel_loops as loops
+    kernels = SimpleNamespace(mean=loops.mean, sgd=loops.sgd, sgd_momentum=loops.sgd_momentum, adam=loops.adam)
+    if cache:
+        for kernel in vars(kernels).values():
+            kernel.enable_caching()  # raises where numba can cache nowhere
+    return kernels
 
 
 def mean(dst, grads, count: int) -> None:

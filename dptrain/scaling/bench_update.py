@@ -72,10 +72,12 @@ def update_time(name: str, size: int, workers: int, threads: int, repeats: int) 
     from ..blocks import build_optimizer
     from ..config import TrainConfig
     from ..nn.module import Parameter
+    from ..optim import kernels
     from ..step import apply_mean_gradient
     cfg = TrainConfig(dataset="moons", update_threads=threads, **SETTINGS[name])
     opt = build_optimizer(cfg, [Parameter(np.random.default_rng(0).standard_normal(size).astype(np.float32))])
     grads = [np.random.default_rng(1 + r).standard_normal(opt.flat.size).astype(np.float32) for r in range(workers)]
+    kernels.wait()
     times = []
     for i in range(repeats + 2):
         t0 = time.perf_counter()
