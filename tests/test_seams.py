@@ -94,7 +94,7 @@ class _LocalShard:
     def __init__(self, shard):
         for name in ("load", "update", "state", "mean", "scaled"):
             setattr(self, name, _Remote(getattr(shard, name)))
-        self.ready = _Remote(lambda: "node-a")
+        self.ready = _Remote(lambda: {"pid": None, "started": None, "node_id": "node-a"})  # processes.identity
 
 
 @pytest.mark.parametrize("setting,clip", [("none", None), ("fp16", None), ("none", 0.5)])

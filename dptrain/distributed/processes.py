@@ -6,7 +6,9 @@ debugger, a machine paused under its raylet) never answers, so for those 5 s it 
 resources (a replacement worker waits for its CPU in the placement group) and its sockets (the
 workers wait on a frozen server's channel). Every actor says which process it is when it starts
 (`identity`), and the driver ends the process of one it gives up on at once (`end`): itself when
-the process runs on the driver's node, by a task pinned to the process's node otherwise.
+the process runs on the driver's node, by a task pinned to the process's node otherwise. (A
+process is named by its pid and start time, from /proc: where there is none, as on macOS, the
+driver leaves the kill to Ray.)
 """
 
 from __future__ import annotations
