@@ -381,8 +381,8 @@ def test_a_sweep_whose_driver_was_killed_resumes_its_trial_from_its_checkpoint(t
     pytest.importorskip("ray.tune")
     from dptrain import checkpoint
     root = Path(__file__).resolve().parent.parent
-    sweep, steps = tmp_path / "sweep", 6000
-    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"}  # Tune copies the trial's folder into the sweep's each second
+    sweep, steps = tmp_path / "sweep", 2500  # the first checkpoint reaches the sweep's folder some 500 steps in
+    env = {**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "0.2"}  # Tune copies the trial's folder into the sweep's this often
     args = [sys.executable, "-m", "dptrain.cli", "tune", "--dataset", "moons", "--model", "2,16,2", "--batch-size", "32",
             "--steps", str(steps), "--checkpoint-every", "250", "--eval-every", "500", "--workers", "1", "--seed", "grid:3",
             "--scheduler", "fifo", "--metric", "test_loss", "--mode", "min", "--cpus", "2", "--quiet",
