@@ -175,6 +175,25 @@ def test_a_run_folder_belongs_to_one_run(ray_local, tmp_path):
 
 
 @pytest.mark.ray
+def test_the_token_ray_generates_for_a_private_instance_is_this_users_only(tmp_path):
+    """Ray writes the token it generates for a local instance with the default umask (0644), and
+    whoever reads it joins the instance and runs code as this user: a private instance's token
+    ends up 0600 in a folder of 0700, even where the folder was there already, open to others."""
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray").chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    code = ("import os, ray; os.umask(0o022); from dptrain.distributed.cluster import connect; "
+            "connect(None, num_cpus=1); ray.shutdown()")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                       env={**env, "HOME": str(home)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    token = home / ".ray" / "auth_token"
+    assert token.is_file(), r.stderr[-2000:]  # Ray 2.60 generates one for a local instance
+    assert oct(token.stat().st_mode & 0o777) == "0o600" and oct(token.parent.stat().st_mode & 0o777) == "0o700"
+
+
+@pytest.mark.ray
 def test_a_run_that_cannot_start_leaves_no_folder(tmp_path):
     out = tmp_path / "never"
     r = dptrain("train", "--dataset", "moons", "--workers", "3", "--cpus", "2", "--out", str(out))

@@ -12,7 +12,7 @@ import threading
 
 import ray
 
-from ..auth import TOKEN_FILE, token_found, use_token_auth_for
+from ..auth import TOKEN_FILE, keep_token_private, token_found, use_token_auth_for
 
 log = logging.getLogger(__name__)
 
@@ -207,8 +207,10 @@ def connect(address: str | None, num_cpus: int | None = None, num_gpus: int | No
     if num_cpus is not None and num_cpus > 2 * cores:
         log.warning("starting a local Ray with %d logical CPUs on this machine's %d cores: the workers share them, "
                     "so a step takes about as long as all of theirs together", num_cpus, cores)
+    keep_token_private()  # the token Ray may generate now is this user's only
     with _callers_sigterm_kept():
         ray.init(num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=False, **common)
+    keep_token_private()
     return True
 
 
